@@ -1,0 +1,3 @@
+"""The agent contract: specs, outcomes, model providers, the scripted model, tool guards."""
+
+__all__: list[str] = []

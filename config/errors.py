@@ -1,0 +1,341 @@
+"""The one exception hierarchy of teamster.
+
+Every error a user or operator can meet is defined here, split into three families:
+
+* :class:`ConfigurationError` -- the deployment or the code is wrong (missing credentials, unknown
+  workflow, invalid settings). Retrying will not help; fix the configuration.
+* :class:`RetryableError` -- a transient condition (throttling, timeouts, provider 5xx, Redis briefly
+  unreachable). The step task retries it with backoff, up to the step's policy.
+* :class:`TerminalError` -- the work itself cannot succeed as asked (invalid input or output, budget
+  breach, failed success criterion, stale fencing token). It goes to the dead-letter queue.
+
+Every class has a stable ``code`` (``snake_case``) that is what crosses process boundaries and what the
+dead-letter queue, the journal and metrics record. :func:`error_from_code` maps a code back to its class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "TeamsterError",
+    "ConfigurationError",
+    "InvalidSettings",
+    "MissingCredentials",
+    "MissingExtra",
+    "UnknownWorkflow",
+    "UnknownAgent",
+    "UnknownTool",
+    "WorkflowDefinitionError",
+    "RetryableError",
+    "ModelThrottled",
+    "ModelTimeout",
+    "ProviderUnavailable",
+    "StoreUnavailable",
+    "LeaseBusy",
+    "TerminalError",
+    "InvalidInput",
+    "InvalidOutput",
+    "StructuredOutputError",
+    "MaxTokensReached",
+    "ContextOverflow",
+    "BudgetExceeded",
+    "GuardrailIntervened",
+    "CriterionFailed",
+    "ToolNotAllowed",
+    "ToolFailed",
+    "ProviderRejected",
+    "StaleFencingToken",
+    "AlreadyCommitted",
+    "PayloadRejected",
+    "RunNotFound",
+    "DeadLetterNotFound",
+    "InvalidOperation",
+    "RunFailed",
+    "RunTimeout",
+    "error_from_code",
+    "ERROR_CODES",
+]
+
+
+class TeamsterError(Exception):
+    """Base of every teamster error.
+
+    Attributes:
+        code: Stable machine-readable identifier of the error kind.
+        retryable: Whether retrying the same work may succeed.
+        hint: One line telling the user what to do about it (shown by the CLI).
+    """
+
+    code: ClassVar[str] = "teamster_error"
+    retryable: ClassVar[bool] = False
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        self.details: dict[str, Any] = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description (what the journal and DLQ store)."""
+        return {
+            "error_type": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+            "hint": self.hint,
+            "details": self.details,
+        }
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigurationError(TeamsterError):
+    """The deployment or the code is misconfigured; fix it, do not retry."""
+
+    code = "configuration_error"
+
+
+class InvalidSettings(ConfigurationError):
+    """A ``TEAMSTER_*`` setting has an invalid value or settings contradict each other."""
+
+    code = "invalid_settings"
+    default_hint = "Check the TEAMSTER_* environment variables (`teamster doctor` lists them)."
+
+
+class MissingCredentials(ConfigurationError):
+    """A model provider needs credentials that are not configured."""
+
+    code = "missing_credentials"
+
+
+class MissingExtra(ConfigurationError):
+    """A model provider needs an optional dependency that is not installed."""
+
+    code = "missing_extra"
+
+
+class UnknownWorkflow(ConfigurationError):
+    """No workflow is registered under that name."""
+
+    code = "unknown_workflow"
+    default_hint = "Is the module defining it listed in TEAMSTER_WORKFLOW_MODULES?"
+
+
+class UnknownAgent(ConfigurationError):
+    """No agent spec is registered under that name."""
+
+    code = "unknown_agent"
+
+
+class UnknownTool(ConfigurationError):
+    """An agent's allow-list names a tool that is not in the tool registry."""
+
+    code = "unknown_tool"
+
+
+class WorkflowDefinitionError(ConfigurationError):
+    """A workflow is invalid (cycle, unknown step, missing join, ...); raised when it is registered."""
+
+    code = "workflow_definition_error"
+
+
+# --------------------------------------------------------------------------- retryable
+
+
+class RetryableError(TeamsterError):
+    """A transient failure: retrying the same work with backoff may succeed."""
+
+    code = "retryable_error"
+    retryable = True
+
+
+class ModelThrottled(RetryableError):
+    """The model provider throttled the request."""
+
+    code = "model_throttled"
+
+
+class ModelTimeout(RetryableError):
+    """The model provider did not answer in time (connect or read timeout)."""
+
+    code = "model_timeout"
+
+
+class ProviderUnavailable(RetryableError):
+    """The model provider failed transiently (5xx, connection reset, service unavailable)."""
+
+    code = "provider_unavailable"
+
+
+class StoreUnavailable(RetryableError):
+    """Redis (broker and run store) could not be reached."""
+
+    code = "store_unavailable"
+    default_hint = "Is Redis running and TEAMSTER_REDIS_URL right? `teamster doctor` checks it."
+
+
+class LeaseBusy(RetryableError):
+    """Another live worker holds the step's lease; this delivery is a duplicate."""
+
+    code = "lease_busy"
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+class TerminalError(TeamsterError):
+    """The work cannot succeed as asked; it goes to the dead-letter queue."""
+
+    code = "terminal_error"
+
+
+class InvalidInput(TerminalError):
+    """An input failed validation against its pydantic model. Nothing was written or enqueued."""
+
+    code = "invalid_input"
+
+
+class InvalidOutput(TerminalError):
+    """A step's output failed validation against its output model."""
+
+    code = "invalid_output"
+
+
+class StructuredOutputError(TerminalError):
+    """The model did not produce valid structured output within its budget of re-asks."""
+
+    code = "structured_output_error"
+
+
+class MaxTokensReached(TerminalError):
+    """The model hit its output-token limit before finishing."""
+
+    code = "max_tokens"
+
+
+class ContextOverflow(TerminalError):
+    """The input does not fit the model's context window."""
+
+    code = "context_overflow"
+
+
+class BudgetExceeded(TerminalError):
+    """A step exceeded one of its budgets (model calls, tool calls, tokens, wall time)."""
+
+    code = "budget_exceeded"
+
+
+class GuardrailIntervened(TerminalError):
+    """The provider's guardrail or content filter stopped the response."""
+
+    code = "guardrail_intervened"
+
+
+class CriterionFailed(TerminalError):
+    """A success criterion of the agent rejected the output."""
+
+    code = "criterion_failed"
+
+
+class ToolNotAllowed(TerminalError):
+    """The model asked for a tool outside the agent's allow-list (blocked and recorded)."""
+
+    code = "tool_not_allowed"
+
+
+class ToolFailed(TerminalError):
+    """A tool failed in a way the agent could not recover from."""
+
+    code = "tool_failed"
+
+
+class ProviderRejected(TerminalError):
+    """The provider rejected the request itself (4xx other than throttling: bad request, access denied)."""
+
+    code = "provider_rejected"
+
+
+class StaleFencingToken(TerminalError):
+    """A commit carried a fencing token that is no longer current; it was rejected."""
+
+    code = "stale_fencing_token"
+
+
+class AlreadyCommitted(TerminalError):
+    """The step already has a committed result; nothing was written again."""
+
+    code = "already_committed"
+
+
+class PayloadRejected(TerminalError):
+    """A message crossing a process boundary was refused (not JSON, pickle, oversized, malformed)."""
+
+    code = "payload_rejected"
+
+
+class RunNotFound(TerminalError):
+    """No run has that id."""
+
+    code = "run_not_found"
+    default_hint = "List runs with `teamster runs list`."
+
+
+class DeadLetterNotFound(TerminalError):
+    """No dead-letter entry has that id."""
+
+    code = "dead_letter_not_found"
+    default_hint = "List entries with `teamster dlq list --all`."
+
+
+class InvalidOperation(TerminalError):
+    """The operation does not apply to the object in its current state (e.g. resolving a resolved entry)."""
+
+    code = "invalid_operation"
+
+
+class RunFailed(TerminalError):
+    """A run ended without succeeding; carries its status and the dead-letter reason.
+
+    Attributes:
+        run_id: The run.
+        status: Its terminal status (``failed``, ``escalated``, ``needs_human``, ``cancelled``).
+        reason: The typed reason, usually the dead-letter entry's error.
+    """
+
+    code = "run_failed"
+
+    def __init__(self, message: str, *, run_id: str, status: str, reason: dict[str, Any] | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, run_id=run_id, status=status, reason=reason)
+        self.run_id = run_id
+        self.status = status
+        self.reason = reason or {}
+
+
+class RunTimeout(RetryableError):
+    """Waiting for a run's result timed out; the run itself goes on."""
+
+    code = "run_timeout"
+
+
+def _all_subclasses(cls: type[TeamsterError]) -> list[type[TeamsterError]]:
+    out: list[type[TeamsterError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERROR_CODES: dict[str, type[TeamsterError]] = {c.code: c for c in _all_subclasses(TeamsterError)}
+
+
+def error_from_code(code: str, message: str, **details: Any) -> TeamsterError:
+    """Rebuild a typed error from its stable code (unknown codes become a plain :class:`TerminalError`)."""
+    cls = ERROR_CODES.get(code, TerminalError)
+    if cls is RunFailed:
+        return TerminalError(message, **details)
+    return cls(message, **details)

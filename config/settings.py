@@ -1,0 +1,211 @@
+"""Typed settings for teamster, read from ``TEAMSTER_*`` environment variables.
+
+Every field documents its default. ``teamster doctor`` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from config.errors import InvalidSettings
+
+__all__ = ["TeamsterSettings", "get_settings", "load_settings"]
+
+DEFAULT_MODEL = "bedrock:global.anthropic.claude-sonnet-4-6"
+
+
+class TeamsterSettings(BaseSettings):
+    """All of teamster's configuration. Environment variables use the prefix ``TEAMSTER_``."""
+
+    model_config = SettingsConfigDict(env_prefix="TEAMSTER_", extra="ignore", validate_default=True)
+
+    # --- Redis (broker, result backend and run store) --------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL for broker, results and run store. Default: None, which starts (or reuses) "
+        "an embedded redis-server for development.",
+    )
+    key_prefix: str = Field(
+        default="teamster",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every Redis key teamster and its queues write (default 'teamster'); lets "
+        "several deployments or test sessions share one Redis.",
+    )
+    embedded_dir: Path = Field(
+        default=Path.home() / ".cache" / "teamster",
+        description="Where the embedded development redis-server keeps its socket, pid file and data "
+        "(default ~/.cache/teamster).",
+    )
+
+    # --- queues ----------------------------------------------------------------------------
+    steps_queue: str = Field(default="teamster.steps", description="Queue of agent step tasks (default 'teamster.steps').")
+    control_queue: str = Field(
+        default="teamster.control",
+        description="Queue of control tasks: run starts from plain Celery clients, watchdog (default 'teamster.control').",
+    )
+
+    # --- leases and redelivery -------------------------------------------------------------
+    lease_seconds: float = Field(
+        default=30.0, gt=0,
+        description="Step lease length (default 30 s). A worker renews it every lease_seconds/3 while the "
+        "step runs; when it lapses (worker killed) the watchdog re-enqueues the step.",
+    )
+    visibility_timeout: int = Field(
+        default=900, gt=0,
+        description="Seconds before Redis redelivers an unacknowledged task (default 900). A backstop only: "
+        "the watchdog recovers killed steps after lease_seconds. Must exceed the longest retry delay, or "
+        "Celery on Redis delivers ETA tasks twice.",
+    )
+    result_expires: int = Field(
+        default=86_400, gt=0,
+        description="Seconds Celery keeps task results (default 1 day); the run store is the source of truth.",
+    )
+    max_lease_expiries: int = Field(
+        default=3, ge=1,
+        description="A step whose lease lapsed this many times (it keeps killing workers) is dead-lettered "
+        "instead of re-enqueued again (default 3).",
+    )
+    stuck_queued_seconds: float = Field(
+        default=120.0, gt=0,
+        description="A step queued this long without being claimed is re-sent by the watchdog (default 120 s; "
+        "duplicates are harmless).",
+    )
+    watchdog_interval_seconds: float = Field(
+        default=10.0, gt=0, description="How often the watchdog scans (default 10 s)."
+    )
+    run_deadline_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="A run with no progress for this long is escalated by the watchdog (default 1 h).",
+    )
+
+    # --- retries (defaults for steps that do not set their own policy) ----------------------
+    retry_max_attempts: int = Field(default=3, ge=1, description="Attempts per step for retryable errors (default 3).")
+    retry_backoff_base: float = Field(default=2.0, gt=0, description="First retry delay in seconds (default 2).")
+    retry_backoff_max: float = Field(default=60.0, gt=0, description="Cap on one retry delay in seconds (default 60).")
+    retry_jitter: bool = Field(default=True, description="Full jitter on retry delays (default on).")
+
+    # --- models ----------------------------------------------------------------------------
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model provider and id: 'bedrock:<model-id>' (default 'bedrock:global.anthropic."
+        "claude-sonnet-4-6'), 'openai:<model>', 'anthropic:<model>', 'ollama:<model>' or 'scripted' "
+        "(offline, deterministic).",
+    )
+    model_base_url: str | None = Field(
+        default=None, description="Base URL for 'openai:' (any OpenAI-compatible server) or 'ollama:' (default None)."
+    )
+    model_max_tokens: int = Field(default=4096, gt=0, description="Max output tokens per model call (default 4096).")
+    aws_region: str | None = Field(default=None, description="AWS region for Bedrock (default: boto3's own resolution).")
+    step_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="Default wall-clock budget of one agent step (default 300 s)."
+    )
+    scripted_faults: str = Field(
+        default="",
+        description="Fault rates injected by the scripted model, e.g. 'throttle=0.1,timeout=0.05,invalid_json=0.02' "
+        "(default none). Kinds: throttle, timeout, invalid_json, schema_invalid, refusal, cannot_complete.",
+    )
+    scripted_latency: float = Field(default=0.0, ge=0, description="Seconds of latency per scripted model call (default 0).")
+    scripted_seed: int = Field(default=0, description="Seed of the scripted model's fault injection (default 0).")
+
+    # --- application -------------------------------------------------------------------------
+    workflow_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["agents.examples.triage"],
+        description="Comma-separated modules imported by workers and the CLI to register agents and workflows "
+        "(default 'agents.examples.triage').",
+    )
+    max_payload_bytes: int = Field(
+        default=256 * 1024, gt=0, description="Largest accepted run input, in bytes of JSON (default 256 KiB)."
+    )
+
+    # --- journal and retention ---------------------------------------------------------------
+    journal_payload_cap: int = Field(
+        default=16 * 1024, gt=256,
+        description="Largest journaled payload in bytes; longer ones are cut and marked truncated (default 16 KiB).",
+    )
+    journal_model_response_cap: int = Field(
+        default=256 * 1024, gt=1024,
+        description="Largest recorded model response kept for replay, in bytes (default 256 KiB).",
+    )
+    finished_run_ttl_seconds: int = Field(
+        default=7 * 86_400, gt=0,
+        description="How long succeeded/cancelled runs and their journals are kept (default 7 days). Runs with "
+        "an unresolved dead-letter entry never expire.",
+    )
+    redact_patterns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra comma-separated regular expressions whose matches are redacted before journaling "
+        "(default none; AWS keys, bearer tokens and sk- API keys are always redacted).",
+    )
+
+    # --- workers and observability ------------------------------------------------------------
+    worker_pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = Field(
+        default="threads", description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound)."
+    )
+    worker_concurrency: int = Field(default=8, ge=1, description="Concurrent steps per worker (default 8).")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Port of the Prometheus endpoint on workers (default None: off).",
+    )
+    tracing: Literal["off", "console", "otlp"] = Field(
+        default="off", description="OpenTelemetry export: 'off' (default), 'console' or 'otlp' (needs teamster[otlp])."
+    )
+
+    @field_validator("workflow_modules", "redact_patterns", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TeamsterSettings:
+        if self.retry_backoff_max * 2 >= self.visibility_timeout:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}s) must exceed twice retry_backoff_max "
+                f"({self.retry_backoff_max}s): Celery on Redis redelivers ETA tasks that wait longer "
+                "than the visibility timeout"
+            )
+        if self.lease_seconds * 2 >= self.visibility_timeout:
+            raise ValueError("visibility_timeout must exceed twice lease_seconds")
+        return self
+
+    @property
+    def lease_renew_seconds(self) -> float:
+        """Interval between lease renewals (a third of the lease)."""
+        return self.lease_seconds / 3.0
+
+
+def load_settings(**overrides: object) -> TeamsterSettings:
+    """Build settings from the environment plus explicit overrides, with a typed error on bad values.
+
+    Raises:
+        InvalidSettings: when a value is invalid; the message names the variable.
+    """
+    try:
+        return TeamsterSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TEAMSTER_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidSettings(f"invalid settings: {problems}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> TeamsterSettings:
+    """The process-wide settings (read once from the environment; ``get_settings.cache_clear()`` to reload)."""
+    return load_settings()

@@ -1,0 +1,145 @@
+"""Error classification in one place: provider, strands and transport exceptions -> typed teamster errors.
+
+Retryable: throttling, timeouts, 5xx, connection failures. Terminal: structured-output failure, max tokens,
+context overflow, guardrail, provider rejections (4xx), budget and criterion failures. Configuration:
+missing credentials or access denied. Unknown exceptions are terminal (``unexpected_error``) so that they
+reach the dead-letter queue with their message instead of looping through retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any
+
+import redis
+from strands.types.exceptions import (
+    ContextWindowOverflowException,
+    EventLoopException,
+    MaxTokensReachedException,
+    ModelThrottledException,
+    StructuredOutputException,
+)
+
+from config.errors import (
+    ContextOverflow,
+    GuardrailIntervened,
+    MaxTokensReached,
+    MissingCredentials,
+    ModelThrottled,
+    ModelTimeout,
+    ProviderRejected,
+    ProviderUnavailable,
+    StoreUnavailable,
+    StructuredOutputError,
+    TeamsterError,
+    TerminalError,
+)
+
+__all__ = ["classify_exception", "classify_stop_reason", "UnexpectedError"]
+
+_THROTTLE_CODES = {
+    "ThrottlingException", "TooManyRequestsException", "Throttling", "ThrottledException",
+    "ProvisionedThroughputExceededException", "RequestLimitExceeded", "SlowDown", "ModelNotReadyException",
+    "RateLimitError", "rate_limit_error", "overloaded_error",
+}
+_TIMEOUT_CODES = {"ModelTimeoutException", "RequestTimeout", "RequestTimeoutException", "APITimeoutError"}
+_UNAVAILABLE_CODES = {
+    "ServiceUnavailableException", "ServiceUnavailable", "InternalServerException", "InternalServerError",
+    "InternalFailure", "ModelStreamErrorException", "APIConnectionError", "api_error",
+}
+_CREDENTIAL_CODES = {
+    "AccessDeniedException", "UnrecognizedClientException", "ExpiredTokenException", "InvalidSignatureException",
+    "AuthenticationError", "PermissionDeniedError", "authentication_error", "permission_error",
+    "NoCredentialsError", "PartialCredentialsError", "NoRegionError",
+}
+_CONTEXT_HINTS = ("context window", "too many tokens", "input is too long", "maximum context length",
+                  "context_length_exceeded", "prompt is too long")
+
+
+class UnexpectedError(TerminalError):
+    """An exception teamster does not know how to classify (terminal, so it is dead-lettered and seen)."""
+
+    code = "unexpected_error"
+
+
+def _status_code(exc: BaseException) -> int | None:
+    for attr in ("status_code", "status", "http_status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        meta = response.get("ResponseMetadata", {})
+        code = meta.get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("type"):
+            return str(err["type"])
+    return type(exc).__name__
+
+
+def classify_exception(exc: BaseException) -> TeamsterError:
+    """Map any exception raised while running a step to a typed teamster error."""
+    if isinstance(exc, TeamsterError):
+        return exc
+    if isinstance(exc, EventLoopException) and exc.original_exception is not None:
+        return classify_exception(exc.original_exception)
+    message = str(exc) or type(exc).__name__
+    details: dict[str, Any] = {"exception": type(exc).__name__}
+    if isinstance(exc, ModelThrottledException):
+        return ModelThrottled(f"model throttled: {message}", **details)
+    if isinstance(exc, StructuredOutputException):
+        return StructuredOutputError(f"no valid structured output: {message}", **details)
+    if isinstance(exc, MaxTokensReachedException):
+        return MaxTokensReached("the model hit its output-token limit before finishing", **details)
+    if isinstance(exc, ContextWindowOverflowException):
+        return ContextOverflow(f"input does not fit the model's context window: {message}", **details)
+    if isinstance(exc, redis.RedisError):
+        return StoreUnavailable(f"Redis error: {message}", **details)
+
+    code = _error_code(exc)
+    status = _status_code(exc)
+    details.update({"provider_code": code, "http_status": status})
+    lowered = message.lower()
+    if code in _CREDENTIAL_CODES:
+        return MissingCredentials(f"provider refused the credentials ({code}): {message}",
+                                  hint="Configure the provider's credentials; `teamster doctor` checks them.",
+                                  **details)
+    if code in _THROTTLE_CODES or status == 429:
+        return ModelThrottled(f"model throttled ({code}): {message}", **details)
+    if (code in _TIMEOUT_CODES or isinstance(exc, (TimeoutError, asyncio.TimeoutError,
+                                                     concurrent.futures.TimeoutError))
+            or "timeout" in type(exc).__name__.lower() or status in (408, 504)):
+        return ModelTimeout(f"model call timed out ({code}): {message}", **details)
+    if any(hint in lowered for hint in _CONTEXT_HINTS):
+        return ContextOverflow(f"input does not fit the model's context window: {message}", **details)
+    if (code in _UNAVAILABLE_CODES or (status is not None and status >= 500)
+            or isinstance(exc, ConnectionError)
+            or type(exc).__name__ in {"EndpointConnectionError", "ConnectionClosedError", "ConnectError",
+                                      "RemoteProtocolError", "ReadError"}):
+        return ProviderUnavailable(f"model provider unavailable ({code}): {message}", **details)
+    if status is not None and 400 <= status < 500:
+        return ProviderRejected(f"model provider rejected the request ({code}): {message}", **details)
+    return UnexpectedError(f"{type(exc).__name__}: {message}", **details)
+
+
+def classify_stop_reason(stop_reason: str) -> TeamsterError | None:
+    """Typed error for a terminal stop reason that carries no exception (None when not an error)."""
+    if stop_reason in ("guardrail_intervened", "content_filtered"):
+        return GuardrailIntervened(f"the provider stopped the response ({stop_reason})", stop_reason=stop_reason)
+    if stop_reason == "max_tokens":
+        return MaxTokensReached("the model hit its output-token limit before finishing")
+    return None

@@ -1,0 +1,1 @@
+"""Example: support-ticket triage (grown by later issues)."""

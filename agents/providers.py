@@ -1,0 +1,126 @@
+"""Model providers by name: ``bedrock:<model-id>`` (default), ``openai:<model>``, ``anthropic:<model>``,
+``ollama:<model>`` and ``scripted``.
+
+Each provider needs only its own optional extra (``pip install 'teamster[openai]'``...). :func:`check_provider`
+verifies the extra and the credentials up front -- workers call it at start-up and ``teamster doctor`` shows
+it -- so a missing key is one clear error, not a stack trace in the middle of a run. Provider SDK retries are
+turned off: teamster's step retry policy is the one layer that retries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from strands.models.model import Model
+
+from agents.scripted import FaultPlan, ScriptedModel, get_script
+from config.errors import ConfigurationError, MissingCredentials, MissingExtra
+from config.settings import TeamsterSettings
+
+__all__ = ["ProviderRef", "parse_provider", "build_model", "check_provider", "PROVIDERS"]
+
+PROVIDERS = ("bedrock", "openai", "anthropic", "ollama", "scripted")
+_EXTRAS = {"openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
+
+
+@dataclass(frozen=True)
+class ProviderRef:
+    """A parsed provider string such as ``bedrock:global.anthropic.claude-sonnet-4-6``."""
+
+    kind: str
+    model_id: str
+
+    def __str__(self) -> str:
+        return self.kind if not self.model_id else f"{self.kind}:{self.model_id}"
+
+
+def parse_provider(value: str) -> ProviderRef:
+    """Parse ``kind:model-id``.
+
+    Raises:
+        ConfigurationError: unknown kind or missing model id.
+    """
+    kind, _, model_id = value.strip().partition(":")
+    kind = kind.lower()
+    if kind not in PROVIDERS:
+        raise ConfigurationError(f"unknown model provider {kind!r} in {value!r}",
+                                 hint=f"Use one of: {', '.join(PROVIDERS)} (e.g. TEAMSTER_MODEL=bedrock:<model-id>).")
+    if kind not in ("scripted", "bedrock") and not model_id:
+        raise ConfigurationError(f"model provider {kind!r} needs a model id: '{kind}:<model>'")
+    return ProviderRef(kind, model_id)
+
+
+def check_provider(value: str, settings: TeamsterSettings) -> ProviderRef:
+    """Check that the provider's extra is installed and its credentials are configured.
+
+    Raises:
+        MissingExtra: the provider's optional dependency is not installed.
+        MissingCredentials: no credentials found (with what to set).
+    """
+    ref = parse_provider(value)
+    module = _EXTRAS.get(ref.kind)
+    if module and importlib.util.find_spec(module) is None:
+        raise MissingExtra(f"provider {ref.kind!r} needs the '{module}' package",
+                           hint=f"pip install 'teamster[{ref.kind}]'")
+    if ref.kind == "bedrock":
+        import boto3  # noqa: PLC0415
+
+        session = boto3.Session(region_name=settings.aws_region) if settings.aws_region else boto3.Session()
+        if session.get_credentials() is None and not os.environ.get("AWS_BEARER_TOKEN_BEDROCK"):
+            raise MissingCredentials(
+                "no AWS credentials found for Bedrock",
+                hint="Set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_BEARER_TOKEN_BEDROCK), "
+                     "or run offline with TEAMSTER_MODEL=scripted.",
+            )
+    elif ref.kind == "openai" and not os.environ.get("OPENAI_API_KEY") and not settings.model_base_url:
+        raise MissingCredentials("OPENAI_API_KEY is not set",
+                                 hint="Export OPENAI_API_KEY, or set TEAMSTER_MODEL_BASE_URL for a local "
+                                      "OpenAI-compatible server.")
+    elif ref.kind == "anthropic" and not os.environ.get("ANTHROPIC_API_KEY"):
+        raise MissingCredentials("ANTHROPIC_API_KEY is not set", hint="Export ANTHROPIC_API_KEY.")
+    return ref
+
+
+def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
+    """A fresh model instance for one step of ``agent`` (never shared between tasks).
+
+    Raises:
+        ConfigurationError: see :func:`check_provider`.
+    """
+    ref = check_provider(value, settings)
+    if ref.kind == "scripted":
+        return ScriptedModel(get_script(agent), agent=agent, latency=settings.scripted_latency,
+                             faults=FaultPlan.parse(settings.scripted_faults, settings.scripted_seed))
+    if ref.kind == "bedrock":
+        from botocore.config import Config  # noqa: PLC0415
+        from strands.models.bedrock import BedrockModel  # noqa: PLC0415
+
+        kwargs = {"model_id": ref.model_id} if ref.model_id else {}
+        return BedrockModel(
+            region_name=settings.aws_region,
+            # botocore's own retries off: the step retry policy is the single retry layer.
+            boto_client_config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                                      read_timeout=settings.step_timeout_seconds, connect_timeout=10,
+                                      user_agent_extra="teamster"),
+            max_tokens=settings.model_max_tokens,
+            **kwargs,
+        )
+    if ref.kind == "openai":
+        from strands.models.openai import OpenAIModel  # noqa: PLC0415
+
+        client_args: dict[str, object] = {"max_retries": 0, "api_key": os.environ.get("OPENAI_API_KEY", "unused")}
+        if settings.model_base_url:
+            client_args["base_url"] = settings.model_base_url
+        return OpenAIModel(client_args=client_args, model_id=ref.model_id,
+                           params={"max_tokens": settings.model_max_tokens})
+    if ref.kind == "anthropic":
+        from strands.models.anthropic import AnthropicModel  # noqa: PLC0415
+
+        return AnthropicModel(client_args={"max_retries": 0}, model_id=ref.model_id,
+                              max_tokens=settings.model_max_tokens)
+    from strands.models.ollama import OllamaModel  # noqa: PLC0415
+
+    return OllamaModel(settings.model_base_url or "http://localhost:11434", model_id=ref.model_id,
+                       max_tokens=settings.model_max_tokens)

@@ -1,0 +1,187 @@
+"""Record every model exchange, and serve recorded responses instead of calling the model.
+
+:class:`RecordingModel` wraps any strands ``Model``. For each call it reports a :class:`ModelExchange`
+(request digest, response content, stop reason, token usage, latency) to a callback -- the journal. Given
+``recorded`` responses it first plays those back, in order, without calling the wrapped model: this is how
+``replay`` re-executes a run offline (invariant I7) and how a step recovered from a dead worker reuses the
+model answers it already paid for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+from strands.models.model import Model
+from strands.types.content import Messages
+from strands.types.streaming import StreamEvent
+from strands.types.tools import ToolSpec
+
+__all__ = ["ModelExchange", "RecordingModel", "ReplayExhausted", "request_digest"]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ModelExchange(BaseModel):
+    """One model call as the journal records it."""
+
+    call_index: int
+    request_digest: str
+    content: list[dict[str, Any]] = Field(default_factory=list)
+    stop_reason: str | None = None
+    usage: dict[str, int] = Field(default_factory=dict)
+    latency_ms: int = 0
+    error: str | None = None
+    replayed: bool = False
+
+
+class ReplayExhausted(RuntimeError):
+    """Replay needed a model response that was never recorded (the run took another path)."""
+
+
+def request_digest(messages: Messages, tool_specs: Sequence[ToolSpec] | None, system_prompt: str | None) -> str:
+    """A short digest of what was sent to the model (detects changed prompts, inputs or tools on replay)."""
+    body = json.dumps({"m": messages, "t": sorted(s["name"] for s in tool_specs or []), "s": system_prompt},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _events_from(exchange: ModelExchange) -> list[StreamEvent]:
+    events: list[StreamEvent] = [{"messageStart": {"role": "assistant"}}]
+    for block in exchange.content:
+        if "toolUse" in block:
+            use = block["toolUse"]
+            events.append({"contentBlockStart": {"start": {"toolUse": {"name": use["name"],
+                                                                      "toolUseId": use["toolUseId"]}}}})
+            raw = use["input"] if isinstance(use["input"], str) else json.dumps(use["input"])
+            events.append({"contentBlockDelta": {"delta": {"toolUse": {"input": raw}}}})
+        elif "reasoningContent" in block:
+            continue
+        else:
+            events.append({"contentBlockStart": {"start": {}}})
+            events.append({"contentBlockDelta": {"delta": {"text": str(block.get("text", ""))}}})
+        events.append({"contentBlockStop": {}})
+    events.append({"messageStop": {"stopReason": exchange.stop_reason or "end_turn"}})  # type: ignore[typeddict-item]
+    usage = {"inputTokens": 0, "outputTokens": 0, "totalTokens": 0}
+    usage.update(exchange.usage)
+    events.append({"metadata": {"usage": usage, "metrics": {"latencyMs": 0}}})  # type: ignore[typeddict-item]
+    return events
+
+
+class _Accumulator:
+    """Rebuilds content blocks, stop reason and usage from a provider's stream events."""
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None
+        self.stop_reason: str | None = None
+        self.usage: dict[str, int] = {}
+
+    def feed(self, event: StreamEvent) -> None:
+        if "contentBlockStart" in event:
+            start = event["contentBlockStart"].get("start", {})
+            if "toolUse" in start:
+                use = start["toolUse"]
+                self.current = {"toolUse": {"name": use["name"], "toolUseId": use["toolUseId"], "input": ""}}
+            else:
+                self.current = {"text": ""}
+        elif "contentBlockDelta" in event:
+            delta = event["contentBlockDelta"]["delta"]
+            if self.current is None:
+                self.current = {"toolUse": {"name": "", "toolUseId": "", "input": ""}} if "toolUse" in delta \
+                    else {"text": ""}
+            if "toolUse" in delta and "toolUse" in self.current:
+                self.current["toolUse"]["input"] += delta["toolUse"].get("input", "")
+            elif "text" in delta:
+                self.current.setdefault("text", "")
+                self.current["text"] += delta["text"]
+        elif "contentBlockStop" in event:
+            if self.current is not None:
+                self.content.append(self.current)
+            self.current = None
+        elif "messageStop" in event:
+            if self.current is not None:  # providers that omit contentBlockStop
+                self.content.append(self.current)
+                self.current = None
+            self.stop_reason = str(event["messageStop"].get("stopReason"))
+        elif "metadata" in event:
+            usage = event["metadata"].get("usage", {})
+            self.usage = {k: int(v) for k, v in usage.items() if isinstance(v, int)}
+
+
+class RecordingModel(Model):
+    """Wrap ``inner``: report every exchange to ``on_exchange``; serve ``recorded`` responses first.
+
+    Args:
+        inner: The real model (None for a pure replay: running out of recorded responses raises
+            :class:`ReplayExhausted`).
+        on_exchange: Called after each call with its :class:`ModelExchange`.
+        recorded: Responses to play back, in call order, before calling ``inner``.
+    """
+
+    def __init__(self, inner: Model | None, on_exchange: Callable[[ModelExchange], None] | None = None,
+                 recorded: Sequence[ModelExchange] = ()) -> None:
+        self.inner = inner
+        self.on_exchange = on_exchange
+        self.recorded = list(recorded)
+        self.calls = 0
+        self.live_calls = 0
+        self._lock = threading.Lock()
+        self._supports_structured_output = bool(getattr(inner, "_supports_structured_output", False))
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.inner.stateful) if self.inner is not None else False
+
+    def update_config(self, **model_config: Any) -> None:
+        if self.inner is not None:
+            self.inner.update_config(**model_config)
+
+    def get_config(self) -> Any:
+        return self.inner.get_config() if self.inner is not None else {"model_id": "replay"}
+
+    def structured_output(self, output_model: type[T], prompt: Messages, system_prompt: str | None = None,
+                          **kwargs: Any) -> AsyncIterator[dict[str, T | Any]]:
+        if self.inner is None:
+            raise ReplayExhausted("direct structured_output calls are not recorded")
+        return self.inner.structured_output(output_model, prompt, system_prompt, **kwargs)
+
+    async def stream(self, messages: Messages, tool_specs: list[ToolSpec] | None = None,
+                     system_prompt: str | None = None, **kwargs: Any) -> AsyncIterator[StreamEvent]:
+        with self._lock:
+            index = self.calls
+            self.calls += 1
+        digest = request_digest(messages, tool_specs, system_prompt)
+        if index < len(self.recorded):
+            recorded = self.recorded[index]
+            for event in _events_from(recorded):
+                yield event
+            self._report(recorded.model_copy(update={"call_index": index, "request_digest": digest,
+                                                     "replayed": True, "latency_ms": 0}))
+            return
+        if self.inner is None:
+            raise ReplayExhausted(f"replay needs model call {index + 1} but only {len(self.recorded)} were recorded")
+        self.live_calls += 1
+        acc = _Accumulator()
+        started = time.monotonic()
+        try:
+            async for event in self.inner.stream(messages, tool_specs, system_prompt, **kwargs):
+                acc.feed(event)
+                yield event
+        except Exception as exc:
+            self._report(ModelExchange(call_index=index, request_digest=digest, content=acc.content,
+                                       latency_ms=int((time.monotonic() - started) * 1000),
+                                       error=f"{type(exc).__name__}: {exc}"))
+            raise
+        self._report(ModelExchange(call_index=index, request_digest=digest, content=acc.content,
+                                   stop_reason=acc.stop_reason, usage=acc.usage,
+                                   latency_ms=int((time.monotonic() - started) * 1000)))
+
+    def _report(self, exchange: ModelExchange) -> None:
+        if self.on_exchange is not None:
+            self.on_exchange(exchange)

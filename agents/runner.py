@@ -1,0 +1,301 @@
+"""Run one agent step: validate input, build a fresh strands ``Agent``, run it within budgets, validate.
+
+:func:`run_agent` never raises for anything the model, the provider or the input can do: every path ends in
+one explicit :data:`~agents.outcomes.Outcome`. A fresh ``Agent`` is built per call (strands agents are not
+picklable and refuse concurrent calls), with ``callback_handler=None``, strands' own retry strategy off (the
+step's retry policy is the only retry layer), ``limits`` always passed (strands' structured-output re-ask
+loop is unbounded otherwise), the :class:`~agents.guard.StepGuard` hook and a wall-clock timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from strands import Agent
+from strands.agent.conversation_manager import NullConversationManager
+from strands.models.model import Model
+
+from agents.classify import classify_exception, classify_stop_reason
+from agents.guard import EventSink, StepControl, StepGuard
+from agents.outcomes import (
+    CannotComplete,
+    EnvelopeBase,
+    Failed,
+    NeedsHuman,
+    Succeeded,
+    failed_from,
+    outcome_envelope,
+)
+from agents.providers import build_model
+from agents.recording import ModelExchange, RecordingModel
+from agents.spec import AgentSpec
+from agents.tools import TEAMSTER_STATE_KEY, get_tool
+from config.errors import (
+    BudgetExceeded,
+    CriterionFailed,
+    InvalidInput,
+    StructuredOutputError,
+    TeamsterError,
+    TerminalError,
+)
+from config.settings import TeamsterSettings, get_settings
+
+__all__ = ["run_agent", "AgentRun", "StepContext", "validate_input", "format_validation_error", "LeaseLost"]
+
+StepOutcome = Succeeded | CannotComplete | NeedsHuman | Failed
+
+
+class LeaseLost(TerminalError):
+    """The worker lost the step's lease while running it; another worker owns the step now."""
+
+    code = "lease_lost"
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a step runs: ids for idempotency keys and the journal, the attempt number, the trace id."""
+
+    run_id: str = "local"
+    step_id: str = "step"
+    attempt: int = 1
+    trace_id: str | None = None
+
+
+@dataclass
+class AgentRun:
+    """The result of :func:`run_agent`: the outcome plus what it cost.
+
+    Attributes:
+        outcome: The explicit outcome.
+        output: The validated output model instance (only when succeeded).
+        model_calls: Model calls made (recorded responses replayed included).
+        live_model_calls: Model calls that really reached the provider.
+        tool_calls: Allowed tool calls executed.
+        blocked_tools: Tools the model asked for but was not allowed.
+        usage: Token usage summed over the calls.
+        duration_seconds: Wall-clock time of the step.
+        exchanges: Every model exchange (what the journal records, what replay feeds back).
+    """
+
+    outcome: StepOutcome
+    output: BaseModel | None = None
+    model_calls: int = 0
+    live_model_calls: int = 0
+    tool_calls: int = 0
+    blocked_tools: list[str] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+    duration_seconds: float = 0.0
+    exchanges: list[ModelExchange] = field(default_factory=list)
+
+
+def format_validation_error(error: ValidationError, limit: int = 8) -> str:
+    """Pydantic errors as ``field.path: message`` pairs on one line."""
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in error.errors()[:limit]]
+    extra = len(error.errors()) - limit
+    return "; ".join(parts) + (f"; and {extra} more" if extra > 0 else "")
+
+
+def validate_input(model: type[BaseModel], value: Any, *, what: str = "input") -> BaseModel:
+    """Validate ``value`` (a dict, JSON text or model instance) against ``model``.
+
+    Raises:
+        InvalidInput: with every field error in the message and ``errors`` in details.
+    """
+    try:
+        if isinstance(value, model):
+            return value
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        if isinstance(value, (str, bytes)):
+            return model.model_validate_json(value)
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidInput(f"{what} does not match {model.__name__}: {format_validation_error(exc)}",
+                           errors=json.loads(exc.json(include_url=False, include_input=False))) from None
+
+
+def _noop(_event: str, _payload: dict[str, Any]) -> None:
+    return None
+
+
+def run_agent(
+    spec: AgentSpec[Any, Any],
+    input: Any,  # noqa: A002 - the natural name in this API
+    *,
+    model: Model | str | None = None,
+    settings: TeamsterSettings | None = None,
+    context: StepContext | None = None,
+    on_event: EventSink | None = None,
+    recorded: Sequence[ModelExchange] = (),
+    control: StepControl | None = None,
+    recorded_tools: Mapping[str, dict[str, Any]] | None = None,
+) -> AgentRun:
+    """Run ``spec`` once on ``input`` and return its explicit outcome.
+
+    Args:
+        spec: The agent.
+        input: Its input (dict, JSON text or input-model instance); validated first.
+        model: A strands model instance (e.g. :class:`~agents.scripted.ScriptedModel`) or a provider string;
+            default: ``spec.model`` or ``TEAMSTER_MODEL``.
+        settings: Settings (default: from the environment).
+        context: Run/step ids and attempt (default: a local run).
+        on_event: Receives every decision (model exchanges, tool calls, validation, outcome).
+        recorded: Model responses to play back before calling the model (replay, recovery).
+        control: Lets the caller stop the step (lease lost, run cancelled).
+        recorded_tools: Replay: tool results by idempotency key, served instead of running the tools.
+    """
+    settings = settings or get_settings()
+    ctx = context or StepContext()
+    emit = on_event or _noop
+    control = control or StepControl()
+    started = time.monotonic()
+    exchanges: list[ModelExchange] = []
+
+    def finish(outcome: StepOutcome, **extra: Any) -> AgentRun:
+        usage: dict[str, int] = {}
+        for exchange in exchanges:
+            for key, value in exchange.usage.items():
+                usage[key] = usage.get(key, 0) + value
+        run = AgentRun(outcome=outcome, usage=usage, duration_seconds=time.monotonic() - started,
+                       exchanges=list(exchanges), **extra)
+        emit("outcome", {"outcome": outcome.model_dump(mode="json"), "usage": usage,
+                         "duration_seconds": round(run.duration_seconds, 4)})
+        return run
+
+    try:
+        validated = validate_input(spec.input_model, input)
+    except InvalidInput as exc:
+        emit("validation", {"ok": False, "stage": "input", "errors": exc.message})
+        return finish(failed_from(exc))
+
+    try:
+        inner = model if isinstance(model, Model) else build_model(model or spec.model or settings.model, settings,
+                                                                     agent=spec.name)
+        tools = [get_tool(name) for name in spec.tools]
+    except TeamsterError as exc:
+        return finish(failed_from(exc))
+
+    def on_exchange(exchange: ModelExchange) -> None:
+        exchanges.append(exchange)
+        emit("model_call", exchange.model_dump(mode="json"))
+
+    recording = RecordingModel(inner, on_exchange, recorded)
+    guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
+                      recorded_tools=recorded_tools)
+    envelope = outcome_envelope(spec.output_model)
+    agent = Agent(
+        model=recording,
+        tools=list(tools),
+        system_prompt=spec.instructions,
+        structured_output_model=envelope,
+        callback_handler=None,
+        conversation_manager=NullConversationManager(),
+        hooks=[guard],
+        retry_strategy=None,
+        name=spec.name,
+        trace_attributes={"teamster.run_id": ctx.run_id, "teamster.step_id": ctx.step_id,
+                          "teamster.attempt": ctx.attempt, "teamster.agent": spec.name,
+                          **({"teamster.trace_id": ctx.trace_id} if ctx.trace_id else {})},
+    )
+    invocation_state: dict[str, Any] = {TEAMSTER_STATE_KEY: {
+        "run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt, "agent": spec.name, "tool_keys": {},
+    }}
+    timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
+    timer = threading.Timer(timeout, control.abort, args=("timeout",))
+    timer.daemon = True
+    emit("agent_start", {"agent": spec.name, "version": spec.version, "model": _model_name(inner),
+                         "budget": spec.budget.model_dump(mode="json"), "recorded_responses": len(recorded)})
+    prompt = f"Input ({spec.input_model.__name__}, JSON):\n{validated.model_dump_json()}"
+    error: BaseException | None = None
+    result = None
+    timer.start()
+    try:
+        result = agent(
+            prompt,
+            invocation_state=invocation_state,
+            limits={"turns": spec.budget.max_model_calls, "total_tokens": spec.budget.max_total_tokens},
+            cancel_signal=control.event,
+        )
+    except Exception as exc:  # classified below: every failure becomes a typed outcome
+        error = exc
+    finally:
+        timer.cancel()
+
+    stats = {"model_calls": recording.calls, "live_model_calls": recording.live_calls,
+             "tool_calls": guard.tool_calls, "blocked_tools": list(guard.blocked)}
+    failure = _failure(spec, guard, control, error, result, timeout)
+    if failure is not None:
+        return finish(failure, **stats)
+    assert result is not None
+    structured = result.structured_output
+    if not isinstance(structured, EnvelopeBase):
+        return finish(failed_from(StructuredOutputError("the model finished without a structured outcome",
+                                                        stop_reason=str(result.stop_reason))), **stats)
+    outcome = structured.to_outcome()
+    if not isinstance(outcome, Succeeded):
+        return finish(outcome, **stats)
+    output = spec.output_model.model_validate(outcome.output)
+    emit("validation", {"ok": True, "stage": "schema"})
+    for criterion in spec.criteria:
+        try:
+            ok = bool(criterion.check(output, validated))
+            problem = criterion.message or f"success criterion {criterion.name!r} is not met"
+        except Exception as exc:  # a criterion that crashes did not pass
+            ok = False
+            problem = f"success criterion {criterion.name!r} raised {type(exc).__name__}: {exc}"
+        emit("criterion", {"name": criterion.name, "ok": ok, **({} if ok else {"message": problem})})
+        if not ok:
+            return finish(failed_from(CriterionFailed(problem, criterion=criterion.name)), **stats)
+    return finish(outcome, output=output, **stats)
+
+
+def _failure(spec: AgentSpec[Any, Any], guard: StepGuard, control: StepControl, error: BaseException | None,
+             result: Any, timeout: float) -> Failed | None:
+    """The failed outcome of an invocation, if it failed (budget, timeout, lease, exception, stop reason)."""
+    budget = spec.budget
+    if control.reason == "timeout":
+        return failed_from(BudgetExceeded(f"step exceeded its wall-clock budget of {timeout:g}s",
+                                          budget="wall_time", limit=timeout))
+    if control.reason == "lease_lost":
+        return failed_from(LeaseLost("the step's lease was lost while it ran; another worker owns it"))
+    if control.reason and control.reason.startswith("cancelled"):
+        return Failed(error_type="cancelled", message=control.reason, retryable=False)
+    if guard.breach == "tool_calls":
+        return failed_from(BudgetExceeded(f"step exceeded its budget of {budget.max_tool_calls} tool calls",
+                                          budget="tool_calls", limit=budget.max_tool_calls))
+    if guard.breach == "model_calls":
+        return _model_call_budget(spec, guard)
+    if error is not None:
+        return failed_from(classify_exception(error))
+    stop_reason = str(getattr(result, "stop_reason", ""))
+    if stop_reason == "limit_turns":
+        return _model_call_budget(spec, guard)
+    if stop_reason in ("limit_total_tokens", "limit_output_tokens"):
+        return failed_from(BudgetExceeded(f"step exceeded its budget of {budget.max_total_tokens} tokens",
+                                          budget="tokens", limit=budget.max_total_tokens))
+    typed = classify_stop_reason(stop_reason)
+    return failed_from(typed) if typed is not None else None
+
+
+def _model_call_budget(spec: AgentSpec[Any, Any], guard: StepGuard) -> Failed:
+    limit = spec.budget.max_model_calls
+    if guard.outcome_rejections:
+        return failed_from(StructuredOutputError(
+            f"no valid structured output after {limit} model calls ({len(guard.outcome_rejections)} rejected); "
+            f"last error: {guard.outcome_rejections[-1][:300]}",
+            rejections=len(guard.outcome_rejections), limit=limit))
+    return failed_from(BudgetExceeded(f"step exceeded its budget of {limit} model calls",
+                                      budget="model_calls", limit=limit))
+
+
+
+def _model_name(model: Model) -> str:
+    config = model.get_config()
+    model_id = config.get("model_id") if isinstance(config, dict) else getattr(config, "model_id", None)
+    return f"{type(model).__name__}:{model_id}" if model_id else type(model).__name__

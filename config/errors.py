@@ -48,6 +48,7 @@ __all__ = [
     "StaleFencingToken",
     "AlreadyCommitted",
     "PayloadRejected",
+    "IdempotencyConflict",
     "RunNotFound",
     "DeadLetterNotFound",
     "InvalidOperation",
@@ -276,6 +277,13 @@ class PayloadRejected(TerminalError):
     """A message crossing a process boundary was refused (not JSON, pickle, oversized, malformed)."""
 
     code = "payload_rejected"
+
+
+class IdempotencyConflict(TerminalError):
+    """An idempotency key was reused with a different input; the existing run was left alone."""
+
+    code = "idempotency_conflict"
+    default_hint = "Use a new idempotency key for a different input."
 
 
 class RunNotFound(TerminalError):

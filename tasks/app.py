@@ -14,7 +14,7 @@ from config.settings import TeamsterSettings, get_settings
 
 __all__ = ["app", "create_app"]
 
-TASK_MODULES = ["tasks.control", "tasks.steps"]
+TASK_MODULES = ["tasks.control", "tasks.steps", "tasks.signals"]
 
 
 def create_app(settings: TeamsterSettings | None = None, redis_url: str | None = None) -> Celery:

@@ -1,4 +1,4 @@
-"""Control tasks: health ping (and, later, run starts from plain Celery clients and the watchdog)."""
+"""Control tasks: health ping, run starts from plain Celery clients, the watchdog scan (celery beat)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,36 @@ import os
 import socket
 from typing import Any
 
-from config.celeryconfig import PING_TASK
+from config.celeryconfig import PING_TASK, START_RUN_TASK, WATCHDOG_TASK
+from orchestrator.models import StartRunMessage
+from orchestrator.watchdog import Watchdog
+from orchestrator.workflow import get_workflow
 from tasks.app import app
+from tasks.steps import get_engine
 
-__all__ = ["ping"]
+__all__ = ["ping", "start_run", "watchdog"]
 
 
 @app.task(name=PING_TASK)
 def ping() -> dict[str, Any]:
     """Answer with the worker's host and pid: proves a worker consumes the control queue end to end."""
     return {"pong": True, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+@app.task(name=START_RUN_TASK, pydantic=True)
+def start_run(message: StartRunMessage) -> dict[str, Any]:
+    """Start a run from any Celery client: ``send_task("teamster.start_run", kwargs={"message": {...}})``.
+
+    The input is validated exactly as ``submit`` validates it; an invalid input fails this task with the
+    validation error and writes nothing.
+    """
+    engine = get_engine()
+    run_id, created = engine.transitions.create_run(get_workflow(message.workflow), message.input,
+                                                    message.idempotency_key)
+    return {"run_id": run_id, "created": created}
+
+
+@app.task(name=WATCHDOG_TASK)
+def watchdog() -> dict[str, int]:
+    """One watchdog scan (scheduled by celery beat every TEAMSTER_WATCHDOG_INTERVAL_SECONDS)."""
+    return Watchdog(get_engine()).scan().as_dict()

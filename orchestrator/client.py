@@ -1,0 +1,230 @@
+"""The client API for applications: submit, status, result, cancel (plus operator helpers).
+
+Example:
+    >>> from orchestrator import submit, result
+    >>> run_id = submit("ticket_triage", {"ticket_id": "T-1", "text": "Where is my order?"},
+    ...                 idempotency_key="ticket-T-1")
+    >>> result(run_id, timeout=60)
+
+The input is validated against the workflow's input model before anything is written or enqueued; the same
+idempotency key returns the same run id. ``result`` raises :class:`~config.errors.RunFailed` -- carrying the
+dead-letter reason -- when the run did not succeed, and :class:`~config.errors.RunTimeout` when it is still
+going after ``timeout`` seconds. A Redis outage is a :class:`~config.errors.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+from pydantic import BaseModel
+
+from config.embedded import resolve_redis_url
+from config.errors import ConfigurationError, RunFailed, RunTimeout, StoreUnavailable
+from config.settings import TeamsterSettings, get_settings
+from orchestrator.connection import redis_client
+from orchestrator.dlq import DeadLetterQueue
+from orchestrator.engine import Engine
+from orchestrator.enqueue import CeleryEnqueuer, producer_app
+from orchestrator.models import JournalEvent, RunRecord, RunStatus, StepRecord
+from orchestrator.replay import ReplayReport, replay_run
+from orchestrator.watchdog import Watchdog
+from orchestrator.workflow import Workflow, get_workflow
+
+__all__ = ["Client", "default_client", "submit", "status", "result", "cancel", "load_workflow_modules"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_LOADED: set[str] = set()
+
+
+def load_workflow_modules(settings: TeamsterSettings) -> None:
+    """Import ``TEAMSTER_WORKFLOW_MODULES`` (registers their agents and workflows).
+
+    Raises:
+        ConfigurationError: a module cannot be imported (the message names it and the import error).
+    """
+    for module in settings.workflow_modules:
+        if module in _LOADED:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import workflow module {module!r}: {exc}",
+                                     hint="Check TEAMSTER_WORKFLOW_MODULES and that the module is installed.") from exc
+        _LOADED.add(module)
+
+
+def _store_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Client:
+    """A connection to one teamster deployment (Redis URL and key prefix from settings).
+
+    Args:
+        settings: Settings (default: from the environment).
+        redis_url: Override the Redis URL (default: settings, or the embedded development server).
+        load_modules: Import ``TEAMSTER_WORKFLOW_MODULES`` now (default True).
+    """
+
+    def __init__(self, settings: TeamsterSettings | None = None, *, redis_url: str | None = None,
+                 load_modules: bool = True) -> None:
+        self.settings = settings or get_settings()
+        self.redis_url = redis_url or resolve_redis_url(self.settings)
+        if load_modules:
+            load_workflow_modules(self.settings)
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine used for store access and operator actions."""
+        with self._lock:
+            if self._engine is None:
+                app = producer_app(self.settings, self.redis_url)
+                self._engine = Engine(self.settings, redis_client(self.settings, self.redis_url),
+                                      CeleryEnqueuer(app, self.settings), worker="client")
+            return self._engine
+
+    @property
+    def dlq(self) -> DeadLetterQueue:
+        """The dead-letter queue."""
+        return DeadLetterQueue(self.engine)
+
+    def watchdog(self) -> Watchdog:
+        """A watchdog bound to this deployment."""
+        return Watchdog(self.engine)
+
+    # ------------------------------------------------------------------ apps
+    @_store_errors
+    def submit(self, workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None) -> str:  # noqa: A002
+        """Validate ``input`` and start a run; returns its id (the same id again for the same key).
+
+        Raises:
+            UnknownWorkflow: no such workflow.
+            InvalidInput: the input does not match the workflow's input model (nothing was written).
+            PayloadRejected: the input is too large or not JSON.
+            IdempotencyConflict: the key was used before with another input.
+            StoreUnavailable: Redis is down (nothing was written).
+        """
+        wf = workflow if isinstance(workflow, Workflow) else get_workflow(workflow)
+        run_id, _created = self.engine.transitions.create_run(wf, input, idempotency_key)
+        return run_id
+
+    @_store_errors
+    def status(self, run_id: str) -> RunRecord:
+        """The run record (status, error with its dead-letter entry, output when succeeded).
+
+        Raises:
+            RunNotFound: no such run.
+        """
+        return self.engine.store.get_run(run_id)
+
+    @_store_errors
+    def steps(self, run_id: str) -> list[StepRecord]:
+        """The run's step records in queue order."""
+        self.engine.store.get_run(run_id)
+        return self.engine.store.steps(run_id)
+
+    @_store_errors
+    def result(self, run_id: str, timeout: float | None = 60.0, *, poll: float = 0.05) -> BaseModel:
+        """Wait for the run's output (an instance of the workflow's output model).
+
+        Raises:
+            RunFailed: the run failed, was cancelled, or waits for an operator (escalated / needs_human);
+                ``reason`` holds the dead-letter error.
+            RunTimeout: still running after ``timeout`` seconds (the run goes on).
+            RunNotFound: no such run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll
+        while True:
+            run = self.engine.store.get_run(run_id)
+            if run.status == RunStatus.SUCCEEDED:
+                wf = get_workflow(run.workflow)
+                model = wf.output_model or wf.state_model
+                return model.model_validate(run.output or {})
+            if run.status in (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN):
+                error = run.error or {}
+                hint = ("An operator can act on it: `teamster dlq show " + str(error.get("dlq_entry")) + "`"
+                        if error.get("dlq_entry") else "")
+                raise RunFailed(f"run {run_id} is {run.status.value}: {error.get('error_type', '?')}: "
+                                f"{error.get('message', '')}", run_id=run_id, status=run.status.value,
+                                reason=error, hint=hint)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RunTimeout(f"run {run_id} is still {run.status.value} after {timeout}s", run_id=run_id)
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    @_store_errors
+    def cancel(self, run_id: str, *, reason: str = "cancelled by client", by: str = "client") -> RunRecord:
+        """Cancel a run; steps not yet finished end as ``cancelled`` with the reason."""
+        return self.engine.transitions.cancel_run(run_id, by=by, reason=reason)
+
+    # ------------------------------------------------------------------ operators
+    @_store_errors
+    def runs(self, *, limit: int = 50, status: list[str] | None = None, workflow: str | None = None) -> list[RunRecord]:
+        """Recent runs, newest first."""
+        return self.engine.store.list_runs(limit=limit, status=status, workflow=workflow)
+
+    @_store_errors
+    def journal(self, run_id: str, *, step: str | None = None, types: list[str] | None = None) -> list[JournalEvent]:
+        """The run's journal in order."""
+        self.engine.store.get_run(run_id)
+        return self.engine.journal.read(run_id, step=step, types=types)
+
+    @_store_errors
+    def replay(self, run_id: str) -> ReplayReport:
+        """Replay the run offline from its journal (zero model calls) and report differences."""
+        return replay_run(self.engine, run_id)
+
+    @_store_errors
+    def ping(self) -> bool:
+        """True when Redis answers."""
+        return bool(self.engine.client.ping())
+
+
+_DEFAULT: Client | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_client() -> Client:
+    """The process-wide client built from the environment (created on first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Client()
+        return _DEFAULT
+
+
+def submit(workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None) -> str:  # noqa: A002
+    """Start a run with the default client (see :meth:`Client.submit`)."""
+    return default_client().submit(workflow, input, idempotency_key=idempotency_key)
+
+
+def status(run_id: str) -> RunRecord:
+    """A run's record with the default client (see :meth:`Client.status`)."""
+    return default_client().status(run_id)
+
+
+def result(run_id: str, timeout: float | None = 60.0) -> BaseModel:
+    """Wait for a run's output with the default client (see :meth:`Client.result`)."""
+    return default_client().result(run_id, timeout)
+
+
+def cancel(run_id: str, *, reason: str = "cancelled by client") -> RunRecord:
+    """Cancel a run with the default client (see :meth:`Client.cancel`)."""
+    return default_client().cancel(run_id, reason=reason)

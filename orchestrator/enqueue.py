@@ -1,0 +1,35 @@
+"""Sending step messages through Celery (deterministic task ids ``run_id:step_key``)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.celeryconfig import STEP_TASK
+from config.settings import TeamsterSettings
+from orchestrator.models import StepMessage
+
+__all__ = ["CeleryEnqueuer", "producer_app"]
+
+
+class CeleryEnqueuer:
+    """Implements :class:`orchestrator.engine.Enqueuer` with ``send_task`` (JSON kwargs, steps queue)."""
+
+    def __init__(self, app: Celery, settings: TeamsterSettings) -> None:
+        self.app = app
+        self.queue = settings.steps_queue
+
+    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None:
+        message = StepMessage(run_id=run_id, step_key=step_key)
+        self.app.send_task(STEP_TASK, kwargs={"message": message.model_dump()}, task_id=f"{run_id}:{step_key}",
+                           queue=self.queue, countdown=countdown)
+
+
+def producer_app(settings: TeamsterSettings, redis_url: str) -> Celery:
+    """A Celery app that only sends messages (clients: no task modules, no worker configuration needed)."""
+    from config.celeryconfig import build_celery_config  # noqa: PLC0415
+
+    conf = build_celery_config(settings, redis_url)
+    conf["imports"] = ()
+    app = Celery("teamster-client")
+    app.conf.update(conf)
+    return app

@@ -1,0 +1,81 @@
+"""Redis key naming of the run store, the journal, leases and the dead-letter queue (one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every key teamster writes, under ``prefix`` (``TEAMSTER_KEY_PREFIX``)."""
+
+    prefix: str
+
+    def run(self, run_id: str) -> str:
+        """Hash: the run record."""
+        return f"{self.prefix}:run:{run_id}"
+
+    def steps(self, run_id: str) -> str:
+        """Hash: step_key -> status, for every step record of the run (the run's step index)."""
+        return f"{self.prefix}:run:{run_id}:steps"
+
+    def step(self, run_id: str, step_key: str) -> str:
+        """Hash: one step record."""
+        return f"{self.prefix}:run:{run_id}:step:{step_key}"
+
+    def lease(self, run_id: str, step_key: str) -> str:
+        """String with a TTL: the fencing token of the worker currently holding the step."""
+        return f"{self.prefix}:lease:{run_id}:{step_key}"
+
+    def journal(self, run_id: str) -> str:
+        """Stream: the run's journal."""
+        return f"{self.prefix}:journal:{run_id}"
+
+    @property
+    def runs(self) -> str:
+        """Sorted set: every run id by creation time."""
+        return f"{self.prefix}:runs"
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set: ``run_id|step_key`` of non-terminal steps, scored by when the watchdog should look."""
+        return f"{self.prefix}:inflight"
+
+    @property
+    def active_runs(self) -> str:
+        """Sorted set: non-final runs scored by their progress deadline."""
+        return f"{self.prefix}:active_runs"
+
+    @property
+    def dlq_open(self) -> str:
+        """Sorted set: open dead-letter entry ids by creation time."""
+        return f"{self.prefix}:dlq:open"
+
+    @property
+    def dlq_all(self) -> str:
+        """Sorted set: every dead-letter entry id by creation time."""
+        return f"{self.prefix}:dlq:all"
+
+    def dlq_entry(self, entry_id: str) -> str:
+        """String: one dead-letter entry (JSON)."""
+        return f"{self.prefix}:dlq:entry:{entry_id}"
+
+    def run_dlq(self, run_id: str) -> str:
+        """Set: dead-letter entry ids of one run."""
+        return f"{self.prefix}:run:{run_id}:dlq"
+
+    def effects(self, name: str) -> str:
+        """Hash: side-effect ledger of an example tool (idempotency key -> result)."""
+        return f"{self.prefix}:effects:{name}"
+
+    @property
+    def scripted_calls(self) -> str:
+        """Hash: model calls made by the scripted model per ``run_id:step_key`` (tests and benchmarks)."""
+        return f"{self.prefix}:scripted:calls"
+
+    @staticmethod
+    def member(run_id: str, step_key: str) -> str:
+        """Member of the in-flight set."""
+        return f"{run_id}|{step_key}"

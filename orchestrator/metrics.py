@@ -1,0 +1,90 @@
+"""Prometheus metrics of teamster (prometheus-client), served by workers on ``TEAMSTER_METRICS_PORT``.
+
+Counters and histograms are updated where things happen (engine, watchdog); the run-status and dead-letter
+gauges are read from Redis at scrape time by :class:`StoreCollector`, so they are right whichever worker
+is scraped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator.keys import Keys
+
+__all__ = [
+    "STEPS",
+    "STEP_SECONDS",
+    "MODEL_SECONDS",
+    "TOKENS",
+    "RETRIES",
+    "RUNS_FINISHED",
+    "LEASE_EXPIRIES",
+    "DEAD_LETTERS",
+    "COMMITS_REJECTED",
+    "StoreCollector",
+    "serve_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+STEPS = Counter("teamster_steps_total", "Step executions by final outcome of the attempt",
+                ["workflow", "step", "outcome"])
+STEP_SECONDS = Histogram("teamster_step_duration_seconds", "Wall-clock duration of step attempts",
+                         ["workflow", "step"], buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+MODEL_SECONDS = Histogram("teamster_model_call_duration_seconds", "Latency of model calls", ["agent"],
+                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+TOKENS = Counter("teamster_tokens_total", "Model tokens used", ["agent", "kind"])
+RETRIES = Counter("teamster_retries_total", "Step retries scheduled", ["workflow", "step", "error_type"])
+RUNS_FINISHED = Counter("teamster_runs_finished_total", "Runs reaching a final or waiting status",
+                        ["workflow", "status"])
+LEASE_EXPIRIES = Counter("teamster_lease_expiries_total", "Step leases that expired (worker died or hung)")
+DEAD_LETTERS = Counter("teamster_dead_letters_total", "Dead-letter entries created", ["workflow", "error_type"])
+COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")
+
+
+class StoreCollector(Collector):
+    """Gauges read from Redis at scrape time: runs by status (recent), open dead-letter entries, in flight."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, sample: int = 1000) -> None:
+        self.client = client
+        self.keys = keys
+        self.sample = sample
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        dlq = GaugeMetricFamily("teamster_dlq_depth", "Open dead-letter entries")
+        inflight = GaugeMetricFamily("teamster_steps_in_flight", "Steps queued, running or waiting to retry")
+        runs = GaugeMetricFamily("teamster_runs", "Runs by status among the most recent runs", labels=["status"])
+        try:
+            dlq.add_metric([], float(self.client.zcard(self.keys.dlq_open)))  # type: ignore[arg-type]
+            inflight.add_metric([], float(self.client.zcard(self.keys.inflight)))  # type: ignore[arg-type]
+            ids = self.client.zrevrange(self.keys.runs, 0, self.sample - 1)
+            pipe = self.client.pipeline(transaction=False)
+            for run_id in ids:  # type: ignore[union-attr]
+                pipe.hget(self.keys.run(run_id), "status")
+            counts: dict[str, int] = {}
+            for status in pipe.execute():
+                if status:
+                    key = str(status).strip('"')
+                    counts[key] = counts.get(key, 0) + 1
+            for status, count in sorted(counts.items()):
+                runs.add_metric([status], float(count))
+        except redis.RedisError as exc:
+            log.warning("metrics: cannot read Redis: %s", exc)
+        yield dlq
+        yield inflight
+        yield runs
+
+
+def serve_metrics(port: int, client: redis.Redis, keys: Keys, registry: CollectorRegistry = REGISTRY) -> Any:
+    """Start the Prometheus HTTP endpoint on ``port`` (0 picks a free one) with the store gauges."""
+    registry.register(StoreCollector(client, keys))
+    server, _thread = start_http_server(port, registry=registry)
+    log.info("teamster metrics on :%s/metrics", server.server_port)
+    return server

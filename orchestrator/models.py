@@ -1,0 +1,208 @@
+"""Typed records of the run store: runs, steps, dead-letter entries, journal events.
+
+These are the only shapes that cross process boundaries or are written to Redis (invariant I5: JSON, always
+through a pydantic model).
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "RunStatus",
+    "StepStatus",
+    "DeadLetterStatus",
+    "RUN_TERMINAL",
+    "RUN_WAITING",
+    "STEP_TERMINAL",
+    "STEP_DONE",
+    "RunRecord",
+    "StepRecord",
+    "DeadLetterEntry",
+    "JournalEvent",
+    "StepMessage",
+    "StartRunMessage",
+    "now",
+]
+
+
+def now() -> float:
+    """Wall-clock time in seconds (what every timestamp in the store uses)."""
+    return time.time()
+
+
+class RunStatus(StrEnum):
+    """Run lifecycle: pending -> running -> succeeded | failed | escalated | needs_human | cancelled.
+
+    ``escalated`` and ``needs_human`` wait for an operator (dead-letter retry/resolve/discard) and may go back
+    to ``running``; ``succeeded``, ``failed`` and ``cancelled`` are final.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ESCALATED = "escalated"
+    NEEDS_HUMAN = "needs_human"
+    CANCELLED = "cancelled"
+
+
+RUN_TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+RUN_WAITING = frozenset({RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN})
+
+
+class StepStatus(StrEnum):
+    """Step lifecycle: queued -> running -> (retrying -> running)* -> one terminal outcome."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANNOT_COMPLETE = "cannot_complete"
+    NEEDS_HUMAN = "needs_human"
+    CANCELLED = "cancelled"
+
+
+STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.FAILED,
+                           StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN, StepStatus.CANCELLED})
+STEP_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
+"""Statuses that let successors proceed."""
+
+
+class DeadLetterStatus(StrEnum):
+    """``open`` entries wait for an operator; the others record how they were closed."""
+
+    OPEN = "open"
+    AUTO_RETRIED = "auto_retried"
+    RETRIED = "retried"
+    RESOLVED = "resolved"
+    DISCARDED = "discarded"
+
+
+class RunRecord(BaseModel):
+    """A run as stored (``{prefix}:run:{run_id}``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    run_id: str
+    workflow: str
+    workflow_version: str = "1"
+    status: RunStatus = RunStatus.PENDING
+    input: dict[str, Any] = Field(default_factory=dict)
+    state: dict[str, Any] = Field(default_factory=dict)
+    state_version: int = 0
+    state_schema: str = ""
+    branches: dict[str, int] = Field(default_factory=dict)
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    trace_id: str = ""
+    idempotency_key: str | None = None
+    created_at: float = Field(default_factory=now)
+    updated_at: float = Field(default_factory=now)
+    finished_at: float | None = None
+    progress_at: float = Field(default_factory=now)
+
+
+class StepRecord(BaseModel):
+    """One step of a run (``{prefix}:run:{run_id}:step:{step_key}``).
+
+    ``step_key`` equals the workflow step id, or ``{fan_out_id}[{i}]`` for a fan-out branch.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    run_id: str
+    step_key: str
+    step_id: str
+    kind: str = "agent"
+    branch_index: int | None = None
+    input: Any = None
+    status: StepStatus = StepStatus.QUEUED
+    attempts: int = 0
+    attempt_base: int = 0
+    fence: int = 0
+    lease_expiries: int = 0
+    worker: str | None = None
+    queued_at: float = Field(default_factory=now)
+    started_at: float | None = None
+    finished_at: float | None = None
+    next_retry_at: float | None = None
+    outcome: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    reason: str | None = None
+    agent: str | None = None
+    fallback: dict[str, Any] | None = None
+    escalations_used: int = 0
+    branches: int | None = None
+    model_calls: int = 0
+    live_model_calls: int = 0
+    tool_calls: int = 0
+    tokens: int = 0
+    duration_seconds: float | None = None
+    resolved_by: str | None = None
+
+
+class DeadLetterEntry(BaseModel):
+    """Everything needed to understand and replay a failure (invariant I6)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    entry_id: str
+    run_id: str
+    workflow: str
+    step_key: str
+    step_id: str
+    agent: str | None = None
+    status: DeadLetterStatus = DeadLetterStatus.OPEN
+    kind: str = "failure"
+    error_type: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+    input: dict[str, Any] | None = None
+    state_version: int = 0
+    trace_id: str = ""
+    escalation: str = ""
+    created_at: float = Field(default_factory=now)
+    closed_at: float | None = None
+    closed_by: str | None = None
+    close_reason: str | None = None
+    journal_excerpt: list[dict[str, Any]] = Field(default_factory=list)
+    question: str | None = None
+
+
+class JournalEvent(BaseModel):
+    """One journal entry (a Redis Stream entry of ``{prefix}:journal:{run_id}``)."""
+
+    id: str = ""
+    type: str
+    ts: float = Field(default_factory=now)
+    step: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepMessage(BaseModel):
+    """The step task's payload: which step of which run (the state itself is read from the store)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    step_key: str = Field(min_length=1, max_length=300)
+
+
+class StartRunMessage(BaseModel):
+    """Payload of ``teamster.start_run`` for plain Celery clients (``send_task`` with JSON kwargs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workflow: str = Field(min_length=1)
+    input: dict[str, Any]
+    idempotency_key: str | None = Field(default=None, max_length=200)

@@ -1,0 +1,169 @@
+"""The watchdog: no step is lost, none waits on Redis's visibility timeout, no run hangs silently.
+
+Every non-terminal step is in the in-flight set, scored by when it deserves a look: lease expiry for a
+running step (renewals push it forward), ``stuck_queued_seconds`` after queueing, the retry time plus grace
+for a retrying step. A scan takes the due members and
+
+* re-enqueues a running step whose lease lapsed (its worker died): the next claim takes over with a new
+  fencing token, reusing the recorded model answers; after ``max_lease_expiries`` the step is dead-lettered;
+* re-sends a step queued or retrying for too long (duplicates are harmless: claims and commits are fenced);
+* escalates runs with no progress past their deadline to the dead-letter queue.
+
+It runs under celery beat (``teamster.watchdog`` task) or as ``teamster watchdog``; several watchdogs at
+once are safe (every action is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from orchestrator import metrics
+from orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, DeadLetterEntry, RunStatus, StepStatus, now
+from orchestrator.store import Tx, TxRejected
+
+if TYPE_CHECKING:
+    from orchestrator.engine import Engine
+
+__all__ = ["Watchdog", "WatchdogReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WatchdogReport:
+    """What one scan did."""
+
+    lease_recoveries: int = 0
+    requeued: int = 0
+    late_retries: int = 0
+    escalated_runs: int = 0
+    cleaned: int = 0
+
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Watchdog:
+    """Scans the in-flight set and active runs (see module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.keys = engine.keys
+        self.client = engine.client
+        self.journal = engine.journal
+        self.settings = engine.settings
+
+    def scan(self, limit: int = 500) -> WatchdogReport:
+        """One pass over what is due now."""
+        report = WatchdogReport()
+        t = now()
+        due = self.client.zrangebyscore(self.keys.inflight, "-inf", t, start=0, num=limit)
+        for member in due:  # type: ignore[union-attr]
+            self._check_step(str(member), t, report)
+        for run_id in self.client.zrangebyscore(self.keys.active_runs, "-inf", t, start=0, num=limit):  # type: ignore[union-attr]
+            self._check_run(str(run_id), t, report)
+        if report.total():
+            log.info("watchdog: %s", report.as_dict())
+        return report
+
+    def _bump(self, member: str, score: float) -> None:
+        self.client.zadd(self.keys.inflight, {member: score})
+
+    def _check_step(self, member: str, t: float, report: WatchdogReport) -> None:
+        run_id, _, key = member.partition("|")
+        record = self.store.get_step(run_id, key)
+        if record is None or record.status in STEP_TERMINAL:
+            self.client.zrem(self.keys.inflight, member)
+            report.cleaned += 1
+            return
+        run_status = self.client.hget(self.keys.run(run_id), "status")
+        if run_status is None or str(run_status).strip('"') in {s.value for s in RUN_TERMINAL}:
+            self.engine.transitions.cancel_step_if_open(run_id, key, "run ended")
+            self.client.zrem(self.keys.inflight, member)
+            report.cleaned += 1
+            return
+        grace = self.settings.stuck_queued_seconds
+        if record.status == StepStatus.RUNNING:
+            if self.store.lease_holder(run_id, key) is not None:
+                self._bump(member, t + self.settings.lease_seconds)
+                return
+            metrics.LEASE_EXPIRIES.inc()
+            self.journal.append(run_id, "lease_expired", step=key, attempt=record.attempts,
+                                data={"worker": record.worker, "token": record.fence,
+                                      "action": "re-enqueued for another worker"})
+            report.lease_recoveries += 1
+        elif record.status == StepStatus.RETRYING:
+            if record.next_retry_at is not None and record.next_retry_at + grace > t:
+                self._bump(member, record.next_retry_at + grace)
+                return
+            self.journal.append(run_id, "requeued", step=key, data={"reason": "retry message overdue"})
+            report.late_retries += 1
+        else:
+            self.journal.append(run_id, "requeued", step=key,
+                                data={"reason": f"queued for {t - record.queued_at:.0f}s without being claimed"})
+            report.requeued += 1
+        self._bump(member, t + grace)
+        self.engine.enqueue_many(run_id, [key])
+
+    def _check_run(self, run_id: str, t: float, report: WatchdogReport) -> None:
+        try:
+            run = self.store.get_run(run_id)
+        except Exception:  # noqa: BLE001 - expired or removed
+            self.client.zrem(self.keys.active_runs, run_id)
+            return
+        if run.status not in (RunStatus.RUNNING, RunStatus.PENDING):
+            self.client.zrem(self.keys.active_runs, run_id)
+            return
+        steps = [s for s in self.store.steps(run_id) if s.status not in STEP_TERMINAL]
+        key = steps[0].step_key if steps else "-"
+        idle = t - run.progress_at
+        entry_id = f"{run_id}:deadline:{run.state_version}"
+        entry = DeadLetterEntry(
+            entry_id=entry_id, run_id=run_id, workflow=run.workflow, step_key=key,
+            step_id=steps[0].step_id if steps else "-", kind="deadline", error_type="run_deadline_exceeded",
+            message=f"no progress for {idle:.0f}s (deadline); waiting steps: {[s.step_key for s in steps]}",
+            attempts=steps[0].attempts if steps else 0, state_version=run.state_version, trace_id=run.trace_id,
+            escalation="escalate", created_at=t, journal_excerpt=self.journal.excerpt(run_id, key) if steps else [])
+        tx = Tx()
+        tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
+        tx.require("run_status", self.keys.run(run_id), "status", "in", [RunStatus.RUNNING.value, RunStatus.PENDING.value])
+        tx.hset(self.keys.run(run_id), {"status": RunStatus.ESCALATED.value, "updated_at": t,
+                                        "state_version": run.state_version + 1,
+                                        "error": {"error_type": entry.error_type, "message": entry.message,
+                                                  "step": key, "dlq_entry": entry_id}})
+        tx.hset(self.keys.dlq_entry(entry_id), entry.model_dump(mode="json"))
+        tx.call("ZADD", self.keys.dlq_all, t, entry_id)
+        tx.call("ZADD", self.keys.dlq_open, t, entry_id)
+        tx.call("SADD", self.keys.run_dlq(run_id), entry_id)
+        tx.call("ZREM", self.keys.active_runs, run_id)
+        tx.xadd(self.keys.journal(run_id), self.journal.fields("dead_lettered", step=key, data={
+            "entry_id": entry_id, "error_type": entry.error_type, "message": entry.message, "escalation": "escalate"}))
+        try:
+            self.store.apply(tx)
+        except TxRejected:
+            return
+        self.store.persist_run(run_id)
+        metrics.DEAD_LETTERS.labels(run.workflow, entry.error_type).inc()
+        report.escalated_runs += 1
+
+    def run_forever(self, stop: threading.Event, interval: float | None = None,
+                    on_report: Callable[[WatchdogReport], None] | None = None) -> None:
+        """Scan every ``interval`` seconds until ``stop`` is set; Redis errors are logged and retried."""
+        period = interval or self.settings.watchdog_interval_seconds
+        while not stop.is_set():
+            try:
+                report = self.scan()
+                if on_report is not None:
+                    on_report(report)
+            except Exception:  # noqa: BLE001 - a watchdog must outlive Redis blips
+                log.exception("watchdog scan failed; retrying in %ss", period)
+            stop.wait(period)
+

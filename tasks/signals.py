@@ -1,0 +1,57 @@
+"""Worker start-up: load workflow modules, check model providers, start metrics and tracing.
+
+A missing credential or provider extra stops the worker at start-up with one clear line (and the hint),
+instead of failing every step later.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery.signals import worker_init, worker_ready
+
+from agents.providers import check_provider
+from agents.spec import registered_agents
+from config.errors import TeamsterError
+from config.settings import get_settings
+from orchestrator.client import load_workflow_modules
+from orchestrator.connection import redis_client
+from orchestrator.keys import Keys
+from orchestrator.metrics import serve_metrics
+from orchestrator.tracing import configure_tracing
+
+__all__: list[str] = []
+
+log = logging.getLogger("teamster.worker")
+
+
+@worker_init.connect
+def _check_configuration(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    try:
+        load_workflow_modules(settings)
+        providers = {settings.model} | {spec.model for spec in registered_agents().values() if spec.model}
+        for provider in sorted(providers):
+            check_provider(provider, settings)
+        configure_tracing(settings.tracing, service_name="teamster-worker")
+    except TeamsterError as exc:
+        sys.stderr.write(f"teamster worker cannot start: {exc.code}: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"hint: {exc.hint}\n")
+        sys.stderr.flush()
+        raise SystemExit(78) from None  # EX_CONFIG
+
+
+@worker_ready.connect
+def _start_metrics(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    if settings.metrics_port is None:
+        return
+    app = getattr(sender, "app", None)
+    url = app.conf.broker_url if app is not None else None
+    try:
+        serve_metrics(settings.metrics_port, redis_client(settings, url), Keys(settings.key_prefix))
+    except OSError as exc:  # another worker on this host has the port: one endpoint per host is enough
+        log.warning("metrics port %s unavailable (%s); this worker serves no /metrics", settings.metrics_port, exc)

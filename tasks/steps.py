@@ -1,0 +1,54 @@
+"""The step task: validate the message, hand it to the engine, return JSON. No business logic here."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+from celery import Task
+
+from config.celeryconfig import STEP_TASK
+from config.errors import StoreUnavailable
+from config.settings import get_settings
+from orchestrator.connection import redis_client
+from orchestrator.engine import Engine
+from orchestrator.enqueue import CeleryEnqueuer
+from orchestrator.models import StepMessage
+from tasks.app import app
+
+__all__ = ["step", "get_engine"]
+
+_ENGINE: Engine | None = None
+_LOCK = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """This worker process's engine (built once; the engine itself is stateless)."""
+    global _ENGINE
+    with _LOCK:
+        if _ENGINE is None:
+            settings = get_settings()
+            url = app.conf.broker_url
+            _ENGINE = Engine(settings, redis_client(settings, url), CeleryEnqueuer(app, settings))
+        return _ENGINE
+
+
+@app.task(
+    bind=True,
+    name=STEP_TASK,
+    pydantic=True,
+    # The engine decides how often a step is attempted (per-step retry policy); Celery only delays.
+    max_retries=None,
+    # Redis unreachable for a moment: try again with backoff instead of losing the delivery.
+    autoretry_for=(StoreUnavailable, redis.ConnectionError, redis.TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    retry_jitter=True,
+)
+def step(self: Task, message: StepMessage) -> dict[str, Any]:
+    """Run one step of a run (idempotent: redelivery of a committed step calls no model)."""
+    result = get_engine().execute(message.run_id, message.step_key)
+    if result.status == "retry" and result.retry_in is not None:
+        raise self.retry(countdown=result.retry_in)
+    return result.to_json()

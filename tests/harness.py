@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Worker", "child_env"]
+__all__ = ["Worker", "child_env", "wait_until", "wait_settled", "SETTLED"]
 
 
 def child_env(**overrides: Any) -> dict[str, str]:
@@ -118,3 +118,27 @@ class Worker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(message or f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+SETTLED = ("succeeded", "failed", "escalated", "needs_human", "cancelled")
+
+
+def wait_settled(client: Any, run_id: str, timeout: float = 60.0) -> Any:
+    """Wait until a run is final or waiting for an operator; returns its record."""
+    def settled() -> Any:
+        run = client.status(run_id)
+        return run if run.status.value in SETTLED else None
+
+    return wait_until(settled, timeout, message=f"run {run_id} did not settle within {timeout}s")

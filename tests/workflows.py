@@ -1,0 +1,197 @@
+"""Workflows and scripted agents used by the orchestrator tests (imported by test workers too).
+
+Workers load this module through ``TEAMSTER_WORKFLOW_MODULES=tests.workflows``. Scripts decide by the input
+text, so a test picks the path a run takes by what it submits.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+from strands.types.tools import ToolContext
+
+from agents import AgentSpec, Budget, RetryPolicy, tool
+from agents.scripted import (
+    ScriptContext,
+    Turn,
+    call,
+    cannot_complete,
+    finish,
+    needs_human,
+    register_script,
+    say,
+    throttle,
+)
+from agents.tools import idempotency_key
+from config.settings import get_settings
+from orchestrator import Workflow, fail_run, human_review, retry_with
+from orchestrator.connection import redis_client
+from orchestrator.keys import Keys
+
+# ----------------------------------------------------------------------------- a tool with side effects
+
+
+@tool
+def record_effect(what: str, tool_context: ToolContext) -> dict[str, object]:
+    """Apply a side effect once per idempotency key (counts attempts and applications in Redis)."""
+    settings = get_settings()
+    client = redis_client(settings)
+    keys = Keys(settings.key_prefix)
+    key = idempotency_key(tool_context)
+    client.hincrby(keys.effects("attempts"), key, 1)
+    if client.hsetnx(keys.effects("ledger"), key, what):
+        client.hincrby(keys.effects("applied"), key, 1)
+        return {"applied": True, "key": key}
+    return {"applied": False, "key": key, "note": "already applied"}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class Doc(BaseModel):
+    text: str
+    items: list[str] = Field(default_factory=list)
+
+
+class Summary(BaseModel):
+    summary: str
+
+
+class Label(BaseModel):
+    label: str
+
+
+class Item(BaseModel):
+    item: str
+
+
+class Check(BaseModel):
+    item: str
+    ok: bool
+
+
+class LinearState(Doc):
+    summarize: Summary | None = None
+    label: Label | None = None
+    report: str = ""
+
+
+class LinearOut(BaseModel):
+    summary: str
+    label: str
+    report: str
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def _summarize(ctx: ScriptContext) -> Turn:
+    text = str(ctx.input_json().get("text", ""))
+    if "throttle-once" in text and ctx.attempt == 1:
+        return throttle()
+    if "throttle-always" in text:
+        return throttle()
+    if "side-effect" in text and ctx.call_index == 0:
+        return call("record_effect", what=text)
+    if "slow" in text:
+        return finish({"summary": text[:40]}).after(float(text.split("slow")[1].split()[0]))
+    if "unsure" in text:
+        return cannot_complete("the document does not say")
+    if "ask" in text:
+        return needs_human("Which customer is this about?")
+    return finish({"summary": text[:40]})
+
+
+def _label(ctx: ScriptContext) -> Turn:
+    text = str(ctx.input_json().get("text", ""))
+    if "fallback-needed" in text:
+        return cannot_complete("primary labeler cannot label this")
+    return finish({"label": "urgent" if "urgent" in text else "normal"})
+
+
+def _label_fallback(ctx: ScriptContext) -> Turn:
+    return finish({"label": "fallback"})
+
+
+def _check(ctx: ScriptContext) -> Turn:
+    item = str(ctx.input_json().get("item", ""))
+    if item.startswith("bad"):
+        return cannot_complete(f"cannot check {item}")
+    if ctx.call_index == 0 and item.startswith("talk"):
+        return say("thinking")
+    return finish({"item": item, "ok": True})
+
+
+register_script("t_summarize", _summarize)
+register_script("t_label", _label)
+register_script("t_label_fallback", _label_fallback)
+register_script("t_check", _check)
+
+# ----------------------------------------------------------------------------- agents
+
+summarize = AgentSpec(
+    name="t_summarize", input_model=Doc, output_model=Summary, instructions="Summarise the text.",
+    tools=("record_effect",), retry=RetryPolicy(max_attempts=3, backoff_base=0.2, backoff_max=0.5),
+)
+label = AgentSpec(name="t_label", input_model=Doc, output_model=Label, instructions="Label the text.",
+                  budget=Budget(max_model_calls=3))
+label_fallback = AgentSpec(name="t_label_fallback", input_model=Doc, output_model=Label,
+                           instructions="Label the text (fallback).")
+check = AgentSpec(name="t_check", input_model=Item, output_model=Check, instructions="Check the item.")
+
+
+def _report(state: LinearState) -> dict[str, str]:
+    label_text = state.label.label if state.label else "?"
+    return {"report": f"{label_text}: {state.summarize.summary if state.summarize else ''}"}
+
+
+linear = Workflow(
+    "t_linear", input_model=Doc, state_model=LinearState, output_model=LinearOut,
+    output=lambda s: {"summary": s.summarize.summary, "label": s.label.label, "report": s.report},
+)
+linear.step("summarize", summarize)
+linear.step("label", label, after="summarize", writes="label")
+linear.step("report", fn=_report, after="label")
+linear.register()
+
+
+def is_urgent(state: object) -> bool:
+    return state.label.label == "urgent"  # type: ignore[attr-defined]
+
+
+def is_normal(state: object) -> bool:
+    return state.label.label != "urgent"  # type: ignore[attr-defined]
+
+
+routed = Workflow("t_routed", input_model=Doc)
+routed.step("label", label)
+routed.step("escalate", fn=lambda s: {"text": s.text + " [paged on-call]"}, after="label", when=is_urgent)
+routed.step("queue", fn=lambda s: {"text": s.text + " [queued]"}, after="label", when=is_normal)
+routed.step("done", fn=lambda s: {"text": s.text + " [done]"}, after=["escalate", "queue"])
+routed.register()
+
+fanout = Workflow("t_fanout", input_model=Doc)
+fanout.fan_out("check", check, over=lambda s: [{"item": i} for i in s.items])
+fanout.join("checks", fan_out="check")
+fanout.step("total", fn=lambda s: {"text": f"{len(s.checks)} checked"}, after="checks")
+fanout.register()
+
+human = Workflow("t_human", input_model=Doc)
+human.step("summarize", summarize, escalate=[human_review()])
+human.step("label", label, after="summarize")
+human.register()
+
+fallback = Workflow("t_fallback", input_model=Doc)
+fallback.step("label", label, escalate=[retry_with(label_fallback), human_review()])
+fallback.register()
+
+# The alert goes to a webhook the test process serves (TEAMSTER_TEST_ALERT_URL), else to a list in memory.
+ALERTS: list[dict[str, object]] = []
+failing = Workflow("t_failing", input_model=Doc)
+failing.step("summarize", summarize, escalate=[fail_run(alert=os.environ.get("TEAMSTER_TEST_ALERT_URL") or ALERTS.append)])
+failing.register()
+
+slow_deadline = Workflow("t_deadline", input_model=Doc, deadline_seconds=1.0)
+slow_deadline.step("summarize", summarize)
+slow_deadline.register()

@@ -1,0 +1,48 @@
+"""The README's code works when pasted: its Python blocks run (the workflow on a real worker)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def block(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- readme-test: {name} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"README block {name!r} not found"
+    return match.group(1)
+
+
+def test_define_an_agent_block_runs() -> None:
+    code = block("agent")
+    assert len(code.strip().splitlines()) <= 30
+    exec(compile(code, "README.md#agent", "exec"), {})  # noqa: S102 - that is the point of this test
+
+
+@pytest.mark.integration
+def test_workflow_and_submit_blocks_run_on_a_real_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    workflow = block("workflow")
+    assert len(workflow.strip().splitlines()) < 40
+    (tmp_path / "readme_claims.py").write_text(workflow)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("readme_claims")
+    pythonpath = os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    worker = Worker("readme", concurrency=2, env={"workflow_modules": "readme_claims"})
+    worker.env["PYTHONPATH"] = pythonpath
+    with worker:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block("submit"), "README.md#submit", "exec"), {})  # noqa: S102
+    printed = out.getvalue()
+    assert "claim_id='C-1'" in printed and "decide=" in printed, printed
+    assert "readme_claims" in sys.modules

@@ -1,0 +1,78 @@
+"""The repository's promises: README commands, CI entry point, docker-compose, packaging, import style."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+PACKAGES = ("config", "agents", "tasks", "orchestrator")
+
+
+def _setup_commands() -> list[str]:
+    section = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)][:2]
+
+
+def test_readme_has_the_two_setup_commands_demo_and_tests() -> None:
+    demo, tests = _setup_commands()
+    assert "\n" not in demo and "\n" not in tests
+    assert demo.endswith("teamster demo") and "pip install -e ." in demo
+    assert tests.endswith("python -m pytest") and "pip install -e '.[dev]'" in tests
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    script = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert script[-1] == _setup_commands()[1]
+    assert (ROOT / ".ci" / "run").stat().st_mode & 0o111
+
+
+def test_compose_file_is_valid_and_matches_the_readme() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "worker", "watchdog", "flower"}
+    redis_cmd = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
+    for name in ("worker", "watchdog", "flower"):
+        command = " ".join(services[name]["command"])
+        assert command.startswith("teamster ") and f"`{command}`" in README, command
+        env = services[name]["environment"]
+        assert env["TEAMSTER_REDIS_URL"] == "redis://redis:6379/0"
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "deploy" not in services["worker"] and "container_name" not in services["worker"]  # scalable
+    assert services["worker"]["environment"]["TEAMSTER_METRICS_PORT"] == "9808"
+    assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert "docker compose up --build --scale worker=4" in README
+
+
+def test_packaging_lists_the_four_packages_and_the_console_script() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "teamster"
+    assert project["project"]["scripts"]["teamster"] == "orchestrator.cli:main"
+    listed = project["tool"]["setuptools"]["packages"]
+    assert all(p in listed for p in PACKAGES)
+    for sub in ROOT.glob("*/**/__init__.py"):
+        package = ".".join(sub.parent.relative_to(ROOT).parts)
+        if package.split(".")[0] in PACKAGES:
+            assert package in listed, f"{package} is not listed in pyproject"
+    deps = " ".join(project["project"]["dependencies"]).lower()
+    for needed in ("celery[redis]>=5.7", "redis", "pydantic>=2", "pydantic-settings", "strands-agents", "boto3",
+                   "flower", "typer", "rich", "prometheus-client"):
+        assert needed in deps, needed
+    dev = " ".join(project["project"]["optional-dependencies"]["dev"])
+    for needed in ("pytest", "pytest-timeout", "mypy", "ruff"):
+        assert needed in dev
+
+
+def test_absolute_imports_only_and_explicit_all() -> None:
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            assert not re.search(r"^\s*from \.", text, re.M), f"relative import in {path}"
+            if not path.name.startswith("_") or path.name == "__init__.py":
+                assert "__all__" in text, f"{path} has no __all__"

@@ -183,8 +183,8 @@ class RecordedTool(AgentTool):
     async def stream(self, tool_use: ToolUse, invocation_state: dict[str, Any],
                      **kwargs: Any) -> AsyncGenerator[Any, None]:
         if self._recorded is None:
-            yield ToolResultEvent({"toolUseId": tool_use["toolUseId"], "status": "error",
-                                   "content": [{"text": f"Error: no recorded result for {self._name} (replay diverged)"}]})
+            text = f"Error: no recorded result for {self._name} (replay diverged)"
+            yield ToolResultEvent({"toolUseId": tool_use["toolUseId"], "status": "error", "content": [{"text": text}]})
             return
         yield ToolResultEvent({"toolUseId": tool_use["toolUseId"], "status": self._recorded.get("status", "success"),
                                "content": self._recorded.get("content") or []})

@@ -143,5 +143,6 @@ def outcome_envelope(output_model: type[BaseModel]) -> type[EnvelopeBase]:
         OUTCOME_TOOL_NAME,
         __base__=EnvelopeBase,
         __doc__=EnvelopeBase.__doc__,
-        output=(output_model | None, Field(default=None, description="The result (required when succeeded).")),
+        output=(output_model | None,  # type: ignore[arg-type]
+                Field(default=None, description="The result (required when succeeded).")),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from strands.models.model import Model
 
@@ -97,7 +98,7 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
         from botocore.config import Config  # noqa: PLC0415
         from strands.models.bedrock import BedrockModel  # noqa: PLC0415
 
-        kwargs = {"model_id": ref.model_id} if ref.model_id else {}
+        kwargs: dict[str, Any] = {"model_id": ref.model_id} if ref.model_id else {}
         return BedrockModel(
             region_name=settings.aws_region,
             # botocore's own retries off: the step retry policy is the single retry layer.

@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -84,9 +84,9 @@ class _Accumulator:
 
     def feed(self, event: StreamEvent) -> None:
         if "contentBlockStart" in event:
-            start = event["contentBlockStart"].get("start", {})
-            if "toolUse" in start:
-                use = start["toolUse"]
+            start = event["contentBlockStart"].get("start") or {}
+            use = start.get("toolUse")
+            if use is not None:
                 self.current = {"toolUse": {"name": use["name"], "toolUseId": use["toolUseId"], "input": ""}}
             else:
                 self.current = {"text": ""}
@@ -146,7 +146,7 @@ class RecordingModel(Model):
         return self.inner.get_config() if self.inner is not None else {"model_id": "replay"}
 
     def structured_output(self, output_model: type[T], prompt: Messages, system_prompt: str | None = None,
-                          **kwargs: Any) -> AsyncIterator[dict[str, T | Any]]:
+                          **kwargs: Any) -> AsyncGenerator[dict[str, T | Any], None]:
         if self.inner is None:
             raise ReplayExhausted("direct structured_output calls are not recorded")
         return self.inner.structured_output(output_model, prompt, system_prompt, **kwargs)

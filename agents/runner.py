@@ -188,7 +188,7 @@ def run_agent(
     recording = RecordingModel(inner, on_exchange, recorded)
     guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
                       recorded_tools=recorded_tools)
-    envelope = outcome_envelope(spec.output_model)
+    envelope = outcome_envelope(spec.output_model)  # type: ignore[arg-type]  # a class is hashable
     agent = Agent(
         model=recording,
         tools=list(tools),

@@ -18,7 +18,7 @@ import asyncio
 import hashlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -326,7 +326,7 @@ class ScriptedModel(Model):
         return dict(self._config)
 
     async def structured_output(self, output_model: type[T], prompt: Messages, system_prompt: str | None = None,
-                                **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+                                **kwargs: Any) -> AsyncGenerator[dict[str, T | Any], None]:
         """Direct structured output (outside the agent loop): a sample valid instance."""
         schema = output_model.model_json_schema()
         yield {"output": output_model.model_validate(sample_output(schema))}
@@ -352,7 +352,8 @@ class ScriptedModel(Model):
             yield event
 
     # -- internals ---------------------------------------------------------------------------
-    def _context(self, messages: Messages, tool_specs: list[ToolSpec], invocation_state: dict[str, Any]) -> ScriptContext:
+    def _context(self, messages: Messages, tool_specs: list[ToolSpec],
+                 invocation_state: dict[str, Any]) -> ScriptContext:
         state = invocation_state.get(TEAMSTER_STATE_KEY) or {}
         prompt = ""
         tool_results: list[str] = []

@@ -76,7 +76,7 @@ class RetryPolicy(BaseModel):
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` starts at 1). Needs a resolved policy."""
         base = float(self.backoff_base or 1.0)
         cap = float(self.backoff_max or 60.0)
-        delay = min(cap, base * (2 ** max(0, attempt - 1)))
+        delay = min(cap, base * float(2 ** max(0, attempt - 1)))
         if self.jitter:
             delay = (rng or random).uniform(0, delay)
         return delay

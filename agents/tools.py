@@ -56,7 +56,7 @@ def tool(func: F | None = None, *, name: str | None = None,
 
     def register(fn: F) -> AgentTool:
         wants_context = "tool_context" in inspect.signature(fn).parameters
-        decorated = strands_tool(fn, name=name, description=description, context=wants_context)
+        decorated = strands_tool(name=name, description=description, context=wants_context)(fn)
         tool_name = decorated.tool_name
         with _LOCK:
             existing = _TOOLS.get(tool_name)

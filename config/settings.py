@@ -43,10 +43,13 @@ class TeamsterSettings(BaseSettings):
     )
 
     # --- queues ----------------------------------------------------------------------------
-    steps_queue: str = Field(default="teamster.steps", description="Queue of agent step tasks (default 'teamster.steps').")
+    steps_queue: str = Field(
+        default="teamster.steps", description="Queue of agent step tasks (default 'teamster.steps')."
+    )
     control_queue: str = Field(
         default="teamster.control",
-        description="Queue of control tasks: run starts from plain Celery clients, watchdog (default 'teamster.control').",
+        description="Queue of control tasks: run starts from plain Celery clients, watchdog "
+        "(default 'teamster.control').",
     )
 
     # --- leases and redelivery -------------------------------------------------------------
@@ -100,7 +103,9 @@ class TeamsterSettings(BaseSettings):
         default=None, description="Base URL for 'openai:' (any OpenAI-compatible server) or 'ollama:' (default None)."
     )
     model_max_tokens: int = Field(default=4096, gt=0, description="Max output tokens per model call (default 4096).")
-    aws_region: str | None = Field(default=None, description="AWS region for Bedrock (default: boto3's own resolution).")
+    aws_region: str | None = Field(
+        default=None, description="AWS region for Bedrock (default: boto3's own resolution)."
+    )
     step_timeout_seconds: float = Field(
         default=300.0, gt=0, description="Default wall-clock budget of one agent step (default 300 s)."
     )
@@ -109,7 +114,9 @@ class TeamsterSettings(BaseSettings):
         description="Fault rates injected by the scripted model, e.g. 'throttle=0.1,timeout=0.05,invalid_json=0.02' "
         "(default none). Kinds: throttle, timeout, invalid_json, schema_invalid, refusal, cannot_complete.",
     )
-    scripted_latency: float = Field(default=0.0, ge=0, description="Seconds of latency per scripted model call (default 0).")
+    scripted_latency: float = Field(
+        default=0.0, ge=0, description="Seconds of latency per scripted model call (default 0)."
+    )
     scripted_seed: int = Field(default=0, description="Seed of the scripted model's fault injection (default 0).")
 
     # --- application -------------------------------------------------------------------------
@@ -144,7 +151,8 @@ class TeamsterSettings(BaseSettings):
 
     # --- workers and observability ------------------------------------------------------------
     worker_pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = Field(
-        default="threads", description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound)."
+        default="threads",
+        description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound).",
     )
     worker_concurrency: int = Field(default=8, ge=1, description="Concurrent steps per worker (default 8).")
     metrics_port: int | None = Field(

@@ -84,7 +84,8 @@ class DeadLetterQueue:
         return entry
 
     # ------------------------------------------------------------------ retry
-    def retry(self, entry_id: str, *, by: str, reason: str = "", state_patch: dict[str, Any] | None = None) -> DeadLetterEntry:
+    def retry(self, entry_id: str, *, by: str, reason: str = "",
+              state_patch: dict[str, Any] | None = None) -> DeadLetterEntry:
         """Re-run the failed step from attempt 1 (optionally after patching the run state)."""
         entry = self._open(entry_id)
         for _ in range(50):
@@ -125,8 +126,8 @@ class DeadLetterQueue:
                 tx.call("ZADD", self.keys.inflight, t + self.engine.settings.stuck_queued_seconds,
                         Keys.member(run.run_id, entry.step_key))
             tx.hset(self.keys.run(run.run_id), run_fields)
-            tx.call("ZADD", self.keys.active_runs, t + (wf.deadline_seconds or self.engine.settings.run_deadline_seconds),
-                    run.run_id)
+            deadline = wf.deadline_seconds or self.engine.settings.run_deadline_seconds
+            tx.call("ZADD", self.keys.active_runs, t + deadline, run.run_id)
             tx.hset(self.keys.dlq_entry(entry_id), {"status": DeadLetterStatus.RETRIED.value, "closed_at": t,
                                                     "closed_by": by, "close_reason": reason})
             tx.call("ZREM", self.keys.dlq_open, entry_id)

@@ -102,7 +102,7 @@ def apply_output(wf: Workflow, step: StepDef, state: BaseModel, output: Any) -> 
     fields into the state; function steps return state updates, merged into the state (or a whole new
     state); joins write the list of branch outputs; ``writes=`` overrides all of this.
     """
-    if step.kind == "fan_out" or step.kind == "branch":
+    if step.kind == "fan_out":
         return state
     if callable(step.writes):
         return _validated_state(wf, step.writes(state, output), step.id)

@@ -10,7 +10,7 @@ or agent version shows up as a difference. Nothing is written to the store.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, Field
@@ -74,7 +74,7 @@ class _NoModel(Model):
         return {"model_id": "replay"}
 
     def structured_output(self, output_model: type[T], prompt: Any, system_prompt: str | None = None,
-                          **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+                          **kwargs: Any) -> AsyncGenerator[dict[str, T | Any], None]:
         raise ReplayExhausted("replay cannot call a model")
 
     async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[StreamEvent]:
@@ -82,10 +82,13 @@ class _NoModel(Model):
         yield  # pragma: no cover - makes this an async generator
 
 
-def _final_attempts(events: list[JournalEvent]) -> dict[str, tuple[int | None, JournalEvent | None, dict[str, Any] | None]]:
+_Final = tuple[int | None, JournalEvent | None, dict[str, Any] | None]
+
+
+def _final_attempts(events: list[JournalEvent]) -> dict[str, _Final]:
     """step -> (attempt, its step_start event, its recorded outcome) for each step's last finished attempt."""
     starts: dict[tuple[str, int | None], JournalEvent] = {}
-    result: dict[str, tuple[int | None, JournalEvent | None, dict[str, Any] | None]] = {}
+    result: dict[str, _Final] = {}
     for event in events:
         if event.step is None:
             continue

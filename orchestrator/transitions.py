@@ -219,7 +219,8 @@ class Transitions:
             tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
             if close_entry:
-                self._close_entry_ops(tx, close_entry[0], DeadLetterStatus.RESOLVED, actor or "operator", close_entry[1])
+                entry_id, close_reason = close_entry
+                self._close_entry_ops(tx, entry_id, DeadLetterStatus.RESOLVED, actor or "operator", close_reason)
             tx.xadd(self.keys.journal(run_id), self.journal.fields(
                 "commit" if skipped is None else "step_skipped", step=key, attempt=record.attempts,
                 data={"state_version": run.state_version + 1, "token": token, "reason": skipped, "by": actor,
@@ -273,7 +274,8 @@ class Transitions:
         tx.hset(self.keys.step(run.run_id, key), fields)
         tx.hset(self.keys.steps(run.run_id), {key: StepStatus.RETRYING.value})
         tx.call("DEL", self.keys.lease(run.run_id, key))
-        tx.call("ZADD", self.keys.inflight, t + delay + self.settings.stuck_queued_seconds, Keys.member(run.run_id, key))
+        due = t + delay + self.settings.stuck_queued_seconds
+        tx.call("ZADD", self.keys.inflight, due, Keys.member(run.run_id, key))
         tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
             "retry", step=key, attempt=record.attempts,
             data={"error_type": result.error_type, "message": result.message, "delay_seconds": round(delay, 3),
@@ -293,7 +295,8 @@ class Transitions:
         """Dead-letter a step's failure and run its escalation policy."""
         run_id, key = run.run_id, record.step_key
         if isinstance(result, Failed):
-            error_type, message, retryable, details = result.error_type, result.message, result.retryable, result.details
+            error_type, message, retryable = result.error_type, result.message, result.retryable
+            details = result.details
             step_status = StepStatus.FAILED
         elif isinstance(result, CannotComplete):
             error_type, message, retryable, details = "cannot_complete", result.reason, False, {}
@@ -336,8 +339,8 @@ class Transitions:
                                    escalations_used=record.escalations_used + 1)
                 step_status, requeue = StepStatus.QUEUED, True
             elif isinstance(policy, HumanReview):
-                step_fields["status"] = step_status.value if isinstance(result, NeedsHuman) else StepStatus.NEEDS_HUMAN.value
-                step_status = StepStatus(step_fields["status"])
+                step_status = StepStatus.NEEDS_HUMAN
+                step_fields["status"] = step_status.value
                 run_fields["status"] = combine_run_status(run.status, RunStatus.NEEDS_HUMAN).value
             elif isinstance(policy, FailRun):
                 run_fields.update(status=RunStatus.FAILED.value, finished_at=t)

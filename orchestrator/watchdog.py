@@ -134,7 +134,8 @@ class Watchdog:
             escalation="escalate", created_at=t, journal_excerpt=self.journal.excerpt(run_id, key) if steps else [])
         tx = Tx()
         tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-        tx.require("run_status", self.keys.run(run_id), "status", "in", [RunStatus.RUNNING.value, RunStatus.PENDING.value])
+        tx.require("run_status", self.keys.run(run_id), "status", "in",
+                   [RunStatus.RUNNING.value, RunStatus.PENDING.value])
         tx.hset(self.keys.run(run_id), {"status": RunStatus.ESCALATED.value, "updated_at": t,
                                         "state_version": run.state_version + 1,
                                         "error": {"error_type": entry.error_type, "message": entry.message,

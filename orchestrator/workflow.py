@@ -112,7 +112,8 @@ class Workflow:
         if step.id in self.steps:
             raise WorkflowDefinitionError(f"workflow {self.name!r}: duplicate step id {step.id!r}")
         if not step.id or any(c in step.id for c in "[]|: "):
-            raise WorkflowDefinitionError(f"workflow {self.name!r}: step id {step.id!r} may not contain [ ] | : or spaces")
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r}: step id {step.id!r} may not contain [ ] | : or spaces")
         self.steps[step.id] = step
         return self
 

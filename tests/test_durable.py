@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import pytest
 
 from agents.outcomes import Succeeded

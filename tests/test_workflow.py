@@ -7,8 +7,8 @@ from pydantic import BaseModel
 
 from agents.spec import AgentSpec
 from config.errors import UnknownWorkflow, WorkflowDefinitionError
-from orchestrator.planner import ready_steps, run_complete
 from orchestrator.models import StepStatus
+from orchestrator.planner import ready_steps, run_complete
 from orchestrator.workflow import Workflow, get_workflow
 
 

@@ -189,7 +189,8 @@ fallback.register()
 # The alert goes to a webhook the test process serves (TEAMSTER_TEST_ALERT_URL), else to a list in memory.
 ALERTS: list[dict[str, object]] = []
 failing = Workflow("t_failing", input_model=Doc)
-failing.step("summarize", summarize, escalate=[fail_run(alert=os.environ.get("TEAMSTER_TEST_ALERT_URL") or ALERTS.append)])
+failing.step("summarize", summarize,
+             escalate=[fail_run(alert=os.environ.get("TEAMSTER_TEST_ALERT_URL") or ALERTS.append)])
 failing.register()
 
 slow_deadline = Workflow("t_deadline", input_model=Doc, deadline_seconds=1.0)

@@ -33,7 +33,7 @@ from config.errors import (
     StoreUnavailable,
     StructuredOutputError,
     TeamsterError,
-    TerminalError,
+    UnexpectedError,
 )
 
 __all__ = ["classify_exception", "classify_stop_reason", "UnexpectedError"]
@@ -53,14 +53,13 @@ _CREDENTIAL_CODES = {
     "AuthenticationError", "PermissionDeniedError", "authentication_error", "permission_error",
     "NoCredentialsError", "PartialCredentialsError", "NoRegionError",
 }
+_THROTTLE_CODES = {c.lower() for c in _THROTTLE_CODES}
+_TIMEOUT_CODES = {c.lower() for c in _TIMEOUT_CODES}
+_UNAVAILABLE_CODES = {c.lower() for c in _UNAVAILABLE_CODES}
+_CREDENTIAL_CODES = {c.lower() for c in _CREDENTIAL_CODES}
 _CONTEXT_HINTS = ("context window", "too many tokens", "input is too long", "maximum context length",
                   "context_length_exceeded", "prompt is too long")
 
-
-class UnexpectedError(TerminalError):
-    """An exception teamster does not know how to classify (terminal, so it is dead-lettered and seen)."""
-
-    code = "unexpected_error"
 
 
 def _status_code(exc: BaseException) -> int | None:
@@ -111,22 +110,23 @@ def classify_exception(exc: BaseException) -> TeamsterError:
         return StoreUnavailable(f"Redis error: {message}", **details)
 
     code = _error_code(exc)
+    key = code.lower()  # Bedrock's event stream reports camelCase codes ("throttlingException")
     status = _status_code(exc)
     details.update({"provider_code": code, "http_status": status})
     lowered = message.lower()
-    if code in _CREDENTIAL_CODES:
+    if key in _CREDENTIAL_CODES:
         return MissingCredentials(f"provider refused the credentials ({code}): {message}",
                                   hint="Configure the provider's credentials; `teamster doctor` checks them.",
                                   **details)
-    if code in _THROTTLE_CODES or status == 429:
+    if key in _THROTTLE_CODES or status == 429:
         return ModelThrottled(f"model throttled ({code}): {message}", **details)
-    if (code in _TIMEOUT_CODES or isinstance(exc, (TimeoutError, asyncio.TimeoutError,
+    if (key in _TIMEOUT_CODES or isinstance(exc, (TimeoutError, asyncio.TimeoutError,
                                                      concurrent.futures.TimeoutError))
             or "timeout" in type(exc).__name__.lower() or status in (408, 504)):
         return ModelTimeout(f"model call timed out ({code}): {message}", **details)
     if any(hint in lowered for hint in _CONTEXT_HINTS):
         return ContextOverflow(f"input does not fit the model's context window: {message}", **details)
-    if (code in _UNAVAILABLE_CODES or (status is not None and status >= 500)
+    if (key in _UNAVAILABLE_CODES or (status is not None and status >= 500)
             or isinstance(exc, ConnectionError)
             or type(exc).__name__ in {"EndpointConnectionError", "ConnectionClosedError", "ConnectError",
                                       "RemoteProtocolError", "ReadError"}):

@@ -88,7 +88,8 @@ class StepGuard(HookProvider):
         registry.add_callback(BeforeToolCallEvent, self.before_tool_call)
         registry.add_callback(AfterToolCallEvent, self.after_tool_call)
 
-    def _breach(self, budget: str, limit: int) -> None:
+    def breach_budget(self, budget: str, limit: int) -> None:
+        """Record a budget breach (first one wins) and stop the invocation."""
         with self._lock:
             if self.breach is None:
                 self.breach = budget
@@ -101,7 +102,7 @@ class StepGuard(HookProvider):
             count = self.model_calls
         if count > self.spec.budget.max_model_calls:
             event.cancel = f"model call budget of {self.spec.budget.max_model_calls} exhausted"
-            self._breach("model_calls", self.spec.budget.max_model_calls)
+            self.breach_budget("model_calls", self.spec.budget.max_model_calls)
 
     def before_tool_call(self, event: BeforeToolCallEvent) -> None:
         use = event.tool_use
@@ -125,7 +126,7 @@ class StepGuard(HookProvider):
                 self._ordinals[name] = ordinal + 1
         if over:
             event.cancel_tool = f"tool call budget of {self.spec.budget.max_tool_calls} exhausted"
-            self._breach("tool_calls", self.spec.budget.max_tool_calls)
+            self.breach_budget("tool_calls", self.spec.budget.max_tool_calls)
             return
         key = tool_call_key(self.run_id, self.step_id, name, ordinal, use.get("input"))
         state = event.invocation_state.setdefault(TEAMSTER_STATE_KEY, {})

@@ -22,6 +22,9 @@ from strands.types.content import Messages
 from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolSpec
 
+from agents.classify import classify_exception
+from config.errors import error_from_code
+
 __all__ = ["ModelExchange", "RecordingModel", "ReplayExhausted", "request_digest"]
 
 T = TypeVar("T", bound=BaseModel)
@@ -32,12 +35,19 @@ class ModelExchange(BaseModel):
 
     call_index: int
     request_digest: str
+    request: dict[str, Any] = Field(default_factory=dict)
     content: list[dict[str, Any]] = Field(default_factory=list)
     stop_reason: str | None = None
     usage: dict[str, int] = Field(default_factory=dict)
     latency_ms: int = 0
     error: str | None = None
+    error_info: dict[str, Any] | None = None
     replayed: bool = False
+
+
+def _error_info(exc: BaseException) -> dict[str, Any]:
+    typed = classify_exception(exc)
+    return {"error_type": typed.code, "message": typed.message, "details": typed.details}
 
 
 class ReplayExhausted(RuntimeError):
@@ -157,12 +167,19 @@ class RecordingModel(Model):
             index = self.calls
             self.calls += 1
         digest = request_digest(messages, tool_specs, system_prompt)
+        request = {"messages": len(messages), "tools": sorted(s["name"] for s in tool_specs or []),
+                   "last_message": messages[-1] if messages else None}
         if index < len(self.recorded):
             recorded = self.recorded[index]
+            replayed = recorded.model_copy(update={"call_index": index, "request_digest": digest,
+                                                   "request": request, "replayed": True, "latency_ms": 0})
+            if recorded.error is not None:  # the recorded call failed: fail again, the same typed way
+                self._report(replayed)
+                info = recorded.error_info or {"error_type": "unexpected_error", "message": recorded.error}
+                raise error_from_code(str(info["error_type"]), str(info["message"]), **info.get("details", {}))
             for event in _events_from(recorded):
                 yield event
-            self._report(recorded.model_copy(update={"call_index": index, "request_digest": digest,
-                                                     "replayed": True, "latency_ms": 0}))
+            self._report(replayed)
             return
         if self.inner is None:
             raise ReplayExhausted(f"replay needs model call {index + 1} but only {len(self.recorded)} were recorded")
@@ -174,11 +191,11 @@ class RecordingModel(Model):
                 acc.feed(event)
                 yield event
         except Exception as exc:
-            self._report(ModelExchange(call_index=index, request_digest=digest, content=acc.content,
-                                       latency_ms=int((time.monotonic() - started) * 1000),
-                                       error=f"{type(exc).__name__}: {exc}"))
+            self._report(ModelExchange(call_index=index, request_digest=digest, request=request,
+                                       content=acc.content, latency_ms=int((time.monotonic() - started) * 1000),
+                                       error=f"{type(exc).__name__}: {exc}", error_info=_error_info(exc)))
             raise
-        self._report(ModelExchange(call_index=index, request_digest=digest, content=acc.content,
+        self._report(ModelExchange(call_index=index, request_digest=digest, request=request, content=acc.content,
                                    stop_reason=acc.stop_reason, usage=acc.usage,
                                    latency_ms=int((time.monotonic() - started) * 1000)))
 

@@ -40,9 +40,9 @@ from config.errors import (
     BudgetExceeded,
     CriterionFailed,
     InvalidInput,
+    LeaseLost,
     StructuredOutputError,
     TeamsterError,
-    TerminalError,
 )
 from config.settings import TeamsterSettings, get_settings
 
@@ -50,11 +50,6 @@ __all__ = ["run_agent", "AgentRun", "StepContext", "validate_input", "format_val
 
 StepOutcome = Succeeded | CannotComplete | NeedsHuman | Failed
 
-
-class LeaseLost(TerminalError):
-    """The worker lost the step's lease while running it; another worker owns the step now."""
-
-    code = "lease_lost"
 
 
 @dataclass(frozen=True)
@@ -181,13 +176,17 @@ def run_agent(
     except TeamsterError as exc:
         return finish(failed_from(exc))
 
+    guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
+                      recorded_tools=recorded_tools)
+
     def on_exchange(exchange: ModelExchange) -> None:
         exchanges.append(exchange)
         emit("model_call", exchange.model_dump(mode="json"))
+        # strands' token limit is only checked between turns; the budget is hard: one call over it breaches
+        if sum(e.usage.get("totalTokens", 0) for e in exchanges) > spec.budget.max_total_tokens:
+            guard.breach_budget("tokens", spec.budget.max_total_tokens)
 
     recording = RecordingModel(inner, on_exchange, recorded)
-    guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
-                      recorded_tools=recorded_tools)
     envelope = outcome_envelope(spec.output_model)  # type: ignore[arg-type]  # a class is hashable
     agent = Agent(
         model=recording,
@@ -269,6 +268,9 @@ def _failure(spec: AgentSpec[Any, Any], guard: StepGuard, control: StepControl, 
     if guard.breach == "tool_calls":
         return failed_from(BudgetExceeded(f"step exceeded its budget of {budget.max_tool_calls} tool calls",
                                           budget="tool_calls", limit=budget.max_tool_calls))
+    if guard.breach == "tokens":
+        return failed_from(BudgetExceeded(f"step exceeded its budget of {budget.max_total_tokens} tokens",
+                                          budget="tokens", limit=budget.max_total_tokens))
     if guard.breach == "model_calls":
         return _model_call_budget(spec, guard)
     if error is not None:

@@ -202,6 +202,8 @@ class FaultPlan:
         for kind, rate in self.rates.items():
             if not 0.0 <= rate <= 1.0:
                 raise ConfigurationError(f"fault rate for {kind!r} must be within 0..1, got {rate}")
+        if sum(self.rates.values()) > 1.0:
+            raise ConfigurationError(f"fault rates add up to {sum(self.rates.values()):g}; at most 1 fault per call")
 
     @classmethod
     def parse(cls, spec: str, seed: int = 0) -> FaultPlan:
@@ -216,10 +218,16 @@ class FaultPlan:
         return cls(rates, seed)
 
     def pick(self, ctx: ScriptContext) -> Turn | None:
-        """The fault turn to play instead of the scripted one, if any."""
+        """The fault turn to play instead of the scripted one, if any.
+
+        One uniform draw per call is compared with the cumulative rates, so each kind is injected at exactly
+        its own rate (the kinds are mutually exclusive: at most one fault per call).
+        """
+        draw = _unit(self.seed, ctx.agent, ctx.run_id, ctx.step_id, ctx.attempt, ctx.call_index)
+        threshold = 0.0
         for kind in FAULT_KINDS:
-            rate = self.rates.get(kind, 0.0)
-            if rate and _unit(self.seed, ctx.agent, ctx.run_id, ctx.step_id, ctx.attempt, ctx.call_index, kind) < rate:
+            threshold += self.rates.get(kind, 0.0)
+            if draw < threshold:
                 return _FAULT_TURNS[kind]()
         return None
 
@@ -237,8 +245,51 @@ _FAULT_TURNS: dict[str, Callable[[], Turn]] = {
 # --------------------------------------------------------------------------- sample outputs
 
 
+_FORMATS = {
+    "date-time": "2026-01-01T00:00:00Z",
+    "date": "2026-01-01",
+    "time": "00:00:00",
+    "duration": "PT1S",
+    "email": "sample@example.com",
+    "uri": "https://example.com/sample",
+    "url": "https://example.com/sample",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+}
+
+
+def _sample_number(schema: dict[str, Any], integer: bool) -> float | int:
+    step = float(schema.get("multipleOf", 1 if integer else 0.5))
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if low is not None:
+        value = float(low) + (step if "exclusiveMinimum" in schema and "minimum" not in schema else 0.0)
+    elif high is not None:
+        value = float(high) - (step if "exclusiveMaximum" in schema and "maximum" not in schema else 0.0)
+        value = min(value, 0.0)
+    else:
+        value = 0.0
+    if step:
+        value = (value // step) * step if value % step == 0 else (value // step + 1) * step
+    return int(value) if integer else float(value)
+
+
+def _sample_string(schema: dict[str, Any]) -> str:
+    fmt = schema.get("format")
+    if fmt in _FORMATS:
+        return _FORMATS[fmt]
+    low = int(schema.get("minLength", 0))
+    high = schema.get("maxLength")
+    text = "sample" + "x" * max(0, low - 6)
+    if high is not None:
+        text = text[: max(low, int(high))]
+    return text
+
+
 def sample_output(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
-    """A value valid for a JSON schema (first enum member, empty strings become "sample", 0, ...)."""
+    """A value valid for a JSON schema: every property filled (optional ones too), enums and consts honoured,
+    numeric bounds, string lengths, common formats and array sizes respected (patterns are not)."""
     defs = defs if defs is not None else schema.get("$defs", {})
     if "$ref" in schema:
         return sample_output(defs[schema["$ref"].split("/")[-1]], defs)
@@ -248,7 +299,7 @@ def sample_output(schema: dict[str, Any], defs: dict[str, Any] | None = None) ->
         return schema["const"]
     if "default" in schema:
         return schema["default"]
-    for key in ("anyOf", "oneOf"):
+    for key in ("anyOf", "oneOf", "allOf"):
         if key in schema:
             options = [o for o in schema[key] if o.get("type") != "null"] or schema[key]
             return sample_output(options[0], defs)
@@ -256,17 +307,18 @@ def sample_output(schema: dict[str, Any], defs: dict[str, Any] | None = None) ->
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        props = schema.get("properties", {})
-        return {name: sample_output(sub, defs) for name, sub in props.items()
-                if name in schema.get("required", props)}
+        return {name: sample_output(sub, defs) for name, sub in schema.get("properties", {}).items()}
     if kind == "array":
-        return [sample_output(schema.get("items", {}), defs)] * max(1, int(schema.get("minItems", 0)))
+        if "prefixItems" in schema:
+            return [sample_output(item, defs) for item in schema["prefixItems"]]
+        count = max(1, int(schema.get("minItems", 0)))
+        if "maxItems" in schema:
+            count = min(count, int(schema["maxItems"]))
+        return [sample_output(schema.get("items", {}), defs) for _ in range(count)]
     if kind == "string":
-        return "sample" + "x" * max(0, int(schema.get("minLength", 0)) - 6)
-    if kind == "integer":
-        return int(schema.get("minimum", 0))
-    if kind == "number":
-        return float(schema.get("minimum", 0.0))
+        return _sample_string(schema)
+    if kind in ("integer", "number"):
+        return _sample_number(schema, kind == "integer")
     if kind == "boolean":
         return False
     return None

@@ -45,6 +45,9 @@ __all__ = [
     "ToolNotAllowed",
     "ToolFailed",
     "ProviderRejected",
+    "UnexpectedError",
+    "LeaseLost",
+    "LeaseExpiredRepeatedly",
     "StaleFencingToken",
     "AlreadyCommitted",
     "PayloadRejected",
@@ -261,6 +264,24 @@ class ProviderRejected(TerminalError):
     code = "provider_rejected"
 
 
+class UnexpectedError(TerminalError):
+    """An exception teamster does not know how to classify (terminal, so it is dead-lettered and seen)."""
+
+    code = "unexpected_error"
+
+
+class LeaseLost(TerminalError):
+    """The worker lost the step's lease while running it; another worker owns the step now."""
+
+    code = "lease_lost"
+
+
+class LeaseExpiredRepeatedly(TerminalError):
+    """The step's lease expired too many times: it keeps killing or hanging its workers (poison pill)."""
+
+    code = "lease_expired_repeatedly"
+
+
 class StaleFencingToken(TerminalError):
     """A commit carried a fencing token that is no longer current; it was rejected."""
 
@@ -343,7 +364,7 @@ ERROR_CODES: dict[str, type[TeamsterError]] = {c.code: c for c in _all_subclasse
 
 def error_from_code(code: str, message: str, **details: Any) -> TeamsterError:
     """Rebuild a typed error from its stable code (unknown codes become a plain :class:`TerminalError`)."""
-    cls = ERROR_CODES.get(code, TerminalError)
+    cls = ERROR_CODES.get(code) or {c.code: c for c in _all_subclasses(TeamsterError)}.get(code, TerminalError)
     if cls is RunFailed:
         return TerminalError(message, **details)
     return cls(message, **details)

@@ -31,7 +31,7 @@ from agents.providers import build_model
 from agents.runner import AgentRun, StepContext, run_agent, validate_input
 from agents.scripted import ScriptContext, ScriptedModel
 from agents.spec import AgentSpec, RetryPolicy, get_agent
-from config.errors import InvalidInput, TeamsterError, TerminalError
+from config.errors import InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
 from config.settings import TeamsterSettings
 from orchestrator import metrics
 from orchestrator.journal import Journal
@@ -60,11 +60,6 @@ class Enqueuer(Protocol):
 
     def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None: ...
 
-
-class LeaseExpiredRepeatedly(TerminalError):
-    """The step's lease expired too many times: it keeps killing or hanging its workers (poison pill)."""
-
-    code = "lease_expired_repeatedly"
 
 
 @dataclass

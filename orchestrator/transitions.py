@@ -119,7 +119,7 @@ class Transitions:
         t = now()
         record = RunRecord(run_id=run_id, workflow=wf.name, workflow_version=wf.version, status=RunStatus.RUNNING,
                            input=validated.model_dump(mode="json"), state=state.model_dump(mode="json"),
-                           state_schema=wf.state_model.__name__, trace_id=new_trace_id(),
+                           state_schema=wf.state_schema, trace_id=new_trace_id(),
                            idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t)
         first = ready_steps(wf, {}, {})
         tx = Tx()

@@ -16,6 +16,8 @@ outputs into state. A workflow is validated when registered: unknown agents, unk
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,6 +193,12 @@ class Workflow:
             self._state_model = create_model(f"{self.name.title().replace('_', '')}State",  # type: ignore[call-overload]
                                              __base__=self.input_model, **fields)
         return self._state_model
+
+    @property
+    def state_schema(self) -> str:
+        """The state model's name and a digest of its JSON schema, stored on every run (its schema version)."""
+        schema = json.dumps(self.state_model.model_json_schema(), sort_keys=True)
+        return f"{self.state_model.__name__}@{hashlib.sha256(schema.encode()).hexdigest()[:12]}"
 
     def initial_state(self, value: BaseModel) -> BaseModel:
         """The state a run starts from."""

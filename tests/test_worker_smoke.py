@@ -17,3 +17,36 @@ def test_real_worker_runs_a_task_end_to_end() -> None:
         assert result["pong"] is True
         assert result["pid"] != __import__("os").getpid()
         assert "teamster.ping" in worker.log()
+
+
+def test_worker_refuses_to_start_without_its_provider_extra() -> None:
+    """Missing credentials or extras are one clear line at start-up, not a stack trace in the middle of a run."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from tests.harness import child_env
+
+    if importlib.util.find_spec("anthropic") is not None:
+        pytest.skip("the anthropic extra is installed here")
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads", "-l", "INFO"],
+        env=child_env(model="anthropic:claude-sonnet-4-5"), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 78  # EX_CONFIG
+    assert "teamster worker cannot start: missing_extra: provider 'anthropic' needs the 'anthropic' package" \
+        in proc.stderr
+    assert "hint: pip install 'teamster[anthropic]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_runs_record_the_state_schema_version() -> None:
+    from config.settings import load_settings
+    from orchestrator.client import Client
+
+    client = Client(load_settings(workflow_modules=["tests.workflows"]))
+    run_id = client.submit("t_linear", {"text": "schema"})
+    schema = client.status(run_id).state_schema
+    name, _, digest = schema.partition("@")
+    assert name == "LinearState" and len(digest) == 12
+    client.cancel(run_id, reason="no worker in this test")

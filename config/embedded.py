@@ -211,7 +211,7 @@ def resolve_redis_url(settings: TeamsterSettings) -> str:
         record.write_text(json.dumps({"url": url, "pid": os.getpid()}))
         _OWNED.append(server)
         atexit.register(_stop_owned, os.getpid())
-        log.warning(
+        log.info(
             "TEAMSTER_REDIS_URL is not set: started an embedded redis-server at %s for development "
             "(stopped when this process exits)", url,
         )

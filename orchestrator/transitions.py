@@ -203,6 +203,7 @@ class Transitions:
                 step_fields["reason"] = skipped
             if actor is not None:
                 step_fields["resolved_by"] = actor
+                step_fields["reason"] = f"resolved by {actor}" + (f": {close_entry[1]}" if close_entry else "")
             if agent_run is not None:
                 step_fields.update(_agent_stats(agent_run))
             tx = Tx()

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import redis
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from config.errors import TeamsterError
 
@@ -19,6 +20,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_FALLBACK_HINTS: dict[str, str] = {
+    "invalid_input": "Fix the value named above; nothing was changed.",
+    "invalid_operation": "Check the current state first (`teamster runs show` / `teamster dlq show`).",
+    "payload_rejected": "Send a smaller JSON object; nothing was changed.",
+    "run_timeout": "The run goes on: follow it with `teamster runs show RUN_ID`.",
+}
+_DEFAULT_HINT = "Re-run with --debug for the traceback."
 
 
 class _State:
@@ -35,11 +44,11 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt, SystemExit):
             raise
         except TeamsterError as exc:
-            _fail(f"{exc.code}: {exc.message}", exc.hint, exc)
-        except redis.ConnectionError as exc:
+            _fail(f"{exc.code}: {exc.message}", exc.hint or _FALLBACK_HINTS.get(exc.code, _DEFAULT_HINT), exc)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             _fail(f"store_unavailable: cannot reach Redis ({exc})",
                   "Is Redis running and TEAMSTER_REDIS_URL right? `teamster doctor` checks it.", exc)
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback with --debug
@@ -51,7 +60,7 @@ def handle_errors(func: F) -> F:
 def _fail(line: str, hint: str, exc: BaseException) -> None:
     if state.debug:
         err_console.print_exception(show_locals=False)
-    err_console.print(f"[bold red]error[/] {line}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error[/] {escape(line)}", highlight=False, soft_wrap=True)
     if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
     sys.exit(1)

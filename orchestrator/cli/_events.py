@@ -1,0 +1,94 @@
+"""One-line summaries of journal events (``teamster journal`` and the excerpt of ``teamster dlq show``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.cli._support import fmt_duration, short_json
+
+__all__ = ["summarize_event"]
+
+_Summary = Callable[[dict[str, Any]], str]
+
+
+def _usage(data: dict[str, Any]) -> str:
+    usage = data.get("usage") or {}
+    if not isinstance(usage, dict):
+        return ""
+    total = usage.get("totalTokens") or usage.get("total_tokens")
+    if total is None and ("inputTokens" in usage or "outputTokens" in usage):
+        total = int(usage.get("inputTokens") or 0) + int(usage.get("outputTokens") or 0)
+    return f"{total} tokens" if total is not None else ""
+
+
+def _join(*parts: object) -> str:
+    return ", ".join(str(p) for p in parts if p not in (None, "", [], {}))
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, list):
+        texts = [str(c.get("text")) for c in content if isinstance(c, dict) and c.get("text") is not None]
+        if texts:
+            return short_json(" ".join(texts), 60)
+    return short_json(content, 60) if content is not None else ""
+
+
+def _outcome(data: dict[str, Any]) -> str:
+    outcome = data.get("outcome") or {}
+    kind = outcome.get("kind", "?")
+    detail = outcome.get("output") if kind == "succeeded" else (
+        outcome.get("message") or outcome.get("reason") or outcome.get("question") or outcome.get("error_type"))
+    return _join(kind, short_json(detail, 70) if detail is not None else "", _usage(data))
+
+
+def _model_call(data: dict[str, Any]) -> str:
+    latency = data.get("latency_ms")
+    return _join(f"call {int(data.get('call_index', 0)) + 1}", data.get("stop_reason"), _usage(data),
+                 f"{latency:.0f}ms" if isinstance(latency, int | float) else "",
+                 "replayed" if data.get("replayed") else "",
+                 f"error: {short_json(data['error'], 60)}" if data.get("error") else "")
+
+
+_SUMMARIES: dict[str, _Summary] = {
+    "run_created": lambda d: _join(d.get("workflow"), f"key {d['idempotency_key']}" if d.get("idempotency_key") else "",
+                                   f"trace {d.get('trace_id')}" if d.get("trace_id") else ""),
+    "step_queued": lambda d: _join(d.get("kind"), d.get("reason")),
+    "step_start": lambda d: _join(f"worker {d.get('worker')}", f"token {d.get('token')}",
+                                  "takeover" if d.get("takeover") else "", d.get("agent"),
+                                  f"state v{d.get('state_version')}" if d.get("state_version") is not None else ""),
+    "agent_start": lambda d: _join(f"{d.get('agent')} v{d.get('version')}", d.get("model"),
+                                   f"{d['recorded_responses']} recorded responses"
+                                   if d.get("recorded_responses") else ""),
+    "model_call": _model_call,
+    "tool_call": lambda d: _join(d.get("tool"), short_json(d.get("input"), 60)),
+    "tool_result": lambda d: _join(d.get("tool"), d.get("status"), _content(d.get("content")), d.get("error")),
+    "validation": lambda d: _join(d.get("stage"), "ok" if d.get("ok") else f"failed: {short_json(d.get('error'), 60)}"),
+    "criterion": lambda d: _join(d.get("name"), "ok" if d.get("ok") else f"failed: {d.get('message', '')}"),
+    "outcome": _outcome,
+    "retry": lambda d: _join(d.get("error_type"), short_json(d.get("message", ""), 50),
+                             f"next attempt {d.get('next_attempt')}/{d.get('max_attempts')} in "
+                             f"{fmt_duration(d.get('delay_seconds'))}"),
+    "commit": lambda d: _join(f"state v{d.get('state_version')}", f"by {d.get('by')}" if d.get("by") else "",
+                              d.get("reason"), f"queued {d['queued']}" if d.get("queued") else ""),
+    "run_succeeded": lambda d: short_json(d.get("output"), 80),
+    "dead_lettered": lambda d: _join(d.get("error_type"), short_json(d.get("message", ""), 50),
+                                     f"entry {d.get('entry_id')}", d.get("escalation")),
+    "dlq_retry": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason"),
+                                 f"state patch {short_json(d['state_patch'], 40)}" if d.get("state_patch") else ""),
+    "dlq_resolve": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason"),
+                                   short_json(d.get("output"), 50)),
+    "dlq_discard": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason")),
+    "lease_expired": lambda d: _join(f"worker {d.get('worker')}", f"token {d.get('token')}", d.get("action")),
+    "requeued": lambda d: str(d.get("reason", "")),
+}
+
+
+def summarize_event(event_type: str, data: dict[str, Any], limit: int = 110) -> str:
+    """A short human summary of one journal event's data."""
+    func = _SUMMARIES.get(event_type)
+    try:
+        text = func(data) if func is not None else short_json(data, limit)
+    except Exception:  # noqa: BLE001 - an unexpected shape still gets a summary
+        text = short_json(data, limit)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,278 @@
+"""``teamster demo``: the first-time-user experience, offline by default.
+
+Runs the ``ticket_triage`` example on a temporary local worker and watchdog, shows the batch settle, and
+explains every run that did not succeed with the exact commands to inspect and act on it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from agents.providers import check_provider
+from config.embedded import resolve_redis_url
+from config.settings import load_settings
+from orchestrator.cli._common import console, err_console, handle_errors
+from orchestrator.cli._support import (
+    entry_example_output,
+    fmt_duration,
+    is_settled,
+    new_table,
+    resolve_command,
+    styled_status,
+)
+from orchestrator.cli.doctor import mask_url
+from orchestrator.cli.local import LocalStack, ping_workers
+from orchestrator.client import Client
+from orchestrator.models import RunRecord, RunStatus
+from orchestrator.watchdog import WatchdogReport
+
+__all__ = ["demo", "TRIAGE_MODULE", "demo_tickets"]
+
+TRIAGE_MODULE = "agents.examples.triage"
+WORKFLOW = "ticket_triage"
+
+
+def demo_tickets(count: int | None) -> list[tuple[str, dict[str, str]]]:
+    """The sample tickets, cycled to ``count`` (labels ``T-1001``, then ``T-1001#2``... on later cycles)."""
+    from agents.examples.triage import SAMPLE_TICKETS  # noqa: PLC0415 - registers the workflow on import
+
+    total = len(SAMPLE_TICKETS) if count is None else count
+    out: list[tuple[str, dict[str, str]]] = []
+    for i in range(total):
+        ticket = dict(SAMPLE_TICKETS[i % len(SAMPLE_TICKETS)])
+        cycle = i // len(SAMPLE_TICKETS) + 1
+        out.append((ticket["ticket_id"] + (f"#{cycle}" if cycle > 1 else ""), ticket))
+    return out
+
+
+@dataclass
+class _Item:
+    label: str
+    run_id: str
+    run: RunRecord | None = None
+    retried: bool = False
+
+
+def _tally(items: list[_Item]) -> dict[str, list[_Item]]:
+    groups: dict[str, list[_Item]] = {"succeeded": [], "after a retry": [], "escalated": [], "needs human": [],
+                                      "failed": [], "unfinished": []}
+    for item in items:
+        status = item.run.status if item.run else None
+        if status == RunStatus.SUCCEEDED:
+            groups["succeeded"].append(item)
+            if item.retried:
+                groups["after a retry"].append(item)
+        elif status == RunStatus.ESCALATED:
+            groups["escalated"].append(item)
+        elif status == RunStatus.NEEDS_HUMAN:
+            groups["needs human"].append(item)
+        elif status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            groups["failed"].append(item)
+        else:
+            groups["unfinished"].append(item)
+    return groups
+
+
+def _progress_text(groups: dict[str, list[_Item]]) -> str:
+    parts = [f"{len(v)} {k}" for k, v in groups.items() if v and k not in ("unfinished", "after a retry")]
+    return "triaging tickets" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _watch(client: Client, items: list[_Item], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("triaging tickets", total=len(items))
+        while True:
+            for item in items:
+                if item.run is None or not is_settled(item.run):
+                    item.run = client.status(item.run_id)
+            done = sum(1 for item in items if item.run is not None and is_settled(item.run))
+            progress.update(task, completed=done, description=_progress_text(_tally(items)))
+            if done == len(items) or time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+
+
+def _summary(client: Client, items: list[_Item], embedded: bool) -> None:
+    for item in items:
+        if item.run is not None and item.run.status == RunStatus.SUCCEEDED:
+            item.retried = any(step.attempts > 1 for step in client.steps(item.run_id))
+    groups = _tally(items)
+    runs = new_table("runs")
+    runs.add_column("ticket", no_wrap=True)
+    runs.add_column("run id", no_wrap=True, overflow="fold")
+    runs.add_column("status", no_wrap=True)
+    runs.add_column("duration", justify="right")
+    runs.add_column("note", overflow="fold")
+    shown = items if len(items) <= 20 else [
+        i for i in items if i.retried or i.run is None or i.run.status != RunStatus.SUCCEEDED]
+    for item in shown:
+        run = item.run
+        assert run is not None  # _watch read every run
+        note = "after a retry" if item.retried else ""
+        if run.error:
+            note = str(run.error.get("error_type"))
+        duration = (run.finished_at or run.updated_at) - run.created_at
+        runs.add_row(escape(item.label), escape(item.run_id), styled_status(run.status.value), fmt_duration(duration),
+                     escape(note))
+    console.print(runs)
+    if len(shown) < len(items):
+        console.print(f"[dim]({len(items) - len(shown)} more runs succeeded on the first try; "
+                      "`teamster runs list` shows them)[/]")
+    table = new_table("summary")
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("runs", justify="right")
+    table.add_column("tickets", overflow="fold")
+    for name, style in (("succeeded", "green"), ("after a retry", "green"), ("escalated", "magenta"),
+                        ("needs human", "yellow"), ("failed", "red"), ("unfinished", "cyan")):
+        if name == "unfinished" and not groups[name]:
+            continue
+        label = "succeeded after a retry (counted above)" if name == "after a retry" else name
+        table.add_row(f"[{style}]{label}[/]", str(len(groups[name])),
+                      escape(", ".join(i.label for i in groups[name])) or "-")
+    console.print(table)
+    console.print(f"summary: {len(groups['succeeded'])} succeeded ({len(groups['after a retry'])} after a retry), "
+                  f"{len(groups['escalated'])} escalated, {len(groups['needs human'])} needs human, "
+                  f"{len(groups['failed'])} failed", highlight=False)
+    failed = [i for i in items if i.run is not None and i.run.status != RunStatus.SUCCEEDED]
+    if failed:
+        console.print("\n[bold]Why they did not succeed[/] (nothing fails silently: each has a typed reason and a "
+                      "dead-letter entry):")
+        for item in failed:
+            assert item.run is not None
+            error = item.run.error or {}
+            console.print(f"  {escape(item.label)} {styled_status(item.run.status.value)} at step "
+                          f"{escape(str(error.get('step', '?')))}: {escape(str(error.get('error_type', '?')))}: "
+                          f"{escape(str(error.get('message', '')))}", highlight=False, soft_wrap=True)
+            if error.get("dlq_entry"):
+                console.print(f"      dead-letter entry: {escape(str(error['dlq_entry']))}", highlight=False,
+                              soft_wrap=True)
+    _next_steps(client, items, groups, embedded)
+
+
+def _next_steps(client: Client, items: list[_Item], groups: dict[str, list[_Item]], embedded: bool) -> None:
+    steps: list[tuple[str, str]] = []
+    for item in groups["after a retry"][:1]:
+        steps.append((f"{item.label}: the step timeline shows the throttled attempt and the retry",
+                      f"teamster runs show {item.run_id}"))
+    for item in groups["escalated"][:1] + groups["failed"][:1]:
+        entry = (item.run.error or {}).get("dlq_entry") if item.run else None
+        steps.append((f"{item.label}: why it stopped", f"teamster runs show {item.run_id}"))
+        if entry:
+            steps.append((f"{item.label}: the dead-letter entry (input, error, journal excerpt, what to do)",
+                          f"teamster dlq show {entry}"))
+    for item in groups["needs human"][:1]:
+        entry_id = (item.run.error or {}).get("dlq_entry") if item.run else None
+        if entry_id:
+            steps.append((f"{item.label}: the question for a human", f"teamster dlq show {entry_id}"))
+            example = entry_example_output(client.dlq.get(str(entry_id))) or '{"approved": true, "issues": []}'
+            steps.append((f"{item.label}: approve it; the run finishes as succeeded",
+                          resolve_command(str(entry_id), example) + " --wait"))
+    pick = (groups["after a retry"] or groups["succeeded"] or items)[0]
+    steps += [("everything waiting for an operator", "teamster dlq list"),
+              (f"{pick.label}: every decision of the run, in order", f"teamster journal {pick.run_id}"),
+              (f"{pick.label}: replay it offline from the journal (zero model calls)",
+               f"teamster replay {pick.run_id}")]
+    console.print("\n[bold]Where to look next:[/]")
+    for comment, command in steps:
+        console.print(f"  [dim]# {escape(comment)}[/]", highlight=False, soft_wrap=True)
+        console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
+    if embedded:
+        console.print("[dim]The data stays in the embedded Redis (AOF on): these commands work from any shell; "
+                      "with --wait a temporary local worker runs the resumed step.[/]")
+
+
+@handle_errors
+def demo(
+    tickets: Annotated[int | None, typer.Option("--tickets", "-n", min=1, help="How many tickets to submit (the "
+                                                "10 samples, cycled). Default: the 10 samples.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model provider, e.g. `bedrock:MODEL-ID`. "
+                                              "Default: `scripted` (offline, deterministic, free).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the batch to settle.")] = 180.0,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Threads of the local "
+                                             "worker.")] = 4,
+) -> None:
+    """Try teamster in one command: triage a batch of support tickets on a temporary local worker.
+
+    Submits the sample tickets to the `ticket_triage` workflow (classify, order lookup, draft reply, policy
+    review) and shows every outcome: most succeed, one after a retry (the model was throttled), one is
+    escalated because the agent cannot complete it (unknown order), one waits for a human (refund above the
+    limit). Then it prints the exact commands to inspect and resolve them.
+
+    Offline by default: the scripted model plays the LLM. Without `TEAMSTER_REDIS_URL`, an embedded
+    redis-server keeps the data (AOF) for the next commands. The worker and watchdog stop when the demo ends
+    (also on Ctrl-C).
+
+    Examples:
+
+    ```
+    teamster demo
+    teamster demo --tickets 50
+    teamster demo --model bedrock:global.anthropic.claude-sonnet-4-6
+    ```
+    """
+    base = load_settings()
+    modules = list(base.workflow_modules) + ([] if TRIAGE_MODULE in base.workflow_modules else [TRIAGE_MODULE])
+    settings = load_settings(model=model or "scripted", workflow_modules=modules)
+    check_provider(settings.model, settings)
+    if settings.model == "scripted":
+        console.print(Panel("[bold]Offline demo:[/] the [bold]scripted model[/] plays the LLM: deterministic, no API "
+                            "calls, no cost, no credentials.\nIts outcomes are scripted to show every path; run "
+                            "[bold]teamster demo --model bedrock:MODEL-ID[/] (or openai:, anthropic:, ollama:) for "
+                            "a real model.", title="teamster demo", border_style="yellow"))
+    else:
+        console.print(Panel(f"teamster demo with model [bold]{escape(settings.model)}[/] (real model calls).",
+                            title="teamster demo"))
+    url = resolve_redis_url(settings)
+    embedded = settings.redis_url is None
+    if embedded:
+        console.print(f"Redis: embedded redis-server at {escape(url)}; data in "
+                      f"{escape(str(Path(settings.embedded_dir) / 'data'))} (AOF: kept across restarts).",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"Redis: {escape(mask_url(url))} (TEAMSTER_REDIS_URL)", highlight=False, soft_wrap=True)
+        others = ping_workers(settings, url)
+        if others:
+            err_console.print(f"[yellow]warning:[/] {len(others)} other worker(s) on this broker may take demo steps "
+                              "with their own model settings", highlight=False)
+    client = Client(settings, redis_url=url)
+    batch = demo_tickets(tickets)
+
+    def on_report(report: WatchdogReport) -> None:
+        console.print(f"[dim]watchdog: {escape(str({k: v for k, v in report.as_dict().items() if v}))}[/]")
+
+    started = time.monotonic()
+    stack = LocalStack(settings, url, concurrency=concurrency, workflow_modules=modules, on_report=on_report)
+    try:
+        try:
+            with err_console.status("starting a local worker and watchdog…"):
+                stack.start()
+            console.print(f"local worker {escape(stack.nodename)} and watchdog started "
+                          f"({time.monotonic() - started:.1f}s); submitting {len(batch)} tickets to "
+                          f"{WORKFLOW}", highlight=False)
+            key = uuid.uuid4().hex[:8]
+            items = [_Item(label, client.submit(WORKFLOW, ticket, idempotency_key=f"demo-{key}-{i}"))
+                     for i, (label, ticket) in enumerate(batch)]
+            _watch(client, items, timeout)
+        finally:
+            stack.stop()
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted:[/] the local worker and watchdog were stopped; the runs submitted so "
+                          "far stay in Redis (`teamster runs list`).", highlight=False)
+        raise typer.Exit(130) from None
+    console.print(f"done in {time.monotonic() - started:.1f}s; the local worker and watchdog were stopped.",
+                  highlight=False)
+    _summary(client, items, embedded)
+    if any(item.run is None or not is_settled(item.run) for item in items):
+        err_console.print(f"[red]error[/] some runs did not settle within {timeout:.0f}s", highlight=False)
+        raise typer.Exit(1)

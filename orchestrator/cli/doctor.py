@@ -1,0 +1,195 @@
+"""``teamster doctor``: check the deployment and say what to fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from agents.providers import check_provider
+from agents.spec import registered_agents
+from config.embedded import resolve_redis_url
+from config.errors import ConfigurationError, InvalidSettings
+from config.settings import TeamsterSettings, load_settings
+from orchestrator.cli._common import console, handle_errors
+from orchestrator.cli._support import new_table
+from orchestrator.cli.local import ping_workers
+from orchestrator.client import Client, load_workflow_modules
+from orchestrator.workflow import registered_workflows
+
+__all__ = ["doctor", "Check", "run_checks", "mask_url"]
+
+Status = Literal["OK", "WARN", "FAIL", "SKIP"]
+_STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def mask_url(url: str) -> str:
+    """A Redis URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
+    checks: list[Check] = []
+    try:
+        url = resolve_redis_url(settings)
+    except ConfigurationError as exc:
+        return [Check("Redis", "FAIL", f"cannot start the embedded redis-server: {exc.message}", exc.hint)], None
+    where = mask_url(url) if settings.redis_url else f"embedded redis-server {url} (TEAMSTER_REDIS_URL unset)"
+    conn = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3, decode_responses=True)
+    try:
+        conn.ping()
+        info: dict[str, Any] = conn.info("server")
+        version = str(info.get("redis_version", "?"))
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+        if major and major < 5:
+            checks.append(Check("Redis", "FAIL", f"{where}: version {version}", "teamster needs Redis >= 5 (streams)."))
+        else:
+            checks.append(Check("Redis", "OK", f"{where}: reachable, version {version}"))
+        try:
+            policy = str(conn.config_get("maxmemory-policy").get("maxmemory-policy", "?"))
+            aof = str(conn.config_get("appendonly").get("appendonly", "?"))
+        except redis.ResponseError as exc:
+            checks.append(Check("Redis configuration", "WARN", f"cannot read CONFIG ({exc})",
+                                "Make sure maxmemory-policy is noeviction and AOF (appendonly yes) is on."))
+            return checks, url
+        if policy == "noeviction":
+            checks.append(Check("Redis eviction", "OK", "maxmemory-policy noeviction"))
+        else:
+            checks.append(Check("Redis eviction", "FAIL",
+                                f"maxmemory-policy is {policy}: under memory pressure Redis may evict run state "
+                                "and queued steps", "Set maxmemory-policy noeviction (redis.conf or CONFIG SET)."))
+        if aof == "yes":
+            checks.append(Check("Redis persistence", "OK", "AOF on (appendonly yes)"))
+        else:
+            checks.append(Check("Redis persistence", "WARN", "AOF is off: a Redis crash can lose acknowledged "
+                                "commits and queued steps", "Set appendonly yes (appendfsync everysec)."))
+        return checks, url
+    except redis.RedisError as exc:
+        return [Check("Redis", "FAIL", f"cannot reach {where}: {exc}",
+                      "Start Redis, or fix TEAMSTER_REDIS_URL (unset it to use the embedded development "
+                      "server).")], None
+    finally:
+        conn.close()
+
+
+def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
+    """Run every check; returns the report and the settings (None when they are invalid)."""
+    checks: list[Check] = []
+    try:
+        settings = load_settings()
+    except InvalidSettings as exc:
+        checks.append(Check("settings", "FAIL", exc.message, exc.hint))
+        rest = ("Redis", "workflow modules", "model providers", "workers", "dead-letter queue")
+        return checks + [Check(name, "SKIP", "needs valid settings") for name in rest], None
+    checks.append(Check("settings", "OK", f"key prefix {settings.key_prefix!r}, model {settings.model}"))
+    redis_checks, url = _redis_checks(settings)
+    checks += redis_checks
+    modules = ", ".join(settings.workflow_modules) or "none"
+    try:
+        load_workflow_modules(settings)
+        names = ", ".join(sorted(registered_workflows())) or "none registered"
+        checks.append(Check("workflow modules", "OK", f"{modules} (workflows: {names})"))
+    except ConfigurationError as exc:
+        checks.append(Check("workflow modules", "FAIL", exc.message, exc.hint))
+    providers = {settings.model} | {spec.model for spec in registered_agents().values() if spec.model}
+    for provider in sorted(providers):
+        try:
+            ref = check_provider(provider, settings)
+            note = " (offline scripted model: no real LLM)" if ref.kind == "scripted" else ""
+            checks.append(Check("model provider", "OK", f"{provider}: extra and credentials found{note}"))
+        except ConfigurationError as exc:
+            checks.append(Check("model provider", "FAIL", f"{provider}: {exc.message}", exc.hint))
+    if url is None:
+        checks.append(Check("workers", "SKIP", "needs Redis"))
+        checks.append(Check("dead-letter queue", "SKIP", "needs Redis"))
+        return checks, settings
+    try:
+        workers = ping_workers(settings, url, timeout=1.0)
+    except Exception as exc:  # noqa: BLE001 - a broker error is a finding, not a crash
+        workers = []
+        checks.append(Check("workers", "WARN", f"ping failed: {exc}", "Check the broker connection."))
+    else:
+        if workers:
+            checks.append(Check("workers", "OK", f"{len(workers)} alive: {', '.join(workers)}"))
+        else:
+            checks.append(Check("workers", "WARN", "no worker answered a ping within 1 s: runs will wait",
+                                "Start one: `teamster worker` (or try everything offline: `teamster demo`)."))
+    try:
+        open_entries = Client(settings, redis_url=url, load_modules=False).dlq.count_open()
+        if open_entries:
+            checks.append(Check("dead-letter queue", "WARN", f"{open_entries} open entr"
+                                f"{'y' if open_entries == 1 else 'ies'} waiting for an operator",
+                                "See them: `teamster dlq list`."))
+        else:
+            checks.append(Check("dead-letter queue", "OK", "no open entries"))
+    except redis.RedisError as exc:
+        checks.append(Check("dead-letter queue", "FAIL", f"cannot read it: {exc}", "Check Redis."))
+    return checks, settings
+
+
+def _settings_table(settings: TeamsterSettings) -> Table:
+    table = new_table("effective settings (TEAMSTER_*)")
+    table.add_column("variable", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for name, value in settings.model_dump().items():
+        if name == "redis_url" and value:
+            value = mask_url(str(value))
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        table.add_row(f"TEAMSTER_{name.upper()}", escape("" if value is None else str(value)))
+    return table
+
+
+@handle_errors
+def doctor(
+    show_settings: Annotated[bool, typer.Option("--settings/--no-settings", help="Also print every effective "
+                                                "TEAMSTER_* setting.")] = False,
+) -> None:
+    """Check the deployment and say what to fix: settings, Redis (reachable, version, `noeviction`, AOF),
+    workflow modules, model provider extras and credentials, live workers, open dead-letter entries.
+
+    Exit code 1 when any check FAILs (warnings do not fail).
+
+    Examples:
+
+    ```
+    teamster doctor
+    teamster doctor --settings
+    ```
+    """
+    checks, settings = run_checks()
+    if show_settings and settings is not None:
+        console.print(_settings_table(settings))
+    table = new_table("teamster doctor")
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail and what to fix", overflow="fold")
+    for check in checks:
+        detail = escape(check.detail) + (f"\n[bold]fix:[/] {escape(check.fix)}" if check.fix else "")
+        table.add_row(escape(check.name), f"[{_STYLE[check.status]}]{check.status}[/]", detail)
+    console.print(table)
+    failed = [c.name for c in checks if c.status == "FAIL"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {escape(', '.join(failed))}", highlight=False)
+        raise typer.Exit(1)
+    warned = sum(1 for c in checks if c.status == "WARN")
+    console.print("[green]all checks passed[/]" + (f" ({warned} warning(s))" if warned else ""), highlight=False)

@@ -150,9 +150,10 @@ class TeamsterSettings(BaseSettings):
     )
 
     # --- workers and observability ------------------------------------------------------------
-    worker_pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = Field(
+    worker_pool: Literal["threads", "prefork", "solo"] = Field(
         default="threads",
-        description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound).",
+        description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound). gevent and "
+        "eventlet are refused: strands runs each agent call with asyncio.run, which fails under green threads.",
     )
     worker_concurrency: int = Field(default=8, ge=1, description="Concurrent steps per worker (default 8).")
     metrics_port: int | None = Field(

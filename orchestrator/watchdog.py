@@ -92,8 +92,9 @@ class Watchdog:
             return
         grace = self.settings.stuck_queued_seconds
         if record.status == StepStatus.RUNNING:
-            if self.store.lease_holder(run_id, key) is not None:
-                self._bump(member, t + self.settings.lease_seconds)
+            remaining_ms = self.client.pttl(self.keys.lease(run_id, key))
+            if remaining_ms is not None and int(remaining_ms) > 0:  # still leased: look again when it lapses
+                self._bump(member, t + int(remaining_ms) / 1000.0 + 0.05)
                 return
             metrics.LEASE_EXPIRIES.inc()
             self.journal.append(run_id, "lease_expired", step=key, attempt=record.attempts,

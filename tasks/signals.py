@@ -14,7 +14,7 @@ from celery.signals import worker_init, worker_ready
 
 from agents.providers import check_provider
 from agents.spec import registered_agents
-from config.errors import TeamsterError
+from config.errors import ConfigurationError, TeamsterError
 from config.settings import get_settings
 from orchestrator.client import load_workflow_modules
 from orchestrator.connection import redis_client
@@ -31,6 +31,13 @@ log = logging.getLogger("teamster.worker")
 def _check_configuration(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     try:
+        pool_cls = getattr(sender, "pool_cls", "")
+        pool = str(getattr(pool_cls, "__module__", pool_cls)).rsplit(".", 1)[-1].split(":")[0]
+        if pool in ("gevent", "eventlet"):
+            raise ConfigurationError(
+                f"the {pool} pool cannot run agent steps (strands runs each agent call "
+                "with asyncio.run, which fails when green threads share an event loop)",
+                hint="Use -P threads (the default of `teamster worker`): agent steps are I/O bound.")
         load_workflow_modules(settings)
         providers = {settings.model} | {spec.model for spec in registered_agents().values() if spec.model}
         for provider in sorted(providers):

@@ -50,3 +50,19 @@ def test_runs_record_the_state_schema_version() -> None:
     name, _, digest = schema.partition("@")
     assert name == "LinearState" and len(digest) == 12
     client.cancel(run_id, reason="no worker in this test")
+
+
+def test_worker_refuses_green_thread_pools() -> None:
+    """strands runs each agent call with asyncio.run: under gevent every step would fail, so refuse at start."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from tests.harness import child_env
+
+    if importlib.util.find_spec("gevent") is None:
+        pytest.skip("gevent is not installed (then celery cannot even load the pool)")
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "gevent", "-l", "INFO"],
+                          env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78
+    assert "the gevent pool cannot run agent steps" in proc.stderr and "hint: Use -P threads" in proc.stderr

@@ -21,7 +21,7 @@ from orchestrator.watchdog import WatchdogReport
 
 __all__ = ["worker", "flower", "watchdog", "worker_argv", "flower_argv"]
 
-Pool = Literal["threads", "prefork", "solo", "gevent"]
+Pool = Literal["threads", "prefork", "solo"]
 
 
 def worker_argv(settings: TeamsterSettings, *, concurrency: int | None = None, pool: str | None = None,

@@ -1,0 +1,97 @@
+"""Workflows, scripted agents and raw-Celery baseline tasks used by the benchmarks.
+
+Workers import this module through ``TEAMSTER_WORKFLOW_MODULES=bench.bench_workflows`` (the benchmarks set it),
+so teamster steps and the raw baseline tasks run in the same worker processes with identical settings: JSON
+only, ``acks_late``, prefetch off, the same pool and concurrency, the same steps queue.
+
+* ``bench_linear5``: five agent steps in a line (``s1`` -> ... -> ``s5``); each step is one scripted model call
+  producing a tiny structured output.
+* ``bench_single``: one agent step (``work``); the benchmarks set the model latency per worker with
+  ``TEAMSTER_SCRIPTED_LATENCY`` (I/O-bound steps).
+* ``bench.noop``: the raw Celery baseline -- a task that does nothing but return the time it ran
+  (``time.time()``), chained five at a time with ``celery.chain`` and the Redis result backend.
+
+The raw task is declared with ``shared_task`` so it attaches to whichever Celery app the process uses: in a
+worker that is ``tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
+producer app that sends the chains. Importing this module therefore never builds ``tasks.app`` by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import shared_task
+from pydantic import BaseModel, Field
+
+from agents.scripted import ScriptContext, Turn, finish, register_script
+from agents.spec import AgentSpec, Budget
+from orchestrator.workflow import Workflow
+
+__all__ = [
+    "BenchInput",
+    "Tick",
+    "BENCH_AGENT",
+    "LINEAR_WORKFLOW",
+    "LINEAR_STEPS",
+    "SINGLE_WORKFLOW",
+    "SINGLE_STEP",
+    "NOOP_TASK",
+    "noop",
+    "bench_agent",
+    "linear5",
+    "single",
+]
+
+BENCH_AGENT = "bench_agent"
+LINEAR_WORKFLOW = "bench_linear5"
+LINEAR_STEPS = ("s1", "s2", "s3", "s4", "s5")
+SINGLE_WORKFLOW = "bench_single"
+SINGLE_STEP = "work"
+NOOP_TASK = "bench.noop"
+
+
+class BenchInput(BaseModel):
+    """Input of every benchmark run (a short text, so prompts stay tiny)."""
+
+    text: str = Field(default="bench", max_length=200)
+
+
+class Tick(BaseModel):
+    """The tiny structured output of one benchmark step."""
+
+    ok: bool
+    n: int
+
+
+def _script(ctx: ScriptContext) -> Turn:
+    """One model call per step: the final structured outcome right away."""
+    return finish({"ok": True, "n": ctx.call_index})
+
+
+register_script(BENCH_AGENT, _script)
+
+bench_agent: AgentSpec[BenchInput, Tick] = AgentSpec(
+    name=BENCH_AGENT,
+    input_model=BenchInput,
+    output_model=Tick,
+    instructions="Benchmark agent: answer with the outcome right away.",
+    budget=Budget(max_model_calls=2, max_tool_calls=0),
+)
+
+linear5 = Workflow(LINEAR_WORKFLOW, input_model=BenchInput)
+_previous: str | None = None
+for _step in LINEAR_STEPS:
+    linear5.step(_step, bench_agent, after=_previous)
+    _previous = _step
+linear5.register()
+
+single = Workflow(SINGLE_WORKFLOW, input_model=BenchInput)
+single.step(SINGLE_STEP, bench_agent)
+single.register()
+
+
+@shared_task(name=NOOP_TASK)  # type: ignore[untyped-decorator]  # celery ships no type hints
+def noop(previous: Any = None) -> float:
+    """The raw Celery baseline step: no work; returns when it ran (``time.time()``) for latency accounting."""
+    return time.time()

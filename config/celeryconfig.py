@@ -75,9 +75,13 @@ def build_celery_config(settings: TeamsterSettings, redis_url: str) -> dict[str,
         },
         # Keep retrying the broker at start-up (compose starts workers and Redis together).
         "broker_connection_retry_on_startup": True,
-        # On a lost broker connection, running acks_late tasks will be redelivered anyway; cancel them
-        # rather than let two copies run (the lease would reject the second commit, but why pay for it).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # On a lost broker connection, running acks_late tasks are redelivered; let them finish rather than
+        # cancel them (the threads pool cannot cancel a running task anyway): the step lease decides which
+        # copy commits, and the other is rejected by its fencing token.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Celery 5.7's consumer can exit when Redis drops while a step runs; this one survives it
+        # (see tasks/consumer.py).
+        "worker_consumer": "tasks.consumer:TeamsterConsumer",
         # Modules that register agents and workflows are imported by every worker at start-up.
         "imports": tuple(settings.workflow_modules),
         # The watchdog runs under celery beat (`teamster watchdog` runs the same scan in a loop).

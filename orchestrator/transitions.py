@@ -13,6 +13,8 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
 from agents.runner import AgentRun, validate_input
 from agents.spec import RetryPolicy
@@ -35,7 +37,7 @@ from orchestrator.models import (
     StepStatus,
     now,
 )
-from orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete
+from orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
 from orchestrator.store import Tx, TxRejected
 from orchestrator.tracing import new_trace_id
 from orchestrator.workflow import StepDef, Workflow
@@ -87,6 +89,36 @@ class Transitions:
             tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, Keys.member(run_id, item.key))
             tx.xadd(self.keys.journal(run_id), self.journal.fields("step_queued", step=item.key,
                                                                     data={"kind": item.kind}))
+
+    def _ending_step_tx(self, run_id: str, key: str, token: int | None, expected: tuple[StepStatus, ...],
+                        state_version: int) -> Tx:
+        """A transaction guarded the way every step-ending write is: the fencing token (when a worker holds
+        one), the step's expected status (a step ends once), the run's state version and a non-final run."""
+        tx = Tx()
+        if token is not None:
+            tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
+        tx.require("step_status", self.keys.step(run_id, key), "status", "in", [s.value for s in expected])
+        tx.require("state_version", self.keys.run(run_id), "state_version", "eq", state_version)
+        tx.require("run_status", self.keys.run(run_id), "status", "nin", _FINAL)
+        return tx
+
+    def entry_input(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord) -> dict[str, Any]:
+        """The input a dead-letter entry records: what the step last started with (from the journal), else what
+        it would start with now (an attempt that died before journaling its input, a step that never started)."""
+        for start in reversed(self.journal.read(run.run_id, types=("step_start",), step=record.step_key)):
+            value = start.data.get("input", start.data.get("state"))
+            if value is not None:
+                return value if isinstance(value, dict) else {"value": value}
+        try:
+            state = wf.state_model.model_validate(run.state)
+            if record.kind in ("agent", "branch"):
+                value = step_input(wf, step, state, record)
+                value = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            else:
+                value = state.model_dump(mode="json")
+        except Exception as exc:  # noqa: BLE001 - the entry must exist even if the input cannot be derived
+            return {"_unavailable": f"{type(exc).__name__}: {exc}"}
+        return value if isinstance(value, dict) else {"value": value}
 
     def _deadline(self, wf: Workflow) -> float:
         return wf.deadline_seconds or self.settings.run_deadline_seconds
@@ -206,12 +238,7 @@ class Transitions:
                 step_fields["reason"] = f"resolved by {actor}" + (f": {close_entry[1]}" if close_entry else "")
             if agent_run is not None:
                 step_fields.update(_agent_stats(agent_run))
-            tx = Tx()
-            if token is not None:
-                tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
-            tx.require("step_status", self.keys.step(run_id, key), "status", "in", [s.value for s in expected])
-            tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-            tx.require("run_status", self.keys.run(run_id), "status", "nin", _FINAL)
+            tx = self._ending_step_tx(run_id, key, token, expected, run.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
             if actor is not None or token is None:
                 tx.call("HINCRBY", self.keys.step(run_id, key), "fence", 1)  # zombies holding old tokens lose
@@ -311,8 +338,7 @@ class Transitions:
         else:
             policy = step.escalate[record.escalations_used] if record.escalations_used < len(step.escalate) else None
         entry_id = f"{run_id}:{key}:{record.fence or token or 0}"
-        start = self.journal.read(run_id, types=("step_start",), step=key)
-        entry_input = start[-1].data.get("input", start[-1].data.get("state")) if start else record.input
+        entry_input = self.entry_input(run, wf, step, record)
         for _ in range(_MAX_CAS):
             run = self.store.get_run(run_id)
             t = now()
@@ -321,8 +347,7 @@ class Transitions:
                 agent=step.agent, kind=kind or ("needs_human" if isinstance(result, NeedsHuman) else
                                                 "cannot_complete" if isinstance(result, CannotComplete) else "failure"),
                 error_type=error_type, message=message, retryable=retryable, details=details,
-                attempts=record.attempts, input=entry_input if isinstance(entry_input, dict) else
-                {"value": entry_input}, state_version=run.state_version, trace_id=run.trace_id,
+                attempts=record.attempts, input=entry_input, state_version=run.state_version, trace_id=run.trace_id,
                 escalation=policy.describe() if policy else "escalate (no policy left)", created_at=t,
                 journal_excerpt=self.journal.excerpt(run_id, key),
                 question=result.question if isinstance(result, NeedsHuman) else None)
@@ -351,12 +376,7 @@ class Transitions:
                 step_fields["escalations_used"] = record.escalations_used + (1 if policy else 0)
             run_fields["error"] = {"error_type": error_type, "message": message, "step": key, "dlq_entry": entry_id,
                                    "escalation": entry.escalation}
-            tx = Tx()
-            if token is not None:
-                tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
-            tx.require("step_status", self.keys.step(run_id, key), "status", "in", [s.value for s in expected])
-            tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-            tx.require("run_status", self.keys.run(run_id), "status", "nin", _FINAL)
+            tx = self._ending_step_tx(run_id, key, token, expected, run.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
             tx.hset(self.keys.steps(run_id), {key: step_status.value})
             tx.hset(self.keys.run(run_id), run_fields)

@@ -19,11 +19,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import metrics
 from orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, DeadLetterEntry, RunStatus, StepStatus, now
 from orchestrator.store import Tx, TxRejected
+from orchestrator.workflow import registered_workflows
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
@@ -125,13 +126,18 @@ class Watchdog:
             return
         steps = [s for s in self.store.steps(run_id) if s.status not in STEP_TERMINAL]
         key = steps[0].step_key if steps else "-"
+        entry_input: dict[str, Any] | None = None
+        wf = registered_workflows().get(run.workflow)
+        if steps and wf is not None and steps[0].step_id in wf.steps:
+            entry_input = self.engine.transitions.entry_input(run, wf, wf.steps[steps[0].step_id], steps[0])
         idle = t - run.progress_at
         entry_id = f"{run_id}:deadline:{run.state_version}"
         entry = DeadLetterEntry(
             entry_id=entry_id, run_id=run_id, workflow=run.workflow, step_key=key,
             step_id=steps[0].step_id if steps else "-", kind="deadline", error_type="run_deadline_exceeded",
             message=f"no progress for {idle:.0f}s (deadline); waiting steps: {[s.step_key for s in steps]}",
-            attempts=steps[0].attempts if steps else 0, state_version=run.state_version, trace_id=run.trace_id,
+            attempts=steps[0].attempts if steps else 0, input=entry_input, state_version=run.state_version,
+            trace_id=run.trace_id,
             escalation="escalate", created_at=t, journal_excerpt=self.journal.excerpt(run_id, key) if steps else [])
         tx = Tx()
         tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)

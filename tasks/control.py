@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Any
 
+from agents.runner import validate_input
 from config.celeryconfig import PING_TASK, START_RUN_TASK, WATCHDOG_TASK
 from orchestrator.models import StartRunMessage
 from orchestrator.watchdog import Watchdog
@@ -22,16 +23,18 @@ def ping() -> dict[str, Any]:
     return {"pong": True, "host": socket.gethostname(), "pid": os.getpid()}
 
 
-@app.task(name=START_RUN_TASK, pydantic=True)
-def start_run(message: StartRunMessage) -> dict[str, Any]:
+@app.task(name=START_RUN_TASK)
+def start_run(message: dict[str, Any]) -> dict[str, Any]:
     """Start a run from any Celery client: ``send_task("teamster.start_run", kwargs={"message": {...}})``.
 
     The input is validated exactly as ``submit`` validates it; an invalid input fails this task with the
-    validation error and writes nothing.
+    validation error (:class:`~config.errors.InvalidInput`, naming the fields) and writes nothing.
     """
+    checked = validate_input(StartRunMessage, message, what="start_run message")
+    assert isinstance(checked, StartRunMessage)
     engine = get_engine()
-    run_id, created = engine.transitions.create_run(get_workflow(message.workflow), message.input,
-                                                    message.idempotency_key)
+    run_id, created = engine.transitions.create_run(get_workflow(checked.workflow), checked.input,
+                                                    checked.idempotency_key)
     return {"run_id": run_id, "created": created}
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from celery import Task
 
+from agents.runner import validate_input
 from config.celeryconfig import STEP_TASK
 from config.errors import StoreUnavailable
 from config.settings import get_settings
@@ -37,7 +38,6 @@ def get_engine() -> Engine:
 @app.task(
     bind=True,
     name=STEP_TASK,
-    pydantic=True,
     # The engine decides how often a step is attempted (per-step retry policy); Celery only delays.
     max_retries=None,
     # Redis unreachable for a moment: try again with backoff instead of losing the delivery.
@@ -46,9 +46,16 @@ def get_engine() -> Engine:
     retry_backoff_max=60,
     retry_jitter=True,
 )
-def step(self: Task, message: StepMessage) -> dict[str, Any]:
-    """Run one step of a run (idempotent: redelivery of a committed step calls no model)."""
-    result = get_engine().execute(message.run_id, message.step_key)
+def step(self: Task, message: dict[str, Any]) -> dict[str, Any]:
+    """Run one step of a run (idempotent: redelivery of a committed step calls no model).
+
+    The message is validated explicitly against :class:`StepMessage` (rather than with Celery's
+    ``pydantic=True``, whose ValidationError reaches clients without its field errors): an invalid message
+    fails with :class:`~config.errors.InvalidInput` naming the fields, and nothing is written.
+    """
+    checked = validate_input(StepMessage, message, what="step message")
+    assert isinstance(checked, StepMessage)
+    result = get_engine().execute(checked.run_id, checked.step_key)
     if result.status == "retry" and result.retry_in is not None:
         raise self.retry(countdown=result.retry_in)
     return result.to_json()

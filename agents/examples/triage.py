@@ -219,12 +219,13 @@ def _extract_script(ctx: ScriptContext) -> Turn:
     order_id = data.get("order_id")
     if not order_id:
         return cannot_complete("the ticket does not contain an order id")
-    if not ctx.tool_results:
+    # the lookup's answers only: after a rejected final answer the last tool result is that rejection
+    lookups = [r for r in ctx.tool_results if r.startswith("Error: order") or '"order_id"' in r]
+    if not lookups:
         return call("lookup_order", order_id=order_id)
-    result = ctx.tool_results[-1]
-    if result.startswith("Error:"):
+    facts = ORDERS.get(str(order_id).upper())
+    if lookups[-1].startswith("Error:") or facts is None:
         return cannot_complete(f"order {order_id} is not in the order system; cannot state its status")
-    facts = ORDERS[str(order_id).upper()]
     return finish({"order_id": order_id, "status": facts["status"], "carrier": facts["carrier"] or None,
                    "eta": facts["eta"] or None})
 

@@ -35,6 +35,7 @@ from rich.table import Table
 from config.embedded import EmbeddedRedis
 
 __all__ = [
+    "run_main",
     "REPO_ROOT",
     "RESULTS_DIR",
     "BenchError",
@@ -561,3 +562,15 @@ def write_results(name: str, results: dict[str, Any], output: Path | None = None
     path.write_text(json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n")
     console.print(f"results written to {path}")
     return path
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main`` as a command: one red line on failure, exit 130 on Ctrl-C."""
+    try:
+        main()
+    except BenchError as exc:
+        console.print(f"[bold red]benchmark failed:[/] {exc}")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; workers and Redis stopped[/]")
+        raise SystemExit(130) from None

@@ -47,6 +47,7 @@ from bench._common import (
     print_table,
     ratio,
     redis_counters,
+    run_main,
     write_results,
 )
 from bench.bench_workflows import LINEAR_STEPS, LINEAR_WORKFLOW, NOOP_TASK
@@ -526,11 +527,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        console.print(f"[bold red]benchmark failed:[/] {exc}")
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted; workers and Redis stopped[/]")
-        raise SystemExit(130) from None
+    run_main(main)

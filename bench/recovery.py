@@ -42,6 +42,7 @@ from bench._common import (
     fmt,
     machine_info,
     print_table,
+    run_main,
     wait_until,
     write_results,
 )
@@ -302,11 +303,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        console.print(f"[bold red]benchmark failed:[/] {exc}")
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted; workers and Redis stopped[/]")
-        raise SystemExit(130) from None
+    run_main(main)

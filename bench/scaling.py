@@ -31,6 +31,7 @@ from bench._common import (
     percentile,
     print_table,
     ratio,
+    run_main,
     write_results,
 )
 from bench.bench_workflows import LINEAR_STEPS, LINEAR_WORKFLOW, SINGLE_WORKFLOW
@@ -206,11 +207,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        console.print(f"[bold red]benchmark failed:[/] {exc}")
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted; workers and Redis stopped[/]")
-        raise SystemExit(130) from None
+    run_main(main)

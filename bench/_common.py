@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.embedded import EmbeddedRedis
+from orchestrator.processes import WorkerProcess, WorkerStartError
 
 __all__ = [
     "run_main",
@@ -261,14 +262,16 @@ def delete_prefix(client: redis.Redis, prefix: str) -> int:
 # --------------------------------------------------------------------------- workers
 
 
-class BenchWorker:
-    """One real ``celery -A tasks.app worker`` process (the way ``tests/harness.py`` starts them).
+class BenchWorker(WorkerProcess):
+    """One real ``celery -A tasks.app worker`` process (:class:`orchestrator.processes.WorkerProcess`).
+
+    Start-up failures are raised as :class:`BenchError` with the worker's log tail.
 
     Args:
         name: Node name prefix (``name@host``); also the log file name.
         env: The full environment of the process (see :meth:`BenchEnv.worker_env`).
         log_dir: Where the log goes.
-        pool: Celery pool (``threads``, ``prefork``, ``gevent``...).
+        pool: Celery pool (``threads``, ``prefork``, ``solo``).
         concurrency: Pool size.
         queues: Comma-separated queues to consume.
         loglevel: Celery log level (INFO by default, as in production).
@@ -276,90 +279,27 @@ class BenchWorker:
 
     def __init__(self, name: str, *, env: dict[str, str], log_dir: Path, pool: str = "threads",
                  concurrency: int = 8, queues: str, loglevel: str = "INFO") -> None:
-        self.name = name
-        self.env = env
-        self.pool = pool
-        self.concurrency = concurrency
-        self.queues = queues
-        self.loglevel = loglevel
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-        self.started_at = 0.0
-        self.ready_seconds: float | None = None
+        super().__init__(name, env=env, log_path=log_dir / f"{name}.log", queues=queues, pool=pool,
+                         concurrency=concurrency, loglevel=loglevel, cwd=REPO_ROOT)
 
     def start(self, wait: bool = True, timeout: float = 90.0) -> BenchWorker:
         """Start the process (and by default wait until it consumes)."""
-        args = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", self.pool,
-                "-c", str(self.concurrency), "-n", f"{self.name}@%h", "-Q", self.queues,
-                "--without-mingle", "--without-gossip", "-l", self.loglevel]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(args, env=self.env, cwd=REPO_ROOT, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        if wait:
-            self.wait_ready(timeout)
+        super().start(wait, timeout)
         return self
 
     def is_ready(self) -> bool:
         """True once the worker logged ``ready.``; :class:`BenchError` (with the log tail) if it exited."""
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"worker {self.name} exited with code {self.proc.returncode} "
-                             f"(log {self.log_path}):\n{self.log_tail()}")
-        if " ready." in self.log():
-            if self.ready_seconds is None:
-                self.ready_seconds = time.monotonic() - self.started_at
-            return True
-        return False
+        try:
+            return super().is_ready()
+        except WorkerStartError as exc:
+            raise BenchError(f"{exc.message} (log {self.log_path})") from None
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Wait until :meth:`is_ready`, or raise :class:`BenchError` with the log tail."""
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise BenchError(f"worker {self.name} not ready after {timeout:.0f}s "
-                                 f"(log {self.log_path}):\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:]) or "(empty log)"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"worker {self.name} was not started")
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group: no clean shutdown, no ack, no lease release."""
-        if self.alive():
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Warm shutdown (SIGTERM to the group), SIGKILL if it takes longer than ``timeout``."""
-        if self.alive():
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+            super().wait_ready(timeout)
+        except WorkerStartError as exc:
+            raise BenchError(f"{exc.message} (log {self.log_path})") from None
 
 
 # --------------------------------------------------------------------------- the environment of one run

@@ -16,8 +16,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +23,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from rich.markup import escape
 
@@ -37,6 +34,7 @@ from orchestrator.cli._support import is_settled
 from orchestrator.client import Client
 from orchestrator.enqueue import producer_app
 from orchestrator.models import RunRecord
+from orchestrator.processes import WorkerProcess, WorkerStartError
 from orchestrator.watchdog import Watchdog, WatchdogReport
 
 __all__ = ["LocalStack", "ping_workers", "wait_settled", "await_run"]
@@ -86,8 +84,7 @@ class LocalStack:
         self.nodename = f"{self.name}@{socket.gethostname()}"
         self._dir = Path(tempfile.mkdtemp(prefix="teamster-local-"))
         self.log_path = self._dir / "worker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_handle: IO[bytes] | None = None
+        self.worker: WorkerProcess | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -106,19 +103,9 @@ class LocalStack:
         })
         return env
 
-    def argv(self) -> list[str]:
-        """The worker command line."""
-        return [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads",
-                "-c", str(self.concurrency), "-n", self.nodename,
-                "-Q", f"{self.settings.steps_queue},{self.settings.control_queue}",
-                "-E", "--without-mingle", "--without-gossip", "-l", "INFO"]
-
     def log(self) -> str:
         """The worker's output so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.worker.log() if self.worker is not None else ""
 
     def start(self, timeout: float = 60.0) -> LocalStack:
         """Start the worker (and the watchdog) and wait until the worker is ready.
@@ -126,16 +113,19 @@ class LocalStack:
         Raises:
             ConfigurationError: the worker exited or did not get ready (the message carries its reason).
         """
-        if self.proc is not None:
+        if self.worker is not None:
             return self
-        handle = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._log_handle = handle
-        # Own session: a Ctrl-C in the terminal reaches only this process, which then stops the worker
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which then stops the worker
         # with a warm shutdown instead of killing it mid-step.
-        self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=handle, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.worker = WorkerProcess(self.name, env=self.env(), log_path=self.log_path, concurrency=self.concurrency,
+                                    queues=f"{self.settings.steps_queue},{self.settings.control_queue}")
         try:
-            self._wait_ready(timeout)
+            self.worker.start(timeout=timeout)
+        except WorkerStartError as exc:
+            self.worker = None  # already stopped; keep its log for the hint
+            self.stop()
+            raise ConfigurationError(f"the local worker did not start: {exc.message.splitlines()[0]}",
+                                     hint=exc.hint) from None
         except BaseException:
             self.stop()
             raise
@@ -151,22 +141,6 @@ class LocalStack:
         if report.total() and self.on_report is not None:
             self.on_report(report)
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log()
-            if self.proc is not None and self.proc.poll() is not None:
-                reason = next((line for line in text.splitlines() if "cannot start" in line),
-                              f"exit code {self.proc.returncode}")
-                hint = next((line[5:].strip() for line in text.splitlines() if line.startswith("hint:")),
-                            f"See the worker log: {self.log_path}")
-                raise ConfigurationError(f"the local worker did not start: {reason}", hint=hint)
-            if " ready." in text:
-                return
-            time.sleep(0.1)
-        raise ConfigurationError(f"the local worker was not ready after {timeout:.0f}s",
-                                 hint=f"See the worker log: {self.log_path}")
-
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the watchdog and the worker (warm shutdown, then SIGKILL). Safe to call twice."""
         with _ignore_sigint():
@@ -174,19 +148,9 @@ class LocalStack:
             if self._thread is not None:
                 self._thread.join(timeout=5)
                 self._thread = None
-            proc, self.proc = self.proc, None
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            handle, self._log_handle = self._log_handle, None
-            if handle is not None:
-                handle.close()
+            worker, self.worker = self.worker, None
+            if worker is not None:
+                worker.stop(timeout)
                 shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> LocalStack:

@@ -40,7 +40,6 @@ from orchestrator.models import (
     RunRecord,
     StepRecord,
     StepStatus,
-    now,
 )
 from orchestrator.planner import skip_reason, step_input
 from orchestrator.store import RunStore
@@ -296,7 +295,7 @@ class Engine:
                 return Succeeded(output={"items": [i.model_dump(mode="json") for i in items]})
             # join: the outputs of every branch, in order
             fan_out = step.fan_out or ""
-            count = int(self.transitions.branch_counts(run.run_id).get(fan_out, 0))
+            count = run.branches.get(fan_out, 0)  # written by the fan-out's commit, before the join was queued
             outputs = []
             for index in range(count):
                 branch = self.store.get_step(run.run_id, f"{fan_out}[{index}]")
@@ -327,9 +326,6 @@ class Engine:
                 self.enqueuer.enqueue(run_id, key)
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not enqueue %s:%s (%s); the watchdog will re-send it", run_id, key, exc)
-
-    def now(self) -> float:
-        return now()
 
 
 def _jsonable(value: Any) -> Any:

@@ -170,10 +170,6 @@ class Journal:
             prefix.append(exchange)
         return prefix
 
-    def length(self, run_id: str) -> int:
-        """Number of events of a run."""
-        return int(self.client.xlen(self.keys.journal(run_id)))  # type: ignore[arg-type]
-
 
 def _decode(event_id: str, fields: dict[str, str]) -> JournalEvent:
     try:

@@ -220,9 +220,6 @@ class RunStore:
             raise TxRejected(str(result[1]), str(result[2]))
 
     # ------------------------------------------------------------------ runs
-    def run_exists(self, run_id: str) -> bool:
-        return bool(self.client.exists(self.keys.run(run_id)))
-
     def get_run(self, run_id: str) -> RunRecord:
         """The run record.
 
@@ -233,10 +230,6 @@ class RunStore:
         if not raw:
             raise RunNotFound(f"no run {run_id!r}")
         return RunRecord.model_validate(decode_fields(raw))  # type: ignore[arg-type]
-
-    def run_tx_fields(self, record: RunRecord) -> dict[str, Any]:
-        """A run record as hash fields."""
-        return record.model_dump(mode="json")
 
     def list_runs(self, *, limit: int = 50, status: Iterable[str] | None = None,
                   workflow: str | None = None) -> list[RunRecord]:

@@ -77,10 +77,6 @@ class Transitions:
         self.settings = engine.settings
 
     # ------------------------------------------------------------------ helpers
-    def branch_counts(self, run_id: str) -> dict[str, int]:
-        raw = self.engine.client.hget(self.keys.run(run_id), "branches")
-        return json.loads(raw) if raw else {}  # type: ignore[arg-type]
-
     def _new_step_ops(self, tx: Tx, run_id: str, new: list[NewStep], t: float) -> None:
         for item in new:
             record = StepRecord(run_id=run_id, step_key=item.key, step_id=item.step_id, kind=item.kind,
@@ -339,6 +335,7 @@ class Transitions:
             policy = step.escalate[record.escalations_used] if record.escalations_used < len(step.escalate) else None
         entry_id = f"{run_id}:{key}:{record.fence or token or 0}"
         entry_input = self.entry_input(run, wf, step, record)
+        excerpt = self.journal.excerpt(run_id, key)
         for _ in range(_MAX_CAS):
             run = self.store.get_run(run_id)
             t = now()
@@ -349,7 +346,7 @@ class Transitions:
                 error_type=error_type, message=message, retryable=retryable, details=details,
                 attempts=record.attempts, input=entry_input, state_version=run.state_version, trace_id=run.trace_id,
                 escalation=policy.describe() if policy else "escalate (no policy left)", created_at=t,
-                journal_excerpt=self.journal.excerpt(run_id, key),
+                journal_excerpt=excerpt,
                 question=result.question if isinstance(result, NeedsHuman) else None)
             step_fields: dict[str, Any] = {"status": step_status.value, "outcome": result.model_dump(mode="json"),
                                            "finished_at": t, "reason": message, "next_retry_at": None,

@@ -21,7 +21,7 @@ from strands.types.exceptions import (
     StructuredOutputException,
 )
 
-from config.errors import (
+from teamster.errors import (
     ContextOverflow,
     GuardrailIntervened,
     MaxTokensReached,

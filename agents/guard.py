@@ -25,9 +25,9 @@ from strands.hooks import (
 from strands.types._events import ToolResultEvent
 from strands.types.tools import AgentTool, ToolSpec, ToolUse
 
-from agents.outcomes import OUTCOME_TOOL_NAME
-from agents.spec import AgentSpec
-from agents.tools import TEAMSTER_STATE_KEY, tool_call_key
+from teamster.agents.outcomes import OUTCOME_TOOL_NAME
+from teamster.agents.spec import AgentSpec
+from teamster.agents.tools import TEAMSTER_STATE_KEY, tool_call_key
 
 __all__ = ["StepGuard", "StepControl", "EventSink", "RecordedTool"]
 

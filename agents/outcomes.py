@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, create_model, model_validator
 
-from config.errors import TeamsterError
+from teamster.errors import TeamsterError
 
 __all__ = [
     "Succeeded",

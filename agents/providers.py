@@ -16,9 +16,9 @@ from typing import Any
 
 from strands.models.model import Model
 
-from agents.scripted import FaultPlan, ScriptedModel, get_script
-from config.errors import ConfigurationError, MissingCredentials, MissingExtra
-from config.settings import TeamsterSettings
+from teamster.agents.scripted import FaultPlan, ScriptedModel, get_script
+from teamster.config.settings import TeamsterSettings
+from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra
 
 __all__ = ["ProviderRef", "parse_provider", "build_model", "check_provider", "PROVIDERS"]
 

@@ -22,8 +22,8 @@ from strands.types.content import Messages
 from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolSpec
 
-from agents.classify import classify_exception
-from config.errors import error_from_code
+from teamster.agents.classify import classify_exception
+from teamster.errors import error_from_code
 
 __all__ = ["ModelExchange", "RecordingModel", "ReplayExhausted", "request_digest"]
 

@@ -21,9 +21,9 @@ from strands import Agent
 from strands.agent.conversation_manager import NullConversationManager
 from strands.models.model import Model
 
-from agents.classify import classify_exception, classify_stop_reason
-from agents.guard import EventSink, StepControl, StepGuard
-from agents.outcomes import (
+from teamster.agents.classify import classify_exception, classify_stop_reason
+from teamster.agents.guard import EventSink, StepControl, StepGuard
+from teamster.agents.outcomes import (
     CannotComplete,
     EnvelopeBase,
     Failed,
@@ -32,11 +32,12 @@ from agents.outcomes import (
     failed_from,
     outcome_envelope,
 )
-from agents.providers import build_model
-from agents.recording import ModelExchange, RecordingModel
-from agents.spec import AgentSpec
-from agents.tools import TEAMSTER_STATE_KEY, get_tool
-from config.errors import (
+from teamster.agents.providers import build_model
+from teamster.agents.recording import ModelExchange, RecordingModel
+from teamster.agents.spec import AgentSpec
+from teamster.agents.tools import TEAMSTER_STATE_KEY, get_tool
+from teamster.config.settings import TeamsterSettings, get_settings
+from teamster.errors import (
     BudgetExceeded,
     CriterionFailed,
     InvalidInput,
@@ -44,7 +45,6 @@ from config.errors import (
     StructuredOutputError,
     TeamsterError,
 )
-from config.settings import TeamsterSettings, get_settings
 
 __all__ = ["run_agent", "AgentRun", "StepContext", "validate_input", "format_validation_error", "LeaseLost"]
 

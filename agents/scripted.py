@@ -29,9 +29,9 @@ from strands.types.exceptions import ModelThrottledException
 from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolSpec
 
-from agents.outcomes import OUTCOME_TOOL_NAME
-from agents.tools import TEAMSTER_STATE_KEY
-from config.errors import ConfigurationError
+from teamster.agents.outcomes import OUTCOME_TOOL_NAME
+from teamster.agents.tools import TEAMSTER_STATE_KEY
+from teamster.errors import ConfigurationError
 
 __all__ = [
     "Turn",

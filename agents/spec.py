@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.errors import ConfigurationError, UnknownAgent
+from teamster.errors import ConfigurationError, UnknownAgent
 
 __all__ = [
     "Budget",
@@ -159,7 +159,7 @@ def register_agent(spec: AgentSpec[In, Out], *, replace: bool = False) -> AgentS
     Raises:
         ConfigurationError: if another spec already uses the name, or an allowed tool is unknown.
     """
-    from agents.tools import get_tool  # noqa: PLC0415 - tools import spec types
+    from teamster.agents.tools import get_tool  # noqa: PLC0415 - tools import spec types
 
     for tool_name in spec.tools:
         get_tool(tool_name)  # raises UnknownTool

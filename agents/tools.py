@@ -18,7 +18,7 @@ from typing import Any, TypeVar, overload
 from strands import tool as strands_tool
 from strands.types.tools import AgentTool, ToolContext
 
-from config.errors import ConfigurationError, UnknownTool
+from teamster.errors import ConfigurationError, UnknownTool
 
 __all__ = ["tool", "get_tool", "registered_tools", "idempotency_key", "tool_call_key", "TEAMSTER_STATE_KEY"]
 

@@ -2,7 +2,7 @@
 
 Every benchmark run gets its own ``redis-server`` (:class:`config.embedded.EmbeddedRedis` in a temporary
 directory, AOF on as in production) unless ``--redis-url`` is given, and its own ``TEAMSTER_KEY_PREFIX``, so
-runs never see each other's queues or records. Workers are real ``celery -A tasks.app worker`` processes,
+runs never see each other's queues or records. Workers are real ``celery -A teamster.tasks.app worker`` processes,
 started the way ``tests/harness.py`` starts them (own session, log file, wait for ``ready.``).
 """
 
@@ -32,8 +32,8 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from config.embedded import EmbeddedRedis
-from orchestrator.processes import WorkerProcess, WorkerStartError
+from teamster.config.embedded import EmbeddedRedis
+from teamster.orchestrator.processes import WorkerProcess, WorkerStartError
 
 __all__ = [
     "run_main",
@@ -263,7 +263,7 @@ def delete_prefix(client: redis.Redis, prefix: str) -> int:
 
 
 class BenchWorker(WorkerProcess):
-    """One real ``celery -A tasks.app worker`` process (:class:`orchestrator.processes.WorkerProcess`).
+    """One real ``celery -A teamster.tasks.app worker`` process (:class:`orchestrator.processes.WorkerProcess`).
 
     Start-up failures are raised as :class:`BenchError` with the worker's log tail.
 
@@ -441,7 +441,7 @@ def bench_env(name: str, args: argparse.Namespace) -> Iterator[BenchEnv]:
         for key in [k for k in os.environ if k.startswith("TEAMSTER_")]:
             del os.environ[key]
         os.environ.update(env.settings_env())
-        from config.settings import get_settings  # noqa: PLC0415
+        from teamster.config.settings import get_settings  # noqa: PLC0415
 
         get_settings.cache_clear()
         env.client.ping()

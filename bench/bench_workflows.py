@@ -12,8 +12,8 @@ only, ``acks_late``, prefetch off, the same pool and concurrency, the same steps
   (``time.time()``), chained five at a time with ``celery.chain`` and the Redis result backend.
 
 The raw task is declared with ``shared_task`` so it attaches to whichever Celery app the process uses: in a
-worker that is ``tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
-producer app that sends the chains. Importing this module therefore never builds ``tasks.app`` by itself.
+worker that is ``teamster.tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
+producer app that sends the chains. Importing this module therefore never builds ``teamster.tasks.app`` by itself.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 from celery import shared_task
 from pydantic import BaseModel, Field
 
-from agents.scripted import ScriptContext, Turn, finish, register_script
-from agents.spec import AgentSpec, Budget
-from orchestrator.workflow import Workflow
+from teamster.agents.scripted import ScriptContext, Turn, finish, register_script
+from teamster.agents.spec import AgentSpec, Budget
+from teamster.orchestrator.workflow import Workflow
 
 __all__ = [
     "BenchInput",

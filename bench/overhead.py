@@ -2,7 +2,7 @@
 
     python -m bench.overhead --runs 200
 
-Both sides run in ONE worker process (threads pool, concurrency 8 by default) started from ``tasks.app`` with
+Both sides run in ONE worker process (threads pool, concurrency 8 by default) started from ``teamster.tasks.app`` with
 teamster's Celery configuration (JSON, acks_late, prefetch off, Redis result backend):
 
 * teamster: ``--runs`` runs of ``bench_linear5`` -- five agent steps, each one scripted model call (zero
@@ -51,10 +51,10 @@ from bench._common import (
     write_results,
 )
 from bench.bench_workflows import LINEAR_STEPS, LINEAR_WORKFLOW, NOOP_TASK
-from config.settings import TeamsterSettings, load_settings
-from orchestrator.client import Client
-from orchestrator.enqueue import producer_app
-from orchestrator.keys import Keys
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.enqueue import producer_app
+from teamster.orchestrator.keys import Keys
 
 __all__ = ["main", "build_parser"]
 

@@ -47,10 +47,10 @@ from bench._common import (
     write_results,
 )
 from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW
-from config.settings import TeamsterSettings, load_settings
-from orchestrator.client import Client
-from orchestrator.keys import Keys
-from orchestrator.watchdog import Watchdog
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.watchdog import Watchdog
 
 __all__ = ["main", "build_parser", "CELERY_DEFAULT_VISIBILITY_TIMEOUT"]
 

@@ -35,9 +35,9 @@ from bench._common import (
     write_results,
 )
 from bench.bench_workflows import LINEAR_STEPS, LINEAR_WORKFLOW, SINGLE_WORKFLOW
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.keys import Keys
+from teamster.config.settings import load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.keys import Keys
 
 __all__ = ["main", "build_parser"]
 

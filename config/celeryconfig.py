@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.settings import TeamsterSettings
+from teamster.config.settings import TeamsterSettings
 
 __all__ = ["build_celery_config", "STEP_TASK", "START_RUN_TASK", "WATCHDOG_TASK", "PING_TASK"]
 
@@ -81,7 +81,7 @@ def build_celery_config(settings: TeamsterSettings, redis_url: str) -> dict[str,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Celery 5.7's consumer can exit when Redis drops while a step runs; this one survives it
         # (see tasks/consumer.py).
-        "worker_consumer": "tasks.consumer:TeamsterConsumer",
+        "worker_consumer": "teamster.tasks.consumer:TeamsterConsumer",
         # Modules that register agents and workflows are imported by every worker at start-up.
         "imports": tuple(settings.workflow_modules),
         # The watchdog runs under celery beat (`teamster watchdog` runs the same scan in a loop).

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import redis
 
-from config.errors import ConfigurationError
-from config.settings import TeamsterSettings
+from teamster.config.settings import TeamsterSettings
+from teamster.errors import ConfigurationError
 
 __all__ = ["EmbeddedRedis", "find_redis_server", "resolve_redis_url", "free_port"]
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from config.errors import InvalidSettings
+from teamster.errors import InvalidSettings
 
 __all__ = ["TeamsterSettings", "get_settings", "load_settings"]
 
@@ -121,9 +121,9 @@ class TeamsterSettings(BaseSettings):
 
     # --- application -------------------------------------------------------------------------
     workflow_modules: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["agents.examples.triage"],
+        default_factory=lambda: ["teamster.examples.triage"],
         description="Comma-separated modules imported by workers and the CLI to register agents and workflows "
-        "(default 'agents.examples.triage').",
+        "(default 'teamster.examples.triage').",
     )
     max_payload_bytes: int = Field(
         default=256 * 1024, gt=0, description="Largest accepted run input, in bytes of JSON (default 256 KiB)."

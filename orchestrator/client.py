@@ -24,17 +24,17 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
-from config.embedded import resolve_redis_url
-from config.errors import ConfigurationError, RunFailed, RunTimeout, StoreUnavailable
-from config.settings import TeamsterSettings, get_settings
-from orchestrator.connection import redis_client
-from orchestrator.dlq import DeadLetterQueue
-from orchestrator.engine import Engine
-from orchestrator.enqueue import CeleryEnqueuer, producer_app
-from orchestrator.models import JournalEvent, RunRecord, RunStatus, StepRecord
-from orchestrator.replay import ReplayReport, replay_run
-from orchestrator.watchdog import Watchdog
-from orchestrator.workflow import Workflow, get_workflow
+from teamster.config.embedded import resolve_redis_url
+from teamster.config.settings import TeamsterSettings, get_settings
+from teamster.errors import ConfigurationError, RunFailed, RunTimeout, StoreUnavailable
+from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.dlq import DeadLetterQueue
+from teamster.orchestrator.engine import Engine
+from teamster.orchestrator.enqueue import CeleryEnqueuer, producer_app
+from teamster.orchestrator.models import JournalEvent, RunRecord, RunStatus, StepRecord
+from teamster.orchestrator.replay import ReplayReport, replay_run
+from teamster.orchestrator.watchdog import Watchdog
+from teamster.orchestrator.workflow import Workflow, get_workflow
 
 __all__ = ["Client", "default_client", "submit", "status", "result", "cancel", "load_workflow_modules"]
 

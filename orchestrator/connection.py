@@ -6,8 +6,8 @@ import functools
 
 import redis
 
-from config.embedded import resolve_redis_url
-from config.settings import TeamsterSettings
+from teamster.config.embedded import resolve_redis_url
+from teamster.config.settings import TeamsterSettings
 
 __all__ = ["redis_client"]
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agents.outcomes import Succeeded
-from agents.runner import validate_input
-from config.errors import DeadLetterNotFound, InvalidInput, InvalidOperation
-from orchestrator.keys import Keys
-from orchestrator.models import DeadLetterEntry, DeadLetterStatus, RunStatus, StepStatus, now
-from orchestrator.store import Tx, TxRejected, decode_fields
-from orchestrator.workflow import get_workflow
+from teamster.agents.outcomes import Succeeded
+from teamster.agents.runner import validate_input
+from teamster.errors import DeadLetterNotFound, InvalidInput, InvalidOperation
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, RunStatus, StepStatus, now
+from teamster.orchestrator.store import Tx, TxRejected, decode_fields
+from teamster.orchestrator.workflow import get_workflow
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine
+    from teamster.orchestrator.engine import Engine
 
 __all__ = ["DeadLetterQueue"]
 

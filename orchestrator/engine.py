@@ -25,27 +25,27 @@ from typing import Any, Protocol
 import redis
 from strands.models.model import Model
 
-from agents.guard import StepControl
-from agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
-from agents.providers import build_model
-from agents.runner import AgentRun, StepContext, run_agent, validate_input
-from agents.scripted import ScriptContext, ScriptedModel
-from agents.spec import AgentSpec, RetryPolicy, get_agent
-from config.errors import InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
-from config.settings import TeamsterSettings
-from orchestrator import metrics
-from orchestrator.journal import Journal
-from orchestrator.keys import Keys
-from orchestrator.models import (
+from teamster.agents.guard import StepControl
+from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
+from teamster.agents.providers import build_model
+from teamster.agents.runner import AgentRun, StepContext, run_agent, validate_input
+from teamster.agents.scripted import ScriptContext, ScriptedModel
+from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent
+from teamster.config.settings import TeamsterSettings
+from teamster.errors import InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
+from teamster.orchestrator import metrics
+from teamster.orchestrator.journal import Journal
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import (
     RunRecord,
     StepRecord,
     StepStatus,
 )
-from orchestrator.planner import skip_reason, step_input
-from orchestrator.store import RunStore
-from orchestrator.tracing import step_span
-from orchestrator.transitions import Transitions
-from orchestrator.workflow import StepDef, Workflow, get_workflow
+from teamster.orchestrator.planner import skip_reason, step_input
+from teamster.orchestrator.store import RunStore
+from teamster.orchestrator.tracing import step_span
+from teamster.orchestrator.transitions import Transitions
+from teamster.orchestrator.workflow import StepDef, Workflow, get_workflow
 
 __all__ = ["Engine", "Enqueuer", "StepExecution", "LeaseExpiredRepeatedly"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from config.celeryconfig import STEP_TASK
-from config.settings import TeamsterSettings
-from orchestrator.models import StepMessage
+from teamster.config.celeryconfig import STEP_TASK
+from teamster.config.settings import TeamsterSettings
+from teamster.orchestrator.models import StepMessage
 
 __all__ = ["CeleryEnqueuer", "producer_app"]
 
@@ -26,7 +26,7 @@ class CeleryEnqueuer:
 
 def producer_app(settings: TeamsterSettings, redis_url: str) -> Celery:
     """A Celery app that only sends messages (clients: no task modules, no worker configuration needed)."""
-    from config.celeryconfig import build_celery_config  # noqa: PLC0415
+    from teamster.config.celeryconfig import build_celery_config  # noqa: PLC0415
 
     conf = build_celery_config(settings, redis_url)
     conf["imports"] = ()

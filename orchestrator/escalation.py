@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agents.spec import AgentSpec
+from teamster.agents.spec import AgentSpec
 
 __all__ = ["Policy", "RetryWith", "HumanReview", "FailRun", "retry_with", "human_review", "fail_run", "send_alert"]
 
@@ -63,7 +63,7 @@ def retry_with(agent: AgentSpec[Any, Any] | str | None = None, *, model: str | N
         raise ValueError("retry_with needs an agent or a model")
     name = agent.name if isinstance(agent, AgentSpec) else agent
     if isinstance(agent, AgentSpec):
-        from agents.spec import register_agent  # noqa: PLC0415
+        from teamster.agents.spec import register_agent  # noqa: PLC0415
 
         register_agent(agent)
     return RetryWith(agent=name, model=model)

@@ -16,9 +16,9 @@ from typing import Any
 
 import redis
 
-from agents.recording import ModelExchange
-from orchestrator.keys import Keys
-from orchestrator.models import JournalEvent, now
+from teamster.agents.recording import ModelExchange
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import JournalEvent, now
 
 __all__ = ["Journal", "Redactor", "register_redactor", "bound_payload", "REDACTED"]
 

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.keys import Keys
+from teamster.orchestrator.keys import Keys
 
 __all__ = [
     "STEPS",

@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from agents.runner import format_validation_error
-from config.errors import InvalidOutput, WorkflowDefinitionError
-from orchestrator.models import STEP_DONE, StepRecord, StepStatus
-from orchestrator.workflow import StepDef, Workflow
+from teamster.agents.runner import format_validation_error
+from teamster.errors import InvalidOutput, WorkflowDefinitionError
+from teamster.orchestrator.models import STEP_DONE, StepRecord, StepStatus
+from teamster.orchestrator.workflow import StepDef, Workflow
 
 __all__ = ["NewStep", "branch_key", "ready_steps", "run_complete", "skip_reason", "step_input", "apply_output"]
 

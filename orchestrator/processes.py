@@ -1,4 +1,4 @@
-"""Worker child processes: a real ``celery -A tasks.app worker`` started, watched and stopped from Python.
+"""Worker child processes: a real ``celery -A teamster.tasks.app worker`` started, watched and stopped from Python.
 
 Used by ``teamster demo`` and ``--wait`` (a temporary local worker), by the benchmarks and by the tests:
 one implementation of "start a worker in its own session with a log file, wait until it consumes, stop it
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from config.errors import ConfigurationError
+from teamster.errors import ConfigurationError
 
 __all__ = ["WorkerProcess", "WorkerStartError"]
 
@@ -29,7 +29,7 @@ class WorkerStartError(ConfigurationError):
 
 
 class WorkerProcess:
-    """One ``celery -A tasks.app worker`` child process.
+    """One ``celery -A teamster.tasks.app worker`` child process.
 
     Args:
         name: Node name prefix (``name@host``).
@@ -66,7 +66,7 @@ class WorkerProcess:
 
     def argv(self) -> list[str]:
         """The worker's command line."""
-        args = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", self.pool,
+        args = [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "worker", "-P", self.pool,
                 "-c", str(self.concurrency), "-n", self.nodename, "-Q", self.queues, "-E",
                 "--without-mingle", "--without-gossip", "-l", self.loglevel]
         if self.beat_schedule is not None:

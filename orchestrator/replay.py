@@ -17,15 +17,15 @@ from pydantic import BaseModel, Field
 from strands.models.model import Model
 from strands.types.streaming import StreamEvent
 
-from agents.recording import ReplayExhausted
-from agents.runner import StepContext, run_agent
-from agents.spec import get_agent
-from orchestrator.models import JournalEvent
-from orchestrator.planner import skip_reason
-from orchestrator.workflow import get_workflow
+from teamster.agents.recording import ReplayExhausted
+from teamster.agents.runner import StepContext, run_agent
+from teamster.agents.spec import get_agent
+from teamster.orchestrator.models import JournalEvent
+from teamster.orchestrator.planner import skip_reason
+from teamster.orchestrator.workflow import get_workflow
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine
+    from teamster.orchestrator.engine import Engine
 
 __all__ = ["ReplayReport", "StepReplay", "replay_run"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import redis
 
-from config.errors import RunNotFound, StoreUnavailable
-from orchestrator.keys import Keys
-from orchestrator.models import RunRecord, StepRecord, StepStatus, now
+from teamster.errors import RunNotFound, StoreUnavailable
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import RunRecord, StepRecord, StepStatus, now
 
 __all__ = ["RunStore", "Tx", "TxRejected", "Claim", "encode_fields", "decode_fields"]
 

@@ -42,7 +42,7 @@ def configure_tracing(mode: str, service_name: str = "teamster") -> None:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
         except ImportError as exc:
-            from config.errors import MissingExtra  # noqa: PLC0415
+            from teamster.errors import MissingExtra  # noqa: PLC0415
 
             raise MissingExtra("TEAMSTER_TRACING=otlp needs the OTLP exporter",
                                hint="pip install 'teamster[otlp]'") from exc

@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
-from agents.runner import AgentRun, validate_input
-from agents.spec import RetryPolicy
-from config.errors import (
+from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
+from teamster.agents.runner import AgentRun, validate_input
+from teamster.agents.spec import RetryPolicy
+from teamster.errors import (
     IdempotencyConflict,
     PayloadRejected,
     StoreUnavailable,
     TeamsterError,
 )
-from orchestrator import metrics
-from orchestrator.escalation import FailRun, HumanReview, Policy, RetryWith, send_alert
-from orchestrator.keys import Keys
-from orchestrator.models import (
+from teamster.orchestrator import metrics
+from teamster.orchestrator.escalation import FailRun, HumanReview, Policy, RetryWith, send_alert
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import (
     RUN_TERMINAL,
     DeadLetterEntry,
     DeadLetterStatus,
@@ -37,13 +37,13 @@ from orchestrator.models import (
     StepStatus,
     now,
 )
-from orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
-from orchestrator.store import Tx, TxRejected
-from orchestrator.tracing import new_trace_id
-from orchestrator.workflow import StepDef, Workflow
+from teamster.orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
+from teamster.orchestrator.store import Tx, TxRejected
+from teamster.orchestrator.tracing import new_trace_id
+from teamster.orchestrator.workflow import StepDef, Workflow
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine, StepExecution
+    from teamster.orchestrator.engine import Engine, StepExecution
 
 __all__ = ["Transitions", "combine_run_status"]
 
@@ -61,7 +61,7 @@ def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
 
 
 def _execution(*args: Any, **kwargs: Any) -> StepExecution:
-    from orchestrator.engine import StepExecution  # noqa: PLC0415 - engine imports this module
+    from teamster.orchestrator.engine import StepExecution  # noqa: PLC0415 - engine imports this module
 
     return StepExecution(*args, **kwargs)
 
@@ -215,7 +215,7 @@ class Transitions:
                 try:
                     final_output = wf.final_output(new_state).model_dump(mode="json")
                 except Exception as exc:  # noqa: BLE001 - the workflow's output mapping is broken
-                    from config.errors import InvalidOutput  # noqa: PLC0415
+                    from teamster.errors import InvalidOutput  # noqa: PLC0415
 
                     error = InvalidOutput(f"the run's final output does not match the workflow's output model: {exc}")
                     return self.fail(run, wf, step, record, token, failed_from(error), agent_run, expected=expected)
@@ -441,7 +441,7 @@ class Transitions:
 
     def cancel_run(self, run_id: str, *, by: str, reason: str) -> RunRecord:
         """Cancel a run: final status ``cancelled``, every unfinished step ``cancelled`` with the reason."""
-        from config.errors import InvalidOperation  # noqa: PLC0415
+        from teamster.errors import InvalidOperation  # noqa: PLC0415
 
         for _ in range(_MAX_CAS):
             run = self.store.get_run(run_id)

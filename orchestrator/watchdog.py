@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import metrics
-from orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, DeadLetterEntry, RunStatus, StepStatus, now
-from orchestrator.store import Tx, TxRejected
-from orchestrator.workflow import registered_workflows
+from teamster.orchestrator import metrics
+from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, DeadLetterEntry, RunStatus, StepStatus, now
+from teamster.orchestrator.store import Tx, TxRejected
+from teamster.orchestrator.workflow import registered_workflows
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine
+    from teamster.orchestrator.engine import Engine
 
 __all__ = ["Watchdog", "WatchdogReport"]
 

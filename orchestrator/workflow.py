@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, create_model
 
-from agents.spec import AgentSpec, RetryPolicy, get_agent, register_agent
-from config.errors import UnknownAgent, UnknownWorkflow, WorkflowDefinitionError
-from orchestrator.escalation import Policy
+from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent, register_agent
+from teamster.errors import UnknownAgent, UnknownWorkflow, WorkflowDefinitionError
+from teamster.orchestrator.escalation import Policy
 
 __all__ = ["Workflow", "StepDef", "register_workflow", "get_workflow", "registered_workflows"]
 

@@ -1,4 +1,4 @@
-"""The Celery application that ``celery -A tasks.app worker`` and ``celery -A tasks.app flower`` load.
+"""The Celery application that ``celery -A teamster.tasks.app worker`` and ``celery -A teamster.tasks.app flower`` load.
 
 The app is configured from :mod:`config` (JSON only, late acks, no prefetch, events on). When
 ``TEAMSTER_REDIS_URL`` is not set, loading it starts (or reuses) the embedded development Redis.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from celery import Celery
 
-from config.celeryconfig import build_celery_config
-from config.embedded import resolve_redis_url
-from config.settings import TeamsterSettings, get_settings
+from teamster.config.celeryconfig import build_celery_config
+from teamster.config.embedded import resolve_redis_url
+from teamster.config.settings import TeamsterSettings, get_settings
 
 __all__ = ["app", "create_app"]
 
-TASK_MODULES = ["tasks.control", "tasks.steps", "tasks.signals"]
+TASK_MODULES = ["teamster.tasks.control", "teamster.tasks.steps", "teamster.tasks.signals"]
 
 
 def create_app(settings: TeamsterSettings | None = None, redis_url: str | None = None) -> Celery:

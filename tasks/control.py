@@ -6,13 +6,13 @@ import os
 import socket
 from typing import Any
 
-from agents.runner import validate_input
-from config.celeryconfig import PING_TASK, START_RUN_TASK, WATCHDOG_TASK
-from orchestrator.models import StartRunMessage
-from orchestrator.watchdog import Watchdog
-from orchestrator.workflow import get_workflow
-from tasks.app import app
-from tasks.steps import get_engine
+from teamster.agents.runner import validate_input
+from teamster.config.celeryconfig import PING_TASK, START_RUN_TASK, WATCHDOG_TASK
+from teamster.orchestrator.models import StartRunMessage
+from teamster.orchestrator.watchdog import Watchdog
+from teamster.orchestrator.workflow import get_workflow
+from teamster.tasks.app import app
+from teamster.tasks.steps import get_engine
 
 __all__ = ["ping", "start_run", "watchdog"]
 

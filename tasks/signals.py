@@ -12,15 +12,15 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready
 
-from agents.providers import check_provider
-from agents.spec import registered_agents
-from config.errors import ConfigurationError, TeamsterError
-from config.settings import get_settings
-from orchestrator.client import load_workflow_modules
-from orchestrator.connection import redis_client
-from orchestrator.keys import Keys
-from orchestrator.metrics import serve_metrics
-from orchestrator.tracing import configure_tracing
+from teamster.agents.providers import check_provider
+from teamster.agents.spec import registered_agents
+from teamster.config.settings import get_settings
+from teamster.errors import ConfigurationError, TeamsterError
+from teamster.orchestrator.client import load_workflow_modules
+from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.metrics import serve_metrics
+from teamster.orchestrator.tracing import configure_tracing
 
 __all__: list[str] = []
 

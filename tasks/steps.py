@@ -8,15 +8,15 @@ from typing import Any
 import redis
 from celery import Task
 
-from agents.runner import validate_input
-from config.celeryconfig import STEP_TASK
-from config.errors import StoreUnavailable
-from config.settings import get_settings
-from orchestrator.connection import redis_client
-from orchestrator.engine import Engine
-from orchestrator.enqueue import CeleryEnqueuer
-from orchestrator.models import StepMessage
-from tasks.app import app
+from teamster.agents.runner import validate_input
+from teamster.config.celeryconfig import STEP_TASK
+from teamster.config.settings import get_settings
+from teamster.errors import StoreUnavailable
+from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.engine import Engine
+from teamster.orchestrator.enqueue import CeleryEnqueuer
+from teamster.orchestrator.models import StepMessage
+from teamster.tasks.app import app
 
 __all__ = ["step", "get_engine"]
 

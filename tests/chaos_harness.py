@@ -1,6 +1,6 @@
 """Workflows, agents and tools for the fault-injection and bad-input suites (imported by their workers too).
 
-Workers load this module through ``TEAMSTER_WORKFLOW_MODULES="agents.examples.triage,tests.chaos_harness"``.
+Workers load this module through ``TEAMSTER_WORKFLOW_MODULES="teamster.examples.triage,tests.chaos_harness"``.
 
 * ``chaos_triage`` -- a copy of the example ``ticket_triage`` workflow whose classify agent tags the ticket
   with :func:`chaos_tag_ticket`, a side effect kept in a Redis ledger: ``HSETNX`` keyed by the tool call's
@@ -31,18 +31,18 @@ import redis
 from pydantic import BaseModel, Field
 from strands.types.tools import ToolContext
 
-from agents.examples import triage as example
-from agents.scripted import ScriptContext, Turn, call, finish, register_script
-from agents.spec import AgentSpec, Budget
-from agents.tools import idempotency_key, tool
-from config.embedded import EmbeddedRedis
-from config.errors import StoreUnavailable
-from config.settings import get_settings
-from orchestrator.client import Client
-from orchestrator.connection import redis_client
-from orchestrator.keys import Keys
-from orchestrator.watchdog import Watchdog, WatchdogReport
-from orchestrator.workflow import Workflow
+from teamster.agents.scripted import ScriptContext, Turn, call, finish, register_script
+from teamster.agents.spec import AgentSpec, Budget
+from teamster.agents.tools import idempotency_key, tool
+from teamster.config.embedded import EmbeddedRedis
+from teamster.config.settings import get_settings
+from teamster.errors import StoreUnavailable
+from teamster.examples import triage as example
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.watchdog import Watchdog, WatchdogReport
+from teamster.orchestrator.workflow import Workflow
 from tests.harness import SETTLED, Worker
 
 __all__ = [
@@ -166,7 +166,7 @@ rogue_tools.register()
 # ----------------------------------------------------------------------------- the storm's machinery
 # Used by tests/test_chaos.py in the test process (workers import this module too, and ignore it).
 
-MODULES = "agents.examples.triage,tests.chaos_harness"
+MODULES = "teamster.examples.triage,tests.chaos_harness"
 """What the workers of both suites import (``TEAMSTER_WORKFLOW_MODULES``)."""
 WORKFLOWS = ("ticket_triage", CHAOS_WORKFLOW)
 DEFAULT_FAULTS = "throttle=0.05,timeout=0.03,invalid_json=0.03,schema_invalid=0.02,refusal=0.02,cannot_complete=0.02"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.embedded import EmbeddedRedis
+from teamster.config.embedded import EmbeddedRedis
 
 _EMBEDDED: EmbeddedRedis | None = None
 _TMP: Path | None = None

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from orchestrator.processes import WorkerProcess
+from teamster.orchestrator.processes import WorkerProcess
 
 __all__ = ["Worker", "child_env", "wait_until", "wait_settled", "SETTLED"]
 

@@ -16,8 +16,8 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError
 from strands.types.tools import ToolContext
 
-from agents.guard import StepControl
-from agents.outcomes import (
+from teamster.agents.guard import StepControl
+from teamster.agents.outcomes import (
     OUTCOME_ADAPTER,
     CannotComplete,
     Failed,
@@ -25,8 +25,8 @@ from agents.outcomes import (
     Succeeded,
     outcome_envelope,
 )
-from agents.runner import AgentRun, StepContext, format_validation_error, run_agent, validate_input
-from agents.scripted import (
+from teamster.agents.runner import AgentRun, StepContext, format_validation_error, run_agent, validate_input
+from teamster.agents.scripted import (
     ScriptContext,
     ScriptedModel,
     Turn,
@@ -42,10 +42,10 @@ from agents.scripted import (
     throttle,
     timeout,
 )
-from agents.spec import AgentSpec, Budget, Criterion, RetryPolicy, get_agent, register_agent, registered_agents
-from agents.tools import get_tool, idempotency_key, registered_tools, tool, tool_call_key
-from config.errors import ConfigurationError, InvalidInput, UnknownAgent, UnknownTool
-from config.settings import TeamsterSettings, load_settings
+from teamster.agents.spec import AgentSpec, Budget, Criterion, RetryPolicy, get_agent, register_agent, registered_agents
+from teamster.agents.tools import get_tool, idempotency_key, registered_tools, tool, tool_call_key
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import ConfigurationError, InvalidInput, UnknownAgent, UnknownTool
 
 # ----------------------------------------------------------------------------- models, tools, helpers
 

@@ -25,18 +25,18 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from agents.examples.triage import SAMPLE_TICKETS, Ticket
-from config.celeryconfig import START_RUN_TASK, STEP_TASK
-from config.errors import (
+from teamster.config.celeryconfig import START_RUN_TASK, STEP_TASK
+from teamster.config.settings import load_settings
+from teamster.errors import (
     InvalidInput,
     PayloadRejected,
     UnknownWorkflow,
     WorkflowDefinitionError,
 )
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.models import DeadLetterStatus, RunStatus, StepStatus
-from orchestrator.workflow import Workflow, get_workflow
+from teamster.examples.triage import SAMPLE_TICKETS, Ticket
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import DeadLetterStatus, RunStatus, StepStatus
+from teamster.orchestrator.workflow import Workflow, get_workflow
 from tests.chaos_harness import MODULES, ROGUE_WORKFLOW, ledger_keys
 from tests.harness import Worker, wait_settled, wait_until
 

@@ -59,15 +59,15 @@ from typing import Any
 import pytest
 import redis
 
-from agents.examples.triage import SAMPLE_TICKETS
-from agents.scripted import REFUSAL_TEXT
-from config.embedded import EmbeddedRedis
-from config.errors import TeamsterError
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.models import STEP_DONE, STEP_TERMINAL, JournalEvent, RunRecord, RunStatus, StepStatus
-from orchestrator.watchdog import Watchdog
-from orchestrator.workflow import get_workflow
+from teamster.agents.scripted import REFUSAL_TEXT
+from teamster.config.embedded import EmbeddedRedis
+from teamster.config.settings import load_settings
+from teamster.errors import TeamsterError
+from teamster.examples.triage import SAMPLE_TICKETS
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import STEP_DONE, STEP_TERMINAL, JournalEvent, RunRecord, RunStatus, StepStatus
+from teamster.orchestrator.watchdog import Watchdog
+from teamster.orchestrator.workflow import get_workflow
 from tests.chaos_harness import (
     MODULES,
     WORKFLOWS,
@@ -462,10 +462,10 @@ def test_a_worker_survives_a_redis_restart_with_a_step_in_flight(chaos_redis: Em
 def test_scripted_order_lookup_says_cannot_complete_after_a_rejected_outcome() -> None:
     """Regression (found by the storm): after a rejected final answer, the example's lookup script must still
     read the lookup's result (not the rejection) and say cannot_complete for an unknown order."""
-    from agents.examples.triage import extract_order
-    from agents.outcomes import CannotComplete
-    from agents.runner import run_agent
-    from agents.scripted import ScriptContext, ScriptedModel, Turn, get_script, schema_invalid
+    from teamster.agents.outcomes import CannotComplete
+    from teamster.agents.runner import run_agent
+    from teamster.agents.scripted import ScriptContext, ScriptedModel, Turn, get_script, schema_invalid
+    from teamster.examples.triage import extract_order
 
     script = get_script(extract_order.name)
     assert callable(script)

@@ -31,8 +31,8 @@ from strands.types.exceptions import (
     StructuredOutputException,
 )
 
-from agents.classify import UnexpectedError, classify_exception, classify_stop_reason
-from config.errors import (
+from teamster.agents.classify import UnexpectedError, classify_exception, classify_stop_reason
+from teamster.errors import (
     BudgetExceeded,
     ConfigurationError,
     ContextOverflow,

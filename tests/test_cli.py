@@ -24,13 +24,13 @@ import pytest
 import redis
 from typer.testing import CliRunner, Result
 
-from agents.examples.triage import SAMPLE_TICKETS
-from config.embedded import free_port
-from config.settings import load_settings
-from orchestrator.cli import app
-from orchestrator.cli._common import console, err_console
-from orchestrator.cli.local import ping_workers
-from orchestrator.client import Client
+from teamster.config.embedded import free_port
+from teamster.config.settings import load_settings
+from teamster.examples.triage import SAMPLE_TICKETS
+from teamster.orchestrator.cli import app
+from teamster.orchestrator.cli._common import console, err_console
+from teamster.orchestrator.cli.local import ping_workers
+from teamster.orchestrator.client import Client
 from tests.harness import Worker
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def _wide_console() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def worker() -> Iterator[Worker]:
-    with Worker("cli", concurrency=4, env={"workflow_modules": "agents.examples.triage"}) as w:
+    with Worker("cli", concurrency=4, env={"workflow_modules": "teamster.examples.triage"}) as w:
         yield w
 
 
@@ -295,7 +295,7 @@ def test_invalid_settings_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _python_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
+    return [sys.executable, "-m", "teamster.orchestrator.cli", *args]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -312,7 +312,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 def test_worker_command_runs_a_celery_worker(tmp_path: Path) -> None:
     name = f"cliworker-{uuid.uuid4().hex[:6]}"
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
-    env = {**os.environ, "TEAMSTER_WORKFLOW_MODULES": "agents.examples.triage", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TEAMSTER_WORKFLOW_MODULES": "teamster.examples.triage", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_python_cli("worker", "-c", "2", "-n", f"{name}@%h"), env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:

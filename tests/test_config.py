@@ -9,9 +9,9 @@ import pytest
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads, prepare_accept_content
 
-from config.celeryconfig import STEP_TASK, build_celery_config
-from config.errors import InvalidSettings
-from config.settings import DEFAULT_MODEL, TeamsterSettings, load_settings
+from teamster.config.celeryconfig import STEP_TASK, build_celery_config
+from teamster.config.settings import DEFAULT_MODEL, TeamsterSettings, load_settings
+from teamster.errors import InvalidSettings
 
 
 @pytest.fixture()
@@ -82,7 +82,7 @@ def test_celery_config_is_reliable_and_json_only() -> None:
 
 
 def test_celery_app_refuses_pickle() -> None:
-    from tasks.app import app
+    from teamster.tasks.app import app
 
     content_type, encoding, body = dumps({"x": 1}, serializer="pickle")
     assert content_type == "application/x-python-serialize"

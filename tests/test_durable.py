@@ -13,19 +13,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from agents.outcomes import Succeeded
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.engine import Engine
-from orchestrator.keys import Keys
-from orchestrator.models import StepStatus
-from orchestrator.watchdog import Watchdog
-from orchestrator.workflow import get_workflow
+from teamster.agents.outcomes import Succeeded
+from teamster.config.settings import load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.engine import Engine
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import StepStatus
+from teamster.orchestrator.watchdog import Watchdog
+from teamster.orchestrator.workflow import get_workflow
 from tests.harness import Worker, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
-MODULES = "tests.workflows,agents.examples.triage"
+MODULES = "tests.workflows,teamster.examples.triage"
 LEASE = 1.5
 
 
@@ -157,7 +157,7 @@ def test_sigkill_mid_step_is_recovered_by_another_worker_without_duplicate_side_
 
 
 def test_replay_reproduces_outputs_with_zero_model_calls(client: Client, worker: Worker) -> None:
-    from agents.examples.triage import SAMPLE_TICKETS
+    from teamster.examples.triage import SAMPLE_TICKETS
 
     run_ids = [client.submit("ticket_triage", t) for t in SAMPLE_TICKETS]
     runs = [wait_settled(client, r) for r in run_ids]
@@ -172,8 +172,8 @@ def test_replay_reproduces_outputs_with_zero_model_calls(client: Client, worker:
 
 
 def test_replay_reports_a_changed_prompt(client: Client, worker: Worker) -> None:
-    from agents.examples import triage as ex
-    from agents.spec import register_agent
+    from teamster.agents.spec import register_agent
+    from teamster.examples import triage as ex
 
     run_id = client.submit("ticket_triage", ex.SAMPLE_TICKETS[0])
     assert wait_settled(client, run_id).status.value == "succeeded"

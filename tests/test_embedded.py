@@ -10,8 +10,8 @@ from pathlib import Path
 
 import redis
 
-from config.embedded import EmbeddedRedis, resolve_redis_url
-from config.settings import load_settings
+from teamster.config.embedded import EmbeddedRedis, resolve_redis_url
+from teamster.config.settings import load_settings
 
 
 def test_explicit_url_wins(tmp_path: Path) -> None:
@@ -42,8 +42,8 @@ def test_unset_url_starts_then_reuses_then_owner_stops(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from config.settings import load_settings
-        from config.embedded import resolve_redis_url
+        from teamster.config.settings import load_settings
+        from teamster.config.embedded import resolve_redis_url
         s = load_settings(redis_url=None, embedded_dir={str(tmp_path)!r})
         print(resolve_redis_url(s), flush=True)
         sys.stdin.readline()

@@ -1,6 +1,6 @@
 """Observability: Prometheus metrics on a real worker, OpenTelemetry spans in the run's trace, Flower.
 
-Also the foundation's promise: `celery -A tasks.app worker` and Flower start against the embedded Redis when
+Also the foundation's promise: `celery -A teamster.tasks.app worker` and Flower start against the embedded Redis when
 no URL is configured.
 """
 
@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from config.embedded import free_port
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.workflow import get_workflow
+from teamster.config.embedded import free_port
+from teamster.config.settings import load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.workflow import get_workflow
 from tests.harness import Worker, child_env, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
-MODULES = "tests.workflows,agents.examples.triage"
+MODULES = "tests.workflows,teamster.examples.triage"
 
 
 def _get(url: str, auth: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
@@ -86,7 +86,7 @@ def test_spans_of_a_run_share_its_trace_and_strands_spans_nest_under_them(client
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from orchestrator.engine import Engine
+    from teamster.orchestrator.engine import Engine
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -130,8 +130,9 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
     logs = tmp_path / "logs"
     logs.mkdir()
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads", "-c", "2", "-n", "emb@%h",
-         "-Q", "teamster.steps,teamster.control", "-E", "--without-mingle", "--without-gossip", "-l", "INFO"],
+        [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "worker", "-P", "threads", "-c", "2",
+         "-n", "emb@%h", "-Q", "teamster.steps,teamster.control", "-E", "--without-mingle", "--without-gossip",
+         "-l", "INFO"],
         env=embedded_env, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     flower: subprocess.Popen[bytes] | None = None
     try:
@@ -139,7 +140,8 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
         record = json.loads((tmp_path / "embedded" / "embedded.json").read_text())
         assert record["pid"] == worker.pid  # the worker started the embedded server and owns it
         flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks.app", "flower", f"--port={port}", f"--basic-auth={auth}"],
+            [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "flower", f"--port={port}",
+             f"--basic-auth={auth}"],
             env=embedded_env, stdout=open(logs / "flower.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: _get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200, timeout=30)
         # the flower process reused the same embedded server (no second one was recorded)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from config.errors import (
+from teamster.config.settings import load_settings
+from teamster.errors import (
     IdempotencyConflict,
     InvalidInput,
     InvalidOperation,
@@ -26,14 +27,13 @@ from config.errors import (
     StoreUnavailable,
     UnknownWorkflow,
 )
-from config.settings import load_settings
-from orchestrator.client import Client
-from orchestrator.models import DeadLetterStatus, StepStatus
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import DeadLetterStatus, StepStatus
 from tests.harness import Worker, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
-MODULES = "tests.workflows,agents.examples.triage"
+MODULES = "tests.workflows,teamster.examples.triage"
 
 
 class _Hook(http.server.BaseHTTPRequestHandler):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from agents.outcomes import Failed, Succeeded
-from agents.providers import PROVIDERS, ProviderRef, build_model, check_provider, parse_provider
-from agents.runner import run_agent
-from agents.scripted import ScriptedModel, finish, register_script
-from agents.spec import AgentSpec
-from config.errors import ConfigurationError, MissingCredentials, MissingExtra
-from config.settings import TeamsterSettings, load_settings
+from teamster.agents.outcomes import Failed, Succeeded
+from teamster.agents.providers import PROVIDERS, ProviderRef, build_model, check_provider, parse_provider
+from teamster.agents.runner import run_agent
+from teamster.agents.scripted import ScriptedModel, finish, register_script
+from teamster.agents.spec import AgentSpec
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra
 
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
            "AWS_DEFAULT_PROFILE", "AWS_BEARER_TOKEN_BEDROCK", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",

@@ -10,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-PACKAGES = ("config", "agents", "tasks", "orchestrator")
+PACKAGES = ("config", "agents", "tasks", "orchestrator", "examples")
 
 
 def _setup_commands() -> list[str]:
@@ -50,16 +50,23 @@ def test_compose_file_is_valid_and_matches_the_readme() -> None:
     assert "docker compose up --build --scale worker=4" in README
 
 
-def test_packaging_lists_the_four_packages_and_the_console_script() -> None:
+def test_packaging_installs_every_folder_under_the_one_teamster_namespace() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["name"] == "teamster"
-    assert project["project"]["scripts"]["teamster"] == "orchestrator.cli:main"
+    assert project["project"]["scripts"]["teamster"] == "teamster.orchestrator.cli:main"
     listed = project["tool"]["setuptools"]["packages"]
-    assert all(p in listed for p in PACKAGES)
+    package_dir = project["tool"]["setuptools"]["package-dir"]
+    assert {name.split(".")[0] for name in listed} == {"teamster"}, "the wheel's only top-level name is teamster"
+    assert package_dir["teamster"] == "teamster" and (ROOT / "teamster" / "py.typed").exists()
     for sub in ROOT.glob("*/**/__init__.py"):
-        package = ".".join(sub.parent.relative_to(ROOT).parts)
-        if package.split(".")[0] in PACKAGES:
+        folder = sub.parent.relative_to(ROOT)
+        if folder.parts[0] in PACKAGES:
+            package = "teamster." + ".".join(folder.parts)
             assert package in listed, f"{package} is not listed in pyproject"
+            assert package_dir[package] == folder.as_posix()
+            # the source tree imports as `teamster` too (and mypy reads it) through one symlink per folder
+            link = ROOT / "teamster" / folder.parts[0]
+            assert link.is_symlink() and link.resolve() == ROOT / folder.parts[0]
     deps = " ".join(project["project"]["dependencies"]).lower()
     for needed in ("celery[redis]>=5.7", "redis", "pydantic>=2", "pydantic-settings", "strands-agents", "boto3",
                    "flower", "typer", "rich", "prometheus-client"):
@@ -69,10 +76,16 @@ def test_packaging_lists_the_four_packages_and_the_console_script() -> None:
         assert needed in dev
 
 
-def test_absolute_imports_only_and_explicit_all() -> None:
-    for package in PACKAGES:
+def test_absolute_imports_through_the_teamster_namespace_only_and_explicit_all() -> None:
+    for package in (*PACKAGES, "teamster", "tests", "bench"):
         for path in (ROOT / package).rglob("*.py"):
+            if path.is_relative_to(ROOT / "teamster") and path.parent != ROOT / "teamster":
+                continue  # the symlinked folders are checked under their own names
             text = path.read_text()
             assert not re.search(r"^\s*from \.", text, re.M), f"relative import in {path}"
+            generic = re.search(r"^\s*(from|import) (config|agents|tasks|orchestrator|examples)\b", text, re.M)
+            assert not generic, f"{path} imports {generic.group(0).strip()!r}; use teamster.{generic.group(2)}"
+            if package not in (*PACKAGES, "teamster"):
+                continue
             if not path.name.startswith("_") or path.name == "__init__.py":
                 assert "__all__" in text, f"{path} has no __all__"

@@ -13,10 +13,10 @@ from pydantic import BaseModel, Field, create_model
 from strands import Agent
 from strands.types.exceptions import EventLoopException
 
-from agents.outcomes import Failed, Succeeded
-from agents.recording import ModelExchange, RecordingModel, ReplayExhausted, request_digest
-from agents.runner import AgentRun, StepContext, run_agent
-from agents.scripted import (
+from teamster.agents.outcomes import Failed, Succeeded
+from teamster.agents.recording import ModelExchange, RecordingModel, ReplayExhausted, request_digest
+from teamster.agents.runner import AgentRun, StepContext, run_agent
+from teamster.agents.scripted import (
     FAULT_KINDS,
     FaultPlan,
     ScriptContext,
@@ -32,10 +32,10 @@ from agents.scripted import (
     say,
     throttle,
 )
-from agents.spec import AgentSpec, Budget
-from agents.tools import tool
-from config.errors import ConfigurationError
-from config.settings import TeamsterSettings, load_settings
+from teamster.agents.spec import AgentSpec, Budget
+from teamster.agents.tools import tool
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import ConfigurationError
 
 # ----------------------------------------------------------------------------- models
 

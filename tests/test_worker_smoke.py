@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_real_worker_runs_a_task_end_to_end() -> None:
-    from tasks.app import app
+    from teamster.tasks.app import app
 
     with Worker(concurrency=2) as worker:
         result = app.send_task("teamster.ping").get(timeout=30)
@@ -30,7 +30,7 @@ def test_worker_refuses_to_start_without_its_provider_extra() -> None:
     if importlib.util.find_spec("anthropic") is not None:
         pytest.skip("the anthropic extra is installed here")
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads", "-l", "INFO"],
+        [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "worker", "-P", "threads", "-l", "INFO"],
         env=child_env(model="anthropic:claude-sonnet-4-5"), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 78  # EX_CONFIG
@@ -41,8 +41,8 @@ def test_worker_refuses_to_start_without_its_provider_extra() -> None:
 
 
 def test_runs_record_the_state_schema_version() -> None:
-    from config.settings import load_settings
-    from orchestrator.client import Client
+    from teamster.config.settings import load_settings
+    from teamster.orchestrator.client import Client
 
     client = Client(load_settings(workflow_modules=["tests.workflows"]))
     run_id = client.submit("t_linear", {"text": "schema"})
@@ -62,7 +62,7 @@ def test_worker_refuses_green_thread_pools() -> None:
 
     if importlib.util.find_spec("gevent") is None:
         pytest.skip("gevent is not installed (then celery cannot even load the pool)")
-    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "gevent", "-l", "INFO"],
-                          env=child_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "worker", "-P", "gevent",
+                           "-l", "INFO"], env=child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 78
     assert "the gevent pool cannot run agent steps" in proc.stderr and "hint: Use -P threads" in proc.stderr

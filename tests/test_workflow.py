@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from agents.spec import AgentSpec
-from config.errors import UnknownWorkflow, WorkflowDefinitionError
-from orchestrator.models import StepStatus
-from orchestrator.planner import ready_steps, run_complete
-from orchestrator.workflow import Workflow, get_workflow
+from teamster.agents.spec import AgentSpec
+from teamster.errors import UnknownWorkflow, WorkflowDefinitionError
+from teamster.orchestrator.models import StepStatus
+from teamster.orchestrator.planner import ready_steps, run_complete
+from teamster.orchestrator.workflow import Workflow, get_workflow
 
 
 class In(BaseModel):

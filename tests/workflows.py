@@ -11,8 +11,8 @@ import os
 from pydantic import BaseModel, Field
 from strands.types.tools import ToolContext
 
-from agents import AgentSpec, Budget, RetryPolicy, tool
-from agents.scripted import (
+from teamster import AgentSpec, Budget, RetryPolicy, Workflow, fail_run, human_review, retry_with, tool
+from teamster.agents.scripted import (
     ScriptContext,
     Turn,
     call,
@@ -23,11 +23,10 @@ from agents.scripted import (
     say,
     throttle,
 )
-from agents.tools import idempotency_key
-from config.settings import get_settings
-from orchestrator import Workflow, fail_run, human_review, retry_with
-from orchestrator.connection import redis_client
-from orchestrator.keys import Keys
+from teamster.agents.tools import idempotency_key
+from teamster.config.settings import get_settings
+from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.keys import Keys
 
 # ----------------------------------------------------------------------------- a tool with side effects
 

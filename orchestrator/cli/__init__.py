@@ -12,12 +12,12 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.cli._common import console, state
-from orchestrator.cli.demo import demo
-from orchestrator.cli.dlq import dlq_app
-from orchestrator.cli.doctor import doctor
-from orchestrator.cli.ops import flower, watchdog, worker
-from orchestrator.cli.runs import journal, replay, runs_app, submit
+from teamster.orchestrator.cli._common import console, state
+from teamster.orchestrator.cli.demo import demo
+from teamster.orchestrator.cli.dlq import dlq_app
+from teamster.orchestrator.cli.doctor import doctor
+from teamster.orchestrator.cli.ops import flower, watchdog, worker
+from teamster.orchestrator.cli.runs import journal, replay, runs_app, submit
 
 __all__ = ["app", "main", "version"]
 

@@ -1,6 +1,6 @@
-"""``python -m orchestrator.cli``: the same as the ``teamster`` console script."""
+"""``python -m teamster.orchestrator.cli``: the same as the ``teamster`` console script."""
 
-from orchestrator.cli import main
+from teamster.orchestrator.cli import main
 
 __all__: list[str] = []
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from config.errors import TeamsterError
+from teamster.errors import TeamsterError
 
 __all__ = ["console", "err_console", "handle_errors", "state"]
 

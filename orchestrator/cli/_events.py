@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.cli._support import fmt_duration, short_json
+from teamster.orchestrator.cli._support import fmt_duration, short_json
 
 __all__ = ["summarize_event"]
 

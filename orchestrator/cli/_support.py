@@ -14,12 +14,12 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from config.errors import InvalidInput
-from config.settings import TeamsterSettings, load_settings
-from orchestrator.cli._common import console
-from orchestrator.client import Client
-from orchestrator.models import RUN_TERMINAL, RUN_WAITING, DeadLetterEntry, RunRecord, RunStatus
-from orchestrator.workflow import get_workflow
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import InvalidInput
+from teamster.orchestrator.cli._common import console
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import RUN_TERMINAL, RUN_WAITING, DeadLetterEntry, RunRecord, RunStatus
+from teamster.orchestrator.workflow import get_workflow
 
 __all__ = [
     "make_client",

@@ -17,11 +17,11 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from agents.providers import check_provider
-from config.embedded import resolve_redis_url
-from config.settings import load_settings
-from orchestrator.cli._common import console, err_console, handle_errors
-from orchestrator.cli._support import (
+from teamster.agents.providers import check_provider
+from teamster.config.embedded import resolve_redis_url
+from teamster.config.settings import load_settings
+from teamster.orchestrator.cli._common import console, err_console, handle_errors
+from teamster.orchestrator.cli._support import (
     entry_example_output,
     fmt_duration,
     is_settled,
@@ -29,21 +29,21 @@ from orchestrator.cli._support import (
     resolve_command,
     styled_status,
 )
-from orchestrator.cli.doctor import mask_url
-from orchestrator.cli.local import LocalStack, ping_workers
-from orchestrator.client import Client
-from orchestrator.models import RunRecord, RunStatus
-from orchestrator.watchdog import WatchdogReport
+from teamster.orchestrator.cli.doctor import mask_url
+from teamster.orchestrator.cli.local import LocalStack, ping_workers
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import RunRecord, RunStatus
+from teamster.orchestrator.watchdog import WatchdogReport
 
 __all__ = ["demo", "TRIAGE_MODULE", "demo_tickets"]
 
-TRIAGE_MODULE = "agents.examples.triage"
+TRIAGE_MODULE = "teamster.examples.triage"
 WORKFLOW = "ticket_triage"
 
 
 def demo_tickets(count: int | None) -> list[tuple[str, dict[str, str]]]:
     """The sample tickets, cycled to ``count`` (labels ``T-1001``, then ``T-1001#2``... on later cycles)."""
-    from agents.examples.triage import SAMPLE_TICKETS  # noqa: PLC0415 - registers the workflow on import
+    from teamster.examples.triage import SAMPLE_TICKETS  # noqa: PLC0415 - registers the workflow on import
 
     total = len(SAMPLE_TICKETS) if count is None else count
     out: list[tuple[str, dict[str, str]]] = []

@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from config.errors import InvalidInput
-from orchestrator.cli._common import console, handle_errors
-from orchestrator.cli._events import summarize_event
-from orchestrator.cli._support import (
+from teamster.errors import InvalidInput
+from teamster.orchestrator.cli._common import console, handle_errors
+from teamster.orchestrator.cli._events import summarize_event
+from teamster.orchestrator.cli._support import (
     entry_next_steps,
     fmt_time,
     fmt_when,
@@ -24,9 +24,9 @@ from orchestrator.cli._support import (
     short_json,
     styled_status,
 )
-from orchestrator.cli.local import await_run
-from orchestrator.client import Client
-from orchestrator.models import DeadLetterEntry, DeadLetterStatus
+from teamster.orchestrator.cli.local import await_run
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus
 
 __all__ = ["dlq_app"]
 

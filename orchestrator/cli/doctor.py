@@ -11,16 +11,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agents.providers import check_provider
-from agents.spec import registered_agents
-from config.embedded import resolve_redis_url
-from config.errors import ConfigurationError, InvalidSettings
-from config.settings import TeamsterSettings, load_settings
-from orchestrator.cli._common import console, handle_errors
-from orchestrator.cli._support import new_table
-from orchestrator.cli.local import ping_workers
-from orchestrator.client import Client, load_workflow_modules
-from orchestrator.workflow import registered_workflows
+from teamster.agents.providers import check_provider
+from teamster.agents.spec import registered_agents
+from teamster.config.embedded import resolve_redis_url
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import ConfigurationError, InvalidSettings
+from teamster.orchestrator.cli._common import console, handle_errors
+from teamster.orchestrator.cli._support import new_table
+from teamster.orchestrator.cli.local import ping_workers
+from teamster.orchestrator.client import Client, load_workflow_modules
+from teamster.orchestrator.workflow import registered_workflows
 
 __all__ = ["doctor", "Check", "run_checks", "mask_url"]
 

@@ -26,16 +26,16 @@ from types import TracebackType
 
 from rich.markup import escape
 
-from agents.providers import check_provider
-from config.errors import ConfigurationError, RunTimeout
-from config.settings import TeamsterSettings
-from orchestrator.cli._common import err_console
-from orchestrator.cli._support import is_settled
-from orchestrator.client import Client
-from orchestrator.enqueue import producer_app
-from orchestrator.models import RunRecord
-from orchestrator.processes import WorkerProcess, WorkerStartError
-from orchestrator.watchdog import Watchdog, WatchdogReport
+from teamster.agents.providers import check_provider
+from teamster.config.settings import TeamsterSettings
+from teamster.errors import ConfigurationError, RunTimeout
+from teamster.orchestrator.cli._common import err_console
+from teamster.orchestrator.cli._support import is_settled
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.enqueue import producer_app
+from teamster.orchestrator.models import RunRecord
+from teamster.orchestrator.processes import WorkerProcess, WorkerStartError
+from teamster.orchestrator.watchdog import Watchdog, WatchdogReport
 
 __all__ = ["LocalStack", "ping_workers", "wait_settled", "await_run"]
 
@@ -56,7 +56,7 @@ def ping_workers(settings: TeamsterSettings, redis_url: str, timeout: float = 1.
 class LocalStack:
     """A temporary worker subprocess and an in-process watchdog thread, stopped on exit (also on Ctrl-C).
 
-    The worker is a real ``celery -A tasks.app worker -P threads`` process with this process's environment
+    The worker is a real ``celery -A teamster.tasks.app worker -P threads`` process with this process's environment
     plus the settings that matter passed explicitly (Redis URL, key prefix, model, workflow modules, queues).
 
     Args:

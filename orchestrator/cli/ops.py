@@ -13,11 +13,11 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from config.errors import InvalidInput
-from config.settings import TeamsterSettings, load_settings
-from orchestrator.cli._common import console, handle_errors
-from orchestrator.cli._support import make_client
-from orchestrator.watchdog import WatchdogReport
+from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.errors import InvalidInput
+from teamster.orchestrator.cli._common import console, handle_errors
+from teamster.orchestrator.cli._support import make_client
+from teamster.orchestrator.watchdog import WatchdogReport
 
 __all__ = ["worker", "flower", "watchdog", "worker_argv", "flower_argv"]
 
@@ -73,7 +73,7 @@ def worker(
     settings = load_settings()
     argv = worker_argv(settings, concurrency=concurrency, pool=pool, queues=queues, loglevel=loglevel,
                        hostname=hostname, beat=beat)
-    from tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
+    from teamster.tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
 
     celery_app.worker_main(argv)
 
@@ -121,7 +121,7 @@ def flower(
     """
     load_settings()
     argv = flower_argv(port, address, basic_auth, url_prefix)
-    from tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
+    from teamster.tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
 
     celery_app.start(argv=argv)
 

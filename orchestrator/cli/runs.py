@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from config.errors import InvalidInput
-from orchestrator.cli._common import console, err_console, handle_errors
-from orchestrator.cli._events import summarize_event
-from orchestrator.cli._support import (
+from teamster.errors import InvalidInput
+from teamster.orchestrator.cli._common import console, err_console, handle_errors
+from teamster.orchestrator.cli._events import summarize_event
+from teamster.orchestrator.cli._support import (
     fmt_duration,
     fmt_time,
     fmt_when,
@@ -26,9 +26,9 @@ from orchestrator.cli._support import (
     short_json,
     styled_status,
 )
-from orchestrator.cli.local import await_run
-from orchestrator.models import RunStatus, StepRecord
-from orchestrator.workflow import get_workflow
+from teamster.orchestrator.cli.local import await_run
+from teamster.orchestrator.models import RunStatus, StepRecord
+from teamster.orchestrator.workflow import get_workflow
 
 __all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
 

@@ -23,11 +23,20 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from strands.types.tools import ToolContext
 
-from agents.scripted import ScriptContext, Turn, call, cannot_complete, finish, needs_human, register_script, throttle
-from agents.spec import AgentSpec, Budget, Criterion, RetryPolicy
-from agents.tools import idempotency_key, tool
-from orchestrator.escalation import human_review
-from orchestrator.workflow import Workflow
+from teamster.agents.scripted import (
+    ScriptContext,
+    Turn,
+    call,
+    cannot_complete,
+    finish,
+    needs_human,
+    register_script,
+    throttle,
+)
+from teamster.agents.spec import AgentSpec, Budget, Criterion, RetryPolicy
+from teamster.agents.tools import idempotency_key, tool
+from teamster.orchestrator.escalation import human_review
+from teamster.orchestrator.workflow import Workflow
 
 __all__ = ["Ticket", "TriageResult", "triage", "ORDERS", "SAMPLE_TICKETS", "REFUND_LIMIT"]
 

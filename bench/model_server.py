@@ -1,0 +1,522 @@
+"""A local OpenAI-compatible chat-completions server: the real provider path without a model API.
+
+Benchmarks and tests point strands-agents' ``OpenAIModel`` (so the ``openai`` SDK and httpx, over real HTTP) at
+this server: request building, keep-alive, SSE parsing, tool-call assembly, usage and 429s all run for real,
+while the "model" answers after a set latency with a tool call whose arguments are valid for the offered
+schema (:func:`teamster.agents.scripted.sample_output`).
+
+* ``POST /v1/chat/completions``, streamed (SSE) or not, in OpenAI's shapes. Model ``latency-<seconds>`` answers
+  after that long, ``hang`` never answers (until the client disconnects), any other name after ``latency``.
+  With ``tools`` it calls the tool ``tool_choice`` forces; else, while the conversation holds fewer than
+  ``tool_calls`` tool results, the first tool not named ``final_outcome``; else ``final_outcome`` if offered,
+  or the last tool. Without tools it says "ok" (or a sample for a ``json_schema`` response format).
+* Optional fixed-window rate limit: past ``rate_limit`` requests per ``rate_window`` seconds, OpenAI's 429.
+* ``GET /health``, ``GET /stats`` (counters, in-flight peak and time-weighted mean, windows), ``POST /reset``.
+
+Plain asyncio and cheap per request, as it runs beside the system being measured: :class:`ModelServer` runs
+it on a loop in a daemon thread, :class:`ModelServerProcess` as ``python -m bench.model_server`` (see
+``--help``) whose CPU time can be read apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+from teamster.agents.scripted import sample_output
+
+__all__ = ["ModelServer", "ModelServerProcess", "FINAL_TOOL", "main"]
+
+FINAL_TOOL = "final_outcome"
+"""The tool called last (teamster's structured-output tool), once ``tool_calls`` other calls were made."""
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Required", 429: "Too Many Requests"}
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+             b"transfer-encoding: chunked\r\n")
+_CLOSE = "connection: close\r\n"
+_COUNTERS = ("requests", "completed", "throttled", "hung", "errors", "disconnected", "tool_calls_emitted")
+_CACHE_MAX = 4096
+T = TypeVar("T")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _head(status: int, length: int, keep: bool, extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n"
+            f"{extra}{'' if keep else _CLOSE}\r\n").encode()
+
+
+def _error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> bytes:
+    return _dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+_RATE_LIMITED = _error("Rate limit reached for requests", "requests", "rate_limit_exceeded")
+
+
+class _Core:
+    """Request handling and counters; every method runs on the server's event loop."""
+
+    def __init__(self, latency: float, tool_calls: int, rate_limit: int | None, rate_window: float) -> None:
+        if rate_window <= 0:
+            raise ValueError("rate_window must be positive")
+        self.latency, self.tool_calls, self.rate_limit, self.rate_window = latency, tool_calls, rate_limit, rate_window
+        self._ids = itertools.count(1)
+        self._cache: dict[tuple[str, str], str] = {}
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters and start a fresh rate-limit window (requests in flight stay counted)."""
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self._t0 = self._t_last = time.monotonic()
+        self._area = 0.0
+        self.in_flight_max = self.in_flight
+        self._windows: deque[list[int]] = deque(maxlen=100)  # [window index, accepted requests]
+        self._max_accepted = 0
+
+    def _flight(self, delta: int) -> None:
+        now = time.monotonic()
+        self._area += self.in_flight * (now - self._t_last)
+        self._t_last = now
+        self.in_flight += delta
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as served by ``GET /stats``."""
+        self._flight(0)
+        elapsed = self._t_last - self._t0
+        return {**self.counters, "in_flight": self.in_flight, "in_flight_max": self.in_flight_max,
+                "in_flight_mean": self._area / elapsed if elapsed > 0 else float(self.in_flight),
+                "max_accepted_per_window": self._max_accepted, "rate_limit": self.rate_limit,
+                "rate_window": self.rate_window, "elapsed_seconds": elapsed,
+                "windows": [{"start": index * self.rate_window, "accepted": n} for index, n in self._windows]}
+
+    def _admit(self) -> float | None:
+        """Count a request in the current window; seconds until the window ends if it is over the limit."""
+        offset = time.monotonic() - self._t0
+        index = int(offset // self.rate_window)
+        if not self._windows or self._windows[-1][0] != index:
+            self._windows.append([index, 0])
+        window = self._windows[-1]
+        if self.rate_limit is not None and window[1] >= self.rate_limit:
+            return (index + 1) * self.rate_window - offset
+        window[1] += 1
+        self._max_accepted = max(self._max_accepted, window[1])
+        return None
+
+    async def listen(self, sock: socket.socket) -> asyncio.Server:
+        """Start accepting connections on a bound, listening socket."""
+        return await asyncio.start_server(self._connection, sock=sock)
+
+    async def close(self, server: asyncio.Server) -> None:
+        """Stop accepting, drop every open connection (hung requests included) and wait for the handlers."""
+        server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = cast("asyncio.Task[Any]", asyncio.current_task())
+        self._connections.add(task)
+        try:
+            while await self._request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or close() dropped the connection
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, status: int, body: bytes, keep: bool,
+                     extra: str = "") -> bool:
+        if status >= 400 and status != 429:
+            self.counters["errors"] += 1
+        writer.write(_head(status, len(body), keep, extra) + body)
+        await writer.drain()
+        return keep
+
+    async def _request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; whether to keep the connection for the next one."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False  # the client closed the connection between requests
+        except asyncio.LimitOverrunError:
+            return await self._reply(writer, 400, _error("request head too large"), False)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return await self._reply(writer, 400, _error("malformed request line"), False)
+        method, target, version = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        connection = headers.get("connection", "").lower()
+        keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        if "transfer-encoding" in headers:
+            return await self._reply(writer, 411, _error("send the request body with a Content-Length"), False)
+        length = headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return await self._reply(writer, 400, _error("invalid Content-Length"), False)
+        if length is None and method == "POST":
+            return await self._reply(writer, 411, _error("Content-Length required"), False)
+        body = await reader.readexactly(int(length)) if length else b""
+        path = target.partition("?")[0].removeprefix("/v1")
+        if method == "POST" and path == "/chat/completions":
+            return await self._chat(reader, writer, body, keep)
+        if method == "GET" and path == "/health":
+            return await self._reply(writer, 200, b'{"ok":true}', keep)
+        if method == "GET" and path == "/stats":
+            return await self._reply(writer, 200, _dumps(self.snapshot()).encode(), keep)
+        if method == "POST" and path == "/reset":
+            self.reset()
+            return await self._reply(writer, 200, b'{"ok":true}', keep)
+        return await self._reply(writer, 404, _error(f"no route for {method} {target}", code="not_found"), keep)
+
+    async def _chat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes,
+                    keep: bool) -> bool:
+        self.counters["requests"] += 1
+        try:
+            request = json.loads(body)
+            answer = self._answer(request)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return await self._reply(writer, 400, _error("We could not parse the JSON body of your request."), keep)
+        except (LookupError, TypeError, AttributeError, ValueError) as exc:  # not an object, bad tools, ...
+            return await self._reply(writer, 400, _error(f"invalid request: {exc}"), keep)
+        wait = self._admit()
+        if wait is not None:
+            self.counters["throttled"] += 1
+            extra = f"retry-after: {max(1, math.ceil(wait))}\r\nretry-after-ms: {max(1, math.ceil(wait * 1000))}\r\n"
+            return await self._reply(writer, 429, _RATE_LIMITED, keep, extra)
+        model = str(request.get("model", ""))
+        self._flight(1)
+        try:
+            if model == "hang":
+                self.counters["hung"] += 1
+                while await reader.read(65536):  # discard anything until the client disconnects
+                    pass
+                self.counters["disconnected"] += 1
+                return False
+            await asyncio.sleep(self._latency(model))
+            writer.write(self._render(request, model, answer, len(body), keep))
+            try:
+                await writer.drain()
+            except ConnectionError:
+                self.counters["disconnected"] += 1
+                return False
+            self.counters["completed"] += 1
+            return keep
+        finally:
+            self._flight(-1)
+
+    def _latency(self, model: str) -> float:
+        if model.startswith("latency-"):
+            try:
+                return max(0.0, float(model[8:]))
+            except ValueError:
+                pass
+        return self.latency
+
+    def _answer(self, request: dict[str, Any]) -> tuple[str | None, str]:
+        """(tool name, JSON arguments) for a tool call, or (None, text)."""
+        tools = [t["function"] for t in request.get("tools") or () if isinstance(t, dict) and "function" in t]
+        choice = request.get("tool_choice")
+        if not tools or choice == "none":
+            response_format = request.get("response_format") or {}
+            if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+                return None, self._sample("response_format", response_format["json_schema"].get("schema") or {})
+            return None, "ok"
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            tool = next((t for t in tools if t.get("name") == name), None)
+            if tool is None:
+                raise LookupError(f"tool_choice names {name!r}, which is not among the offered tools")
+        else:
+            tool = None
+            if self.tool_calls > 0:
+                messages = request.get("messages") or ()
+                if sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "tool") < self.tool_calls:
+                    tool = next((t for t in tools if t.get("name") != FINAL_TOOL), None)
+            if tool is None:
+                tool = next((t for t in tools if t.get("name") == FINAL_TOOL), tools[-1])
+        name = str(tool.get("name", ""))
+        return name, self._sample(name, tool.get("parameters") or {"type": "object", "properties": {}})
+
+    def _sample(self, name: str, schema: dict[str, Any]) -> str:
+        """A JSON document valid for ``schema``, sampled once per (name, schema)."""
+        key = (name, _dumps(schema))
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            cached = self._cache[key] = _dumps(sample_output(schema))
+        return cached
+
+    def _render(self, request: dict[str, Any], model: str, answer: tuple[str | None, str], prompt_chars: int,
+                keep: bool) -> bytes:
+        """The full HTTP response for a chat completion: one JSON body, or the whole SSE stream at once."""
+        n = next(self._ids)
+        name, text = answer
+        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        base = {"id": f"chatcmpl-{n}", "created": int(time.time()), "model": model}
+        finish = "stop" if name is None else "tool_calls"
+        if name is not None:
+            self.counters["tool_calls_emitted"] += 1
+        if not request.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": text if name is None else None}
+            if name is not None:
+                message["tool_calls"] = [{"id": f"call_{n}", "type": "function",
+                                          "function": {"name": name, "arguments": text}}]
+            completion_body = {**base, "object": "chat.completion", "usage": usage,
+                               "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}]}
+            data = _dumps(completion_body).encode()
+            return _head(200, len(data), keep) + data
+        deltas: list[dict[str, Any]] = [{"role": "assistant"}]
+        if name is None:
+            deltas.append({"content": text})
+        else:
+            half = (len(text) + 1) // 2
+            deltas.append({"tool_calls": [{"index": 0, "id": f"call_{n}", "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
+                       for part in (text[:half], text[half:]) if part]
+        chunk = {**base, "object": "chat.completion.chunk"}
+        events = [{**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+        events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        if (request.get("stream_options") or {}).get("include_usage"):
+            events.append({**chunk, "choices": [], "usage": usage})
+        out = [_SSE_HEAD, b"\r\n" if keep else _CLOSE.encode() + b"\r\n"]
+        for payload in [f"data: {_dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]:
+            out += (b"%x\r\n" % len(payload), payload, b"\r\n")
+        out.append(b"0\r\n\r\n")
+        return b"".join(out)
+
+
+def _listen(host: str, port: int) -> tuple[socket.socket, str]:
+    """A listening socket (a large backlog: benchmarks open 1000+ connections at once) and its base URL."""
+    sock = socket.create_server((host, port), backlog=8192)
+    port = sock.getsockname()[1]
+    return sock, f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+class _Lifecycle:
+    """Context-manager support shared by the in-process server and the subprocess."""
+
+    url: str = ""
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class ModelServer(_Lifecycle):
+    """The server on its own event loop in a daemon thread of this process.
+
+    Args:
+        host: Interface to bind.
+        port: Port to bind (0: any free port).
+        latency: Seconds before each answer, unless the model name says ``latency-<seconds>``.
+        tool_calls: Tool results the conversation must hold before ``final_outcome`` is called.
+        rate_limit: Requests accepted per window (None: unlimited).
+        rate_window: Length of a rate-limit window in seconds.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency: float = 1.0, tool_calls: int = 0,
+                 rate_limit: int | None = None, rate_window: float = 60.0) -> None:
+        self.host, self.port = host, port
+        self._core = _Core(latency, tool_calls, rate_limit, rate_window)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Start serving; the base URL for an OpenAI client (``http://127.0.0.1:PORT/v1``)."""
+        if self._thread is not None:
+            return self.url
+        sock, self.url = _listen(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        loop = self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                server = loop.run_until_complete(self._core.listen(sock))
+            finally:
+                ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._core.close(server))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"model-server-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self.url
+
+    def stop(self) -> None:
+        """Close every connection (hung ones too) and stop the loop thread."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        self._loop, self._thread = None, None
+
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        if self._loop is None:
+            return fn()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(lambda: future.set_result(fn()))
+        return future.result(timeout=30)
+
+    def stats(self) -> dict[str, Any]:
+        """The counters (the same JSON as ``GET /stats``)."""
+        return self._on_loop(self._core.snapshot)
+
+    def reset(self) -> None:
+        """Zero the counters and start a fresh rate-limit window."""
+        self._on_loop(self._core.reset)
+
+
+class ModelServerProcess(_Lifecycle):
+    """The server as a subprocess (``python -m bench.model_server``), so its CPU time can be measured apart.
+
+    Takes the same keyword arguments as :class:`ModelServer`.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency: float = 1.0, tool_calls: int = 0,
+                 rate_limit: int | None = None, rate_window: float = 60.0) -> None:
+        self.argv = [sys.executable, "-m", "bench.model_server", "--host", host, "--port", str(port),
+                     "--latency", repr(latency), "--tool-calls", str(tool_calls), "--rate-window", repr(rate_window)]
+        self.argv += ["--rate-limit", str(rate_limit)] if rate_limit is not None else []
+        self.process: subprocess.Popen[bytes] | None = None
+        self._cpu = 0.0
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start the process and wait for the URL it prints; the base URL for an OpenAI client."""
+        if self.process is not None:
+            return self.url
+        self.process = process = subprocess.Popen(self.argv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL,
+                                                  stdout=subprocess.PIPE, start_new_session=True)
+        assert process.stdout is not None
+        line = process.stdout.readline() if select.select([process.stdout], [], [], timeout)[0] else b""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"model server did not start within {timeout} s (exit code {process.returncode})")
+        self.url = str(json.loads(line)["url"])
+        return self.url
+
+    def _http(self, path: str, method: str = "GET") -> dict[str, Any]:
+        request = urllib.request.Request(self.url.removesuffix("/v1") + path, method=method,
+                                         data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data: dict[str, Any] = json.loads(response.read())
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        """The counters (``GET /stats``)."""
+        return self._http("/stats")
+
+    def reset(self) -> None:
+        """Zero the counters and start a fresh rate-limit window (``POST /reset``)."""
+        self._http("/reset", "POST")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server process so far (the last reading once it stopped)."""
+        if self.process is not None and self.process.poll() is None:
+            with open(f"/proc/{self.process.pid}/stat") as stat:  # utime and stime: fields 14 and 15
+                fields = stat.read().rpartition(")")[2].split()
+            self._cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return self._cpu
+
+    def stop(self) -> None:
+        """SIGTERM (SIGKILL after 10 s) and wait for the process to exit."""
+        process = self.process
+        if process is None:
+            return
+        self.cpu_seconds()
+        self.process = None
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    sock, url = _listen(args.host, args.port)
+    core = _Core(args.latency, args.tool_calls, args.rate_limit, args.rate_window)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    server = await core.listen(sock)
+    print(json.dumps({"url": url}), flush=True)
+    await stop.wait()
+    await core.close(server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print ``{"url": ...}`` on the first stdout line, then serve until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.model_server",
+        description="Local OpenAI-compatible chat-completions server for benchmarks and tests. Prints "
+        '{"url": "http://HOST:PORT/v1"} on the first stdout line, then serves until SIGTERM or SIGINT. The model '
+        "name sets the latency: latency-<seconds> (e.g. latency-0.05); hang never answers; others use --latency.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default: 0)")
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds before each answer (default: 1.0)")
+    parser.add_argument("--tool-calls", type=int, default=0, metavar="N",
+                        help=f"call the first tool not named {FINAL_TOOL} until the conversation holds N tool "
+                        f"results, then {FINAL_TOOL} (default: 0)")
+    parser.add_argument("--rate-limit", type=int, metavar="R", help="accept at most R requests per window; "
+                        "answer the rest 429 at once (default: no limit)")
+    parser.add_argument("--rate-window", type=float, default=60.0, metavar="W",
+                        help="rate-limit window in seconds (default: 60)")
+    args = parser.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # every concurrent connection takes a descriptor
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,18 +9,29 @@ turned off: teamster's step retry policy is the one layer that retries.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from strands.models.model import Model
 
-from teamster.agents.scripted import FaultPlan, ScriptedModel, get_script
+from teamster.agents.scripted import FaultPlan, ScriptedModel, ScriptedSettings, get_script
 from teamster.config.settings import TeamsterSettings
-from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra
+from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra, ModelRequestBlocked
 
-__all__ = ["ProviderRef", "parse_provider", "build_model", "check_provider", "PROVIDERS"]
+__all__ = [
+    "ProviderRef",
+    "parse_provider",
+    "build_model",
+    "check_provider",
+    "override_model",
+    "block_real_models",
+    "PROVIDERS",
+]
 
 PROVIDERS = ("bedrock", "openai", "anthropic", "ollama", "scripted")
 _EXTRAS = {"openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
@@ -84,16 +95,59 @@ def check_provider(value: str, settings: TeamsterSettings) -> ProviderRef:
     return ref
 
 
+# --------------------------------------------------------------------------- test hooks (teamster.testing)
+
+ModelFactory = Callable[[], Model]
+_OVERRIDES: dict[str, ModelFactory] = {}
+_BLOCKED: list[str] = []  # non-empty: real providers refuse to build (the reason)
+_HOOK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def override_model(agent: str, factory: ModelFactory) -> Iterator[None]:
+    """Make steps of ``agent`` (``"*"``: every agent) in this process use ``factory()`` as their model."""
+    with _HOOK_LOCK:
+        previous = _OVERRIDES.get(agent)
+        _OVERRIDES[agent] = factory
+    try:
+        yield
+    finally:
+        with _HOOK_LOCK:
+            if previous is None:
+                _OVERRIDES.pop(agent, None)
+            else:
+                _OVERRIDES[agent] = previous
+
+
+@contextlib.contextmanager
+def block_real_models(reason: str = "real model requests are blocked in this test") -> Iterator[None]:
+    """While active, building any provider but ``scripted`` (or an override) raises :class:`ModelRequestBlocked`."""
+    with _HOOK_LOCK:
+        _BLOCKED.append(reason)
+    try:
+        yield
+    finally:
+        with _HOOK_LOCK:
+            _BLOCKED.remove(reason)
+
+
 def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
-    """A fresh model instance for one step of ``agent`` (never shared between tasks).
+    """A model instance for one step of ``agent``.
 
     Raises:
         ConfigurationError: see :func:`check_provider`.
+        ModelRequestBlocked: a real provider while :func:`block_real_models` is active.
     """
+    factory = _OVERRIDES.get(agent) or _OVERRIDES.get("*")
+    if factory is not None:
+        return factory()
     ref = check_provider(value, settings)
+    if _BLOCKED and ref.kind != "scripted":
+        raise ModelRequestBlocked(f"agent {agent!r} asked for model {value!r}: {_BLOCKED[-1]}")
     if ref.kind == "scripted":
-        return ScriptedModel(get_script(agent), agent=agent, latency=settings.scripted_latency,
-                             faults=FaultPlan.parse(settings.scripted_faults, settings.scripted_seed))
+        scripted = ScriptedSettings()
+        return ScriptedModel(get_script(agent), agent=agent, latency=scripted.latency,
+                             faults=FaultPlan.parse(scripted.faults, scripted.seed))
     if ref.kind == "bedrock":
         from botocore.config import Config  # noqa: PLC0415
         from strands.models.bedrock import BedrockModel  # noqa: PLC0415

@@ -22,7 +22,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from strands.models.model import Model
 from strands.types.content import Messages
 from strands.types.exceptions import ModelThrottledException
@@ -55,6 +56,8 @@ __all__ = [
     "register_script",
     "get_script",
     "sample_output",
+    "ScriptedSettings",
+    "set_call_observer",
 ]
 
 TurnKind = Literal["text", "tool", "outcome", "raw_tool", "throttle", "timeout", "guardrail"]
@@ -326,7 +329,29 @@ def sample_output(schema: dict[str, Any], defs: dict[str, Any] | None = None) ->
 
 # --------------------------------------------------------------------------- scripts by agent name
 
+
+class ScriptedSettings(BaseSettings):
+    """How ``TEAMSTER_MODEL=scripted`` behaves in a process (workers of the demo, tests and benchmarks), read from
+    ``TEAMSTER_SCRIPTED_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TEAMSTER_SCRIPTED_", extra="ignore")
+
+    faults: str = Field(
+        default="",
+        description="Fault rates, e.g. 'throttle=0.1,timeout=0.05,invalid_json=0.02' (default none). Kinds: "
+        + ", ".join(FAULT_KINDS) + ".")
+    latency: float = Field(default=0.0, ge=0, description="Seconds of latency per model call (default 0).")
+    seed: int = Field(default=0, description="Seed of the fault injection (default 0).")
+
+
 _SCRIPTS: dict[str, Script] = {}
+_OBSERVER: list[Callable[[ScriptContext], None]] = []
+
+
+def set_call_observer(observer: Callable[[ScriptContext], None] | None) -> None:
+    """Call ``observer`` with the context of every call of every :class:`ScriptedModel` in this process (None
+    removes it): how tests and benchmarks count model calls made in worker processes."""
+    _OBSERVER[:] = [observer] if observer is not None else []
 
 
 def register_script(agent: str, script: Script) -> None:
@@ -391,6 +416,8 @@ class ScriptedModel(Model):
             self.calls.append(ctx)
         if self.on_call is not None:
             self.on_call(ctx)
+        for observer in _OBSERVER:
+            observer(ctx)
         turn = self.faults.pick(ctx) or self._scripted_turn(ctx)
         delay = self.latency + turn.latency
         if delay:

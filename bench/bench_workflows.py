@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from teamster.agents.scripted import ScriptContext, Turn, finish, register_script
 from teamster.agents.spec import AgentSpec, Budget
 from teamster.orchestrator.workflow import Workflow
+from teamster.testing import record_model_calls
 
 __all__ = [
     "BenchInput",
@@ -70,6 +71,8 @@ def _script(ctx: ScriptContext) -> Turn:
 
 
 register_script(BENCH_AGENT, _script)
+# Workers count their scripted model calls in Redis (teamster.testing.model_calls_key): the benchmarks read them.
+record_model_calls()
 
 bench_agent: AgentSpec[BenchInput, Tick] = AgentSpec(
     name=BENCH_AGENT,

@@ -51,6 +51,7 @@ from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.watchdog import Watchdog
+from teamster.testing import model_calls_key
 
 __all__ = ["main", "build_parser", "CELERY_DEFAULT_VISIBILITY_TIMEOUT"]
 
@@ -104,10 +105,10 @@ def one_recovery(env: BenchEnv, client: Client, keys: Keys, pool: WorkerPool, le
     redis = env.client
     run_id = client.submit(SINGLE_WORKFLOW, {"text": f"recover {lease} {rep}"})
     calls_field = f"{run_id}:{SINGLE_STEP}"
-    wait_until(lambda: int(redis.hget(keys.scripted_calls, calls_field) or 0) >= 1, 30,
+    wait_until(lambda: int(redis.hget(model_calls_key(keys.prefix), calls_field) or 0) >= 1, 30,
                f"the model call of run {run_id} to start")
     call_seen = time.monotonic()
-    record = client.engine.store.get_step(run_id, SINGLE_STEP)
+    record = client.runtime.store.get_step(run_id, SINGLE_STEP)
     if record is None or record.worker is None:
         raise BenchError(f"step of run {run_id} has no worker recorded")
     victim = pool.by_pid(int(record.worker.rsplit(":", 1)[1]))
@@ -123,13 +124,13 @@ def one_recovery(env: BenchEnv, client: Client, keys: Keys, pool: WorkerPool, le
     timeout = lease + args.watchdog_interval + args.step_seconds + 60
     final = wait_until(lambda: redis.hget(keys.run(run_id), "status") in FINAL and
                        redis.hget(keys.run(run_id), "status"), timeout, f"run {run_id} to finish after the kill")
-    record = client.engine.store.get_step(run_id, SINGLE_STEP)
+    record = client.runtime.store.get_step(run_id, SINGLE_STEP)
     assert record is not None
     events = client.journal(run_id, step=SINGLE_STEP)
     expired = next((e.ts for e in events if e.type == "lease_expired"), None)
     commits = [e for e in events if e.type == "commit"]
     takeover = [e for e in events if e.type == "step_start" and e.data.get("takeover")]
-    model_calls = int(redis.hget(keys.scripted_calls, calls_field) or 0)
+    model_calls = int(redis.hget(model_calls_key(keys.prefix), calls_field) or 0)
     finished = record.finished_at
     ok = (final == '"succeeded"' and record.attempts == 2 and record.lease_expiries == 1 and len(commits) == 1
           and len(takeover) == 1 and not str(record.worker).endswith(f":{victim.pid}"))
@@ -170,7 +171,7 @@ def measure_lease(env: BenchEnv, lease: float, args: argparse.Namespace, rng: ra
                   f"(every {args.watchdog_interval:g}s) ...")
     pool.start()
     stop = threading.Event()
-    watchdog = threading.Thread(target=Watchdog(client.engine).run_forever, args=(stop, args.watchdog_interval),
+    watchdog = threading.Thread(target=Watchdog(client.runtime).run_forever, args=(stop, args.watchdog_interval),
                                 name="watchdog", daemon=True)
     watchdog.start()
     try:

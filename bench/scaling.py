@@ -38,6 +38,7 @@ from bench.bench_workflows import LINEAR_STEPS, LINEAR_WORKFLOW, SINGLE_WORKFLOW
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.keys import Keys
+from teamster.testing import model_calls_key
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +50,7 @@ def _wait_all(env: BenchEnv, keys: Keys, runs: int, timeout: float, workers: lis
     """Wait until no run is active; progress counts steps whose model call started."""
     ticker = Ticker(label, steps)
     deadline = time.monotonic() + timeout
-    calls_before = int(env.client.hlen(keys.scripted_calls))
+    calls_before = int(env.client.hlen(model_calls_key(keys.prefix)))
     while True:
         left = int(env.client.zcard(keys.active_runs))
         if left == 0:
@@ -60,7 +61,7 @@ def _wait_all(env: BenchEnv, keys: Keys, runs: int, timeout: float, workers: lis
         if time.monotonic() > deadline:
             raise BenchError(f"{left} runs not done after {timeout:.0f}s; worker log {workers[0].log_path}:\n"
                              f"{workers[0].log_tail(15)}")
-        started = int(env.client.hlen(keys.scripted_calls)) - calls_before
+        started = int(env.client.hlen(model_calls_key(keys.prefix))) - calls_before
         ticker.update(started, extra=f", {runs - left}/{runs} runs done")
         time.sleep(0.05)
 

@@ -86,6 +86,13 @@ class TeamsterSettings(BaseSettings):
         description="A run with no progress for this long is escalated by the watchdog (default 1 h).",
     )
 
+    store_retry_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long a commit, dead-letter write or other store write retries in place through transient "
+        "Redis errors (connection lost, timeouts, no free pooled connection) before it gives up (default 30 s); "
+        "the model is never called again for it.",
+    )
+
     # --- retries (defaults for steps that do not set their own policy) ----------------------
     retry_max_attempts: int = Field(default=3, ge=1, description="Attempts per step for retryable errors (default 3).")
     retry_backoff_base: float = Field(default=2.0, gt=0, description="First retry delay in seconds (default 2).")
@@ -109,21 +116,13 @@ class TeamsterSettings(BaseSettings):
     step_timeout_seconds: float = Field(
         default=300.0, gt=0, description="Default wall-clock budget of one agent step (default 300 s)."
     )
-    scripted_faults: str = Field(
-        default="",
-        description="Fault rates injected by the scripted model, e.g. 'throttle=0.1,timeout=0.05,invalid_json=0.02' "
-        "(default none). Kinds: throttle, timeout, invalid_json, schema_invalid, refusal, cannot_complete.",
-    )
-    scripted_latency: float = Field(
-        default=0.0, ge=0, description="Seconds of latency per scripted model call (default 0)."
-    )
-    scripted_seed: int = Field(default=0, description="Seed of the scripted model's fault injection (default 0).")
 
     # --- application -------------------------------------------------------------------------
     workflow_modules: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["teamster.examples.triage"],
-        description="Comma-separated modules imported by workers and the CLI to register agents and workflows "
-        "(default 'teamster.examples.triage').",
+        default_factory=list,
+        description="Comma-separated modules imported by workers and the CLI to register agents and workflows, "
+        "found like `celery -A` finds an app (the current directory first). Default: none (`teamster demo` loads "
+        "its example itself).",
     )
     max_payload_bytes: int = Field(
         default=256 * 1024, gt=0, description="Largest accepted run input, in bytes of JSON (default 256 KiB)."

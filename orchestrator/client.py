@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,10 +31,11 @@ from teamster.config.settings import TeamsterSettings, get_settings
 from teamster.errors import ConfigurationError, RunFailed, RunTimeout, StoreUnavailable
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.dlq import DeadLetterQueue
-from teamster.orchestrator.engine import Engine
-from teamster.orchestrator.enqueue import CeleryEnqueuer, producer_app
+from teamster.orchestrator.enqueue import CeleryEnqueuer
 from teamster.orchestrator.models import JournalEvent, RunRecord, RunStatus, StepRecord
 from teamster.orchestrator.replay import ReplayReport, replay_run
+from teamster.orchestrator.runtime import Enqueuer, Runtime
+from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import Workflow, get_workflow
 
@@ -43,20 +46,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 _LOADED: set[str] = set()
 
 
-def load_workflow_modules(settings: TeamsterSettings) -> None:
-    """Import ``TEAMSTER_WORKFLOW_MODULES`` (registers their agents and workflows).
+def load_workflow_modules(settings: TeamsterSettings, modules: list[str] | None = None) -> None:
+    """Import the workflow modules (``TEAMSTER_WORKFLOW_MODULES`` unless ``modules`` is given): registers their
+    agents and workflows.
+
+    Modules are found the way ``celery -A`` finds an app: the current directory comes first on ``sys.path``, so a
+    workflow module next to the command works for the worker, ``submit``, ``doctor`` and the client alike.
 
     Raises:
         ConfigurationError: a module cannot be imported (the message names it and the import error).
     """
-    for module in settings.workflow_modules:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in settings.workflow_modules if modules is None else modules:
         if module in _LOADED:
             continue
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigurationError(f"cannot import workflow module {module!r}: {exc}",
-                                     hint="Check TEAMSTER_WORKFLOW_MODULES and that the module is installed.") from exc
+                                     hint="Check TEAMSTER_WORKFLOW_MODULES (comma-separated module names, importable "
+                                          "from the current directory or the environment).") from exc
         _LOADED.add(module)
 
 
@@ -81,32 +92,34 @@ class Client:
     """
 
     def __init__(self, settings: TeamsterSettings | None = None, *, redis_url: str | None = None,
-                 load_modules: bool = True) -> None:
+                 load_modules: bool = True, enqueuer: Enqueuer | None = None) -> None:
         self.settings = settings or get_settings()
         self.redis_url = redis_url or resolve_redis_url(self.settings)
         if load_modules:
             load_workflow_modules(self.settings)
-        self._engine: Engine | None = None
+        self._enqueuer = enqueuer
+        self._runtime: Runtime | None = None
         self._lock = threading.Lock()
 
     @property
-    def engine(self) -> Engine:
-        """The engine used for store access and operator actions."""
+    def runtime(self) -> Runtime:
+        """The deployment this client talks to (store, journal, settings, how steps are sent)."""
         with self._lock:
-            if self._engine is None:
-                app = producer_app(self.settings, self.redis_url)
-                self._engine = Engine(self.settings, redis_client(self.settings, self.redis_url),
-                                      CeleryEnqueuer(app, self.settings), worker="client")
-            return self._engine
+            if self._runtime is None:
+                enqueuer = self._enqueuer if self._enqueuer is not None else \
+                    CeleryEnqueuer.for_settings(self.settings, self.redis_url)
+                self._runtime = Runtime(self.settings, redis_client(self.settings, self.redis_url), enqueuer,
+                                        worker="client")
+            return self._runtime
 
     @property
     def dlq(self) -> DeadLetterQueue:
         """The dead-letter queue."""
-        return DeadLetterQueue(self.engine)
+        return DeadLetterQueue(self.runtime)
 
     def watchdog(self) -> Watchdog:
         """A watchdog bound to this deployment."""
-        return Watchdog(self.engine)
+        return Watchdog(self.runtime)
 
     # ------------------------------------------------------------------ apps
     @_store_errors
@@ -121,7 +134,7 @@ class Client:
             StoreUnavailable: Redis is down (nothing was written).
         """
         wf = workflow if isinstance(workflow, Workflow) else get_workflow(workflow)
-        run_id, _created = self.engine.transitions.create_run(wf, input, idempotency_key)
+        run_id, _created = Transitions(self.runtime).create_run(wf, input, idempotency_key)
         return run_id
 
     @_store_errors
@@ -131,13 +144,13 @@ class Client:
         Raises:
             RunNotFound: no such run.
         """
-        return self.engine.store.get_run(run_id)
+        return self.runtime.store.get_run(run_id)
 
     @_store_errors
     def steps(self, run_id: str) -> list[StepRecord]:
         """The run's step records in queue order."""
-        self.engine.store.get_run(run_id)
-        return self.engine.store.steps(run_id)
+        self.runtime.store.get_run(run_id)
+        return self.runtime.store.steps(run_id)
 
     @_store_errors
     def result(self, run_id: str, timeout: float | None = 60.0, *, poll: float = 0.05) -> BaseModel:
@@ -152,9 +165,9 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll
         while True:
-            run = self.engine.store.get_run(run_id)
+            run = self.runtime.store.get_run(run_id)
             if run.status == RunStatus.SUCCEEDED:
-                wf = get_workflow(run.workflow)
+                wf = get_workflow(run.workflow, run.workflow_module)
                 model = wf.output_model or wf.state_model
                 return model.model_validate(run.output or {})
             if run.status in (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN):
@@ -172,29 +185,29 @@ class Client:
     @_store_errors
     def cancel(self, run_id: str, *, reason: str = "cancelled by client", by: str = "client") -> RunRecord:
         """Cancel a run; steps not yet finished end as ``cancelled`` with the reason."""
-        return self.engine.transitions.cancel_run(run_id, by=by, reason=reason)
+        return Transitions(self.runtime).cancel_run(run_id, by=by, reason=reason)
 
     # ------------------------------------------------------------------ operators
     @_store_errors
     def runs(self, *, limit: int = 50, status: list[str] | None = None, workflow: str | None = None) -> list[RunRecord]:
         """Recent runs, newest first."""
-        return self.engine.store.list_runs(limit=limit, status=status, workflow=workflow)
+        return self.runtime.store.list_runs(limit=limit, status=status, workflow=workflow)
 
     @_store_errors
     def journal(self, run_id: str, *, step: str | None = None, types: list[str] | None = None) -> list[JournalEvent]:
         """The run's journal in order."""
-        self.engine.store.get_run(run_id)
-        return self.engine.journal.read(run_id, step=step, types=types)
+        self.runtime.store.get_run(run_id)
+        return self.runtime.journal.read(run_id, step=step, types=types)
 
     @_store_errors
     def replay(self, run_id: str) -> ReplayReport:
         """Replay the run offline from its journal (zero model calls) and report differences."""
-        return replay_run(self.engine, run_id)
+        return replay_run(self.runtime, run_id)
 
     @_store_errors
     def ping(self) -> bool:
         """True when Redis answers."""
-        return bool(self.engine.client.ping())
+        return bool(self.runtime.client.ping())
 
 
 _DEFAULT: Client | None = None

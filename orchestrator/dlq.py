@@ -12,34 +12,34 @@ version, typed error, attempts, trace id, escalation taken and a journal excerpt
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from teamster.agents.outcomes import Succeeded
 from teamster.agents.runner import validate_input
 from teamster.errors import DeadLetterNotFound, InvalidInput, InvalidOperation
 from teamster.orchestrator.keys import Keys
-from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, RunStatus, StepStatus, now
-from teamster.orchestrator.store import Tx, TxRejected, decode_fields
+from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, Delivery, RunStatus, StepStatus, now
+from teamster.orchestrator.runtime import Runtime
+from teamster.orchestrator.store import Tx, TxRejected
+from teamster.orchestrator.transitions import Resolution, Transitions
 from teamster.orchestrator.workflow import get_workflow
-
-if TYPE_CHECKING:
-    from teamster.orchestrator.engine import Engine
 
 __all__ = ["DeadLetterQueue"]
 
-_WAITING_STEP = [StepStatus.FAILED.value, StepStatus.CANNOT_COMPLETE.value, StepStatus.NEEDS_HUMAN.value]
+_WAITING_STEP = frozenset({StepStatus.FAILED, StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN})
 
 
 class DeadLetterQueue:
     """Operator access to dead-letter entries."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.client = engine.client
-        self.keys: Keys = engine.keys
-        self.store = engine.store
-        self.journal = engine.journal
-        self.transitions = engine.transitions
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.client = runtime.client
+        self.keys: Keys = runtime.keys
+        self.store = runtime.store
+        self.journal = runtime.journal
+        self.settings = runtime.settings
+        self.transitions = Transitions(runtime)
 
     def list(self, *, include_closed: bool = False, limit: int = 50, run_id: str | None = None,
              workflow: str | None = None) -> list[DeadLetterEntry]:
@@ -49,7 +49,7 @@ class DeadLetterQueue:
         else:
             index = self.keys.dlq_all if include_closed else self.keys.dlq_open
             ids = list(self.client.zrevrange(index, 0, max(limit * 4, 200) - 1))  # type: ignore[arg-type]
-        entries = [e for e in (self._load(i) for i in ids) if e is not None]
+        entries = [e for e in (self.store.get_entry(i) for i in ids) if e is not None]
         if not include_closed:
             entries = [e for e in entries if e.status == DeadLetterStatus.OPEN]
         if workflow:
@@ -67,14 +67,10 @@ class DeadLetterQueue:
         Raises:
             DeadLetterNotFound: no such entry.
         """
-        entry = self._load(entry_id)
+        entry = self.store.get_entry(entry_id)
         if entry is None:
             raise DeadLetterNotFound(f"no dead-letter entry {entry_id!r}")
         return entry
-
-    def _load(self, entry_id: str) -> DeadLetterEntry | None:
-        raw = self.client.hgetall(self.keys.dlq_entry(entry_id))
-        return DeadLetterEntry.model_validate(decode_fields(raw)) if raw else None  # type: ignore[arg-type]
 
     def _open(self, entry_id: str) -> DeadLetterEntry:
         entry = self.get(entry_id)
@@ -88,49 +84,48 @@ class DeadLetterQueue:
               state_patch: dict[str, Any] | None = None) -> DeadLetterEntry:
         """Re-run the failed step from attempt 1 (optionally after patching the run state)."""
         entry = self._open(entry_id)
-        for _ in range(50):
+        resend = False
+
+        def attempt() -> None:
+            nonlocal resend
             run = self.store.get_run(entry.run_id)
             if run.status in (RunStatus.CANCELLED, RunStatus.SUCCEEDED):
                 raise InvalidOperation(f"run {run.run_id} is {run.status.value}; its entries can only be discarded")
-            wf = get_workflow(run.workflow)
+            wf = get_workflow(run.workflow, run.workflow_module)
             state = run.state
             if state_patch:
-                merged = {**run.state, **state_patch}
                 try:
-                    state = validate_input(wf.state_model, merged, what="edited state").model_dump(mode="json")
+                    state = validate_input(wf.state_model, {**run.state, **state_patch},
+                                           what="edited state").model_dump(mode="json")
                 except InvalidInput as exc:
                     raise InvalidInput(exc.message, hint="Fix the state patch; nothing was changed.",
                                        **exc.details) from None
             record = self.store.get_step(run.run_id, entry.step_key)
             t = now()
-            others_open = self.transitions.open_entries(run.run_id, exclude=entry_id)
             run_fields: dict[str, Any] = {"state": state, "state_version": run.state_version + 1, "updated_at": t,
                                           "progress_at": t}
-            if not others_open:
-                run_fields.update(status=RunStatus.RUNNING.value, error=None, finished_at=None)
+            if not self.store.open_entries(run.run_id, exclude=entry_id):
+                run_fields.update(status=RunStatus.RUNNING, error=None, finished_at=None)
             tx = Tx()
-            tx.require("entry_open", self.keys.dlq_entry(entry_id), "status", "eq", DeadLetterStatus.OPEN.value)
             tx.require("state_version", self.keys.run(run.run_id), "state_version", "eq", run.state_version)
             resend = False
-            if record is not None and record.status.value in _WAITING_STEP:
-                tx.require("step_status", self.keys.step(run.run_id, entry.step_key), "status", "in", _WAITING_STEP)
+            if record is not None and record.status in _WAITING_STEP:
+                tx.require("step_status", self.keys.step(run.run_id, entry.step_key), "status", "in",
+                           sorted(_WAITING_STEP))
                 tx.hset(self.keys.step(run.run_id, entry.step_key), {
-                    "status": StepStatus.QUEUED.value, "attempt_base": record.attempts, "escalations_used": 0,
-                    "fallback": None,
-                    "queued_at": t, "finished_at": None, "reason": f"retried by {by}: {reason}"})
-                tx.hset(self.keys.steps(run.run_id), {entry.step_key: StepStatus.QUEUED.value})
+                    "status": StepStatus.QUEUED, "attempt_base": record.attempts, "escalations_used": 0,
+                    "fallback": None, "queued_at": t, "finished_at": None, "reason": f"retried by {by}: {reason}"})
+                tx.hset(self.keys.steps(run.run_id), {entry.step_key: StepStatus.QUEUED})
                 resend = True
             elif record is not None and record.status in (StepStatus.QUEUED, StepStatus.RETRYING, StepStatus.RUNNING):
                 resend = True  # a deadline entry: the step never ended; send it again
             if resend:
-                tx.call("ZADD", self.keys.inflight, t + self.engine.settings.stuck_queued_seconds,
+                tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds,
                         Keys.member(run.run_id, entry.step_key))
             tx.hset(self.keys.run(run.run_id), run_fields)
-            deadline = wf.deadline_seconds or self.engine.settings.run_deadline_seconds
+            deadline = wf.deadline_seconds or self.settings.run_deadline_seconds
             tx.call("ZADD", self.keys.active_runs, t + deadline, run.run_id)
-            tx.hset(self.keys.dlq_entry(entry_id), {"status": DeadLetterStatus.RETRIED.value, "closed_at": t,
-                                                    "closed_by": by, "close_reason": reason})
-            tx.call("ZREM", self.keys.dlq_open, entry_id)
+            self.transitions.close_entry(tx, entry_id, DeadLetterStatus.RETRIED, by, reason)
             tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
                 "dlq_retry", step=entry.step_key,
                 data={"entry_id": entry_id, "by": by, "reason": reason, "state_patch": state_patch}))
@@ -138,12 +133,13 @@ class DeadLetterQueue:
                 self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
-                    continue
+                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while retrying ({rejected.guard})") from None
-            if resend:
-                self.engine.enqueue_many(run.run_id, [entry.step_key])
-            return self.get(entry_id)
-        raise InvalidOperation(f"could not retry {entry_id}: the run kept changing")
+
+        self.store.optimistic(f"retry {entry_id}", attempt, gives_up=InvalidOperation)
+        if resend:
+            self.transitions.enqueue(entry.run_id, [entry.step_key])
+        return self.get(entry_id)
 
     # ------------------------------------------------------------------ resolve
     def resolve(self, entry_id: str, output: dict[str, Any], *, by: str, reason: str = "") -> DeadLetterEntry:
@@ -152,10 +148,10 @@ class DeadLetterQueue:
         run = self.store.get_run(entry.run_id)
         if run.status in (RunStatus.CANCELLED, RunStatus.SUCCEEDED):
             raise InvalidOperation(f"run {run.run_id} is {run.status.value}; its entries can only be discarded")
-        wf = get_workflow(run.workflow)
+        wf = get_workflow(run.workflow, run.workflow_module)
         step = wf.steps[entry.step_id]
         record = self.store.get_step(run.run_id, entry.step_key)
-        if record is None or record.status.value not in _WAITING_STEP:
+        if record is None or record.status not in _WAITING_STEP:
             raise InvalidOperation(f"step {entry.step_key} is {record.status.value if record else 'missing'}; "
                                    "only a failed or waiting step can be resolved (retry a stuck one)")
         if record.kind in ("fan_out", "join"):
@@ -168,8 +164,8 @@ class DeadLetterQueue:
         else:
             raise InvalidInput("a resolution must be a JSON object")
         if run.status == RunStatus.FAILED:  # fail_run: the operator's resolution revives the run
-            tx = Tx().require("status", self.keys.run(run.run_id), "status", "eq", RunStatus.FAILED.value)
-            tx.hset(self.keys.run(run.run_id), {"status": RunStatus.ESCALATED.value, "finished_at": None})
+            tx = Tx().require("status", self.keys.run(run.run_id), "status", "eq", RunStatus.FAILED)
+            tx.hset(self.keys.run(run.run_id), {"status": RunStatus.ESCALATED, "finished_at": None})
             try:
                 self.store.apply(tx)
             except TxRejected:
@@ -177,12 +173,10 @@ class DeadLetterQueue:
             run = self.store.get_run(run.run_id)
         self.journal.append(run.run_id, "dlq_resolve", step=entry.step_key,
                             data={"entry_id": entry_id, "by": by, "reason": reason, "output": data})
-        result = self.transitions.commit(
-            run, wf, step, record, None, Succeeded(output=data),
-            expected=tuple(StepStatus(s) for s in _WAITING_STEP), actor=by, resume=True,
-            close_entry=(entry_id, reason or "resolved"))
-        if result.status not in ("committed",):
-            raise InvalidOperation(f"could not resolve {entry_id}: {result.status} {result.detail}")
+        result = self.transitions.commit(run, wf, step, record, None, Succeeded(output=data),
+                                         resolution=Resolution(entry_id, by, reason or "resolved"))
+        if result.status != Delivery.COMMITTED:
+            raise InvalidOperation(f"could not resolve {entry_id}: {result.status.value} {result.detail}")
         return self.get(entry_id)
 
     # ------------------------------------------------------------------ discard
@@ -191,18 +185,16 @@ class DeadLetterQueue:
         if not reason.strip():
             raise InvalidInput("discarding needs a reason (it is recorded on the run)")
         entry = self._open(entry_id)
-        for _ in range(50):
+
+        def attempt() -> None:
             run = self.store.get_run(entry.run_id)
             t = now()
             tx = Tx()
-            tx.require("entry_open", self.keys.dlq_entry(entry_id), "status", "eq", DeadLetterStatus.OPEN.value)
             tx.require("state_version", self.keys.run(run.run_id), "state_version", "eq", run.state_version)
-            tx.hset(self.keys.dlq_entry(entry_id), {"status": DeadLetterStatus.DISCARDED.value, "closed_at": t,
-                                                    "closed_by": by, "close_reason": reason})
-            tx.call("ZREM", self.keys.dlq_open, entry_id)
+            self.transitions.close_entry(tx, entry_id, DeadLetterStatus.DISCARDED, by, reason)
             if run.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED, RunStatus.FAILED):
                 tx.hset(self.keys.run(run.run_id), {
-                    "status": RunStatus.FAILED.value, "finished_at": t, "updated_at": t,
+                    "status": RunStatus.FAILED, "finished_at": t, "updated_at": t,
                     "state_version": run.state_version + 1,
                     "error": {**(run.error or {}), "error_type": entry.error_type,
                               "message": f"discarded by {by}: {reason} (was: {entry.message})",
@@ -214,9 +206,10 @@ class DeadLetterQueue:
                 self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
-                    continue
+                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while discarding ({rejected.guard})") from None
-            if not self.transitions.open_entries(run.run_id):
-                self.store.expire_run(run.run_id, self.engine.settings.finished_run_ttl_seconds)
-            return self.get(entry_id)
-        raise InvalidOperation(f"could not discard {entry_id}: the run kept changing")
+
+        self.store.optimistic(f"discard {entry_id}", attempt, gives_up=InvalidOperation)
+        if not self.store.open_entries(entry.run_id):
+            self.store.expire_run(entry.run_id, self.settings.finished_run_ttl_seconds)
+        return self.get(entry_id)

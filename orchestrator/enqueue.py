@@ -12,11 +12,16 @@ __all__ = ["CeleryEnqueuer", "producer_app"]
 
 
 class CeleryEnqueuer:
-    """Implements :class:`orchestrator.engine.Enqueuer` with ``send_task`` (JSON kwargs, steps queue)."""
+    """Implements :class:`~teamster.orchestrator.runtime.Enqueuer` with ``send_task`` (JSON kwargs, steps queue)."""
 
     def __init__(self, app: Celery, settings: TeamsterSettings) -> None:
         self.app = app
         self.queue = settings.steps_queue
+
+    @classmethod
+    def for_settings(cls, settings: TeamsterSettings, redis_url: str) -> CeleryEnqueuer:
+        """An enqueuer on a send-only Celery app (clients)."""
+        return cls(producer_app(settings, redis_url), settings)
 
     def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None:
         message = StepMessage(run_id=run_id, step_key=step_key)

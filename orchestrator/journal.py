@@ -118,6 +118,14 @@ class Journal:
         fields = self.fields(event_type, step=step, attempt=attempt, data=data)
         return str(self.client.xadd(self.keys.journal(run_id), fields))  # type: ignore[arg-type]
 
+    def append_many(self, run_id: str, events: Iterable[tuple[str, dict[str, Any]]], *, step: str | None = None,
+                    attempt: int | None = None) -> None:
+        """Append several ``(event_type, data)`` events of one step in one round trip (in order)."""
+        pipe = self.client.pipeline(transaction=False)
+        for event_type, data in events:
+            pipe.xadd(self.keys.journal(run_id), self.fields(event_type, step=step, attempt=attempt, data=data))
+        pipe.execute()
+
     def read(self, run_id: str, *, types: Iterable[str] | None = None, step: str | None = None,
              after: str = "-", count: int | None = None) -> list[JournalEvent]:
         """Events of a run in order, optionally filtered by type and step."""

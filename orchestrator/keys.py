@@ -66,15 +66,6 @@ class Keys:
         """Set: dead-letter entry ids of one run."""
         return f"{self.prefix}:run:{run_id}:dlq"
 
-    def effects(self, name: str) -> str:
-        """Hash: side-effect ledger of an example tool (idempotency key -> result)."""
-        return f"{self.prefix}:effects:{name}"
-
-    @property
-    def scripted_calls(self) -> str:
-        """Hash: model calls made by the scripted model per ``run_id:step_key`` (tests and benchmarks)."""
-        return f"{self.prefix}:scripted:calls"
-
     @staticmethod
     def member(run_id: str, step_key: str) -> str:
         """Member of the in-flight set."""

@@ -7,6 +7,7 @@ through a pydantic model).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -20,12 +21,15 @@ __all__ = [
     "RUN_WAITING",
     "STEP_TERMINAL",
     "STEP_DONE",
+    "STEP_OPEN",
     "RunRecord",
     "StepRecord",
     "DeadLetterEntry",
     "JournalEvent",
     "StepMessage",
     "StartRunMessage",
+    "Delivery",
+    "StepExecution",
     "now",
 ]
 
@@ -73,6 +77,8 @@ STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.
                            StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN, StepStatus.CANCELLED})
 STEP_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
 """Statuses that let successors proceed."""
+STEP_OPEN = frozenset({StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING})
+"""Statuses of a step that has not ended yet."""
 
 
 class DeadLetterStatus(StrEnum):
@@ -93,6 +99,7 @@ class RunRecord(BaseModel):
     run_id: str
     workflow: str
     workflow_version: str = "1"
+    workflow_module: str | None = None
     status: RunStatus = RunStatus.PENDING
     input: dict[str, Any] = Field(default_factory=dict)
     state: dict[str, Any] = Field(default_factory=dict)
@@ -156,6 +163,7 @@ class DeadLetterEntry(BaseModel):
     entry_id: str
     run_id: str
     workflow: str
+    workflow_module: str | None = None
     step_key: str
     step_id: str
     agent: str | None = None
@@ -206,3 +214,46 @@ class StartRunMessage(BaseModel):
     workflow: str = Field(min_length=1)
     input: dict[str, Any]
     idempotency_key: str | None = Field(default=None, max_length=200)
+
+
+class Delivery(StrEnum):
+    """What one delivery of a step message did (:class:`StepExecution`)."""
+
+    COMMITTED = "committed"
+    SKIPPED = "skipped"
+    RETRY = "retry"
+    DEAD_LETTERED = "dead_lettered"
+    REQUEUED = "requeued"
+    """Dead-lettered and sent again by a ``retry_with`` escalation."""
+    ALREADY_DONE = "already_done"
+    """A redelivery of a step that had ended: nothing ran."""
+    DUPLICATE = "duplicate_in_progress"
+    """Another live worker holds the step's lease."""
+    STALE = "stale"
+    """The commit was rejected (stale fencing token, or the step ended meanwhile)."""
+    LEASE_LOST = "lease_lost"
+    RUN_FINAL = "run_final"
+    MISSING = "missing"
+
+
+@dataclass
+class StepExecution:
+    """What one delivery of a step did (the step task returns it as JSON)."""
+
+    status: Delivery
+    run_id: str
+    step_key: str
+    step_status: StepStatus | None = None
+    retry_in: float | None = None
+    attempt: int | None = None
+    outcome: dict[str, Any] | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form (``None`` and empty fields left out)."""
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if value in (None, {}):
+                continue
+            out[key] = value.value if isinstance(value, StrEnum) else value
+        return out

@@ -11,7 +11,7 @@ or agent version shows up as a difference. Nothing is written to the store.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 from strands.models.model import Model
@@ -20,12 +20,11 @@ from strands.types.streaming import StreamEvent
 from teamster.agents.recording import ReplayExhausted
 from teamster.agents.runner import StepContext, run_agent
 from teamster.agents.spec import get_agent
+from teamster.orchestrator.executor import run_deterministic
 from teamster.orchestrator.models import JournalEvent
 from teamster.orchestrator.planner import skip_reason
+from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.workflow import get_workflow
-
-if TYPE_CHECKING:
-    from teamster.orchestrator.engine import Engine
 
 __all__ = ["ReplayReport", "StepReplay", "replay_run"]
 
@@ -117,14 +116,14 @@ def _compare(recorded: dict[str, Any] | None, replayed: dict[str, Any] | None) -
     return diffs
 
 
-def replay_run(engine: Engine, run_id: str) -> ReplayReport:
+def replay_run(runtime: Runtime, run_id: str) -> ReplayReport:
     """Replay ``run_id`` offline (see module docstring)."""
-    run = engine.store.get_run(run_id)
-    wf = get_workflow(run.workflow)
-    events = engine.journal.read(run_id)
+    run = runtime.store.get_run(run_id)
+    wf = get_workflow(run.workflow, run.workflow_module)
+    events = runtime.journal.read(run_id)
     report = ReplayReport(run_id=run_id, workflow=run.workflow)
     for step_key, (attempt, start, recorded) in _final_attempts(events).items():
-        record = engine.store.get_step(run_id, step_key)
+        record = runtime.store.get_step(run_id, step_key)
         kind = record.kind if record else "agent"
         item = StepReplay(step_key=step_key, kind=kind, attempt=attempt, recorded=recorded)
         data = start.data if start else {}
@@ -151,10 +150,10 @@ def replay_run(engine: Engine, run_id: str) -> ReplayReport:
             if str(data.get("agent_version", spec.version)) != spec.version:
                 item.differences.append(f"agent {spec.name} version: recorded {data.get('agent_version')}, "
                                         f"current {spec.version}")
-            exchanges = engine.journal.exchanges(run_id, step_key, attempt or 1)
+            exchanges = runtime.journal.exchanges(run_id, step_key, attempt or 1)
             tools = {str(e.data.get("idempotency_key")): e.data for e in events
                      if e.type == "tool_result" and e.step == step_key and e.attempt == attempt}
-            agent_run = run_agent(spec, data.get("input"), model=_NoModel(), settings=engine.settings,
+            agent_run = run_agent(spec, data.get("input"), model=_NoModel(), settings=runtime.settings,
                                   context=StepContext(run_id=run_id, step_id=step_key, attempt=attempt or 1),
                                   recorded=exchanges, recorded_tools=tools)
             item.replayed = agent_run.outcome.model_dump(mode="json")
@@ -170,7 +169,7 @@ def replay_run(engine: Engine, run_id: str) -> ReplayReport:
                 item.differences.append(f"used {len(agent_run.exchanges)} of {len(exchanges)} recorded responses")
         else:
             state = wf.state_model.model_validate(data.get("state", {}))
-            outcome = engine._run_deterministic(run, wf, step, state)
+            outcome = run_deterministic(runtime.store, run, wf, step, state)
             item.replayed = outcome.model_dump(mode="json")
         item.differences += _compare(recorded, item.replayed)
         item.same = not item.differences

@@ -4,58 +4,122 @@ Writes that must go together go together: every multi-key change is a :class:`Tx
 field with an expected value) plus writes -- executed by one Lua script, so it applies entirely or not at
 all. A step commit is guarded by the fencing token (a stale token is rejected, invariant I4), by the step
 not being terminal yet (committed once, never twice) and by the run's state version (optimistic
-concurrency between parallel branches of one run).
+concurrency between parallel branches of one run): :meth:`RunStore.optimistic` is the one place that
+retries on a version conflict.
 
 All hash fields hold JSON values (a status is stored as ``"running"``, a counter as ``3``), so Lua can
-compare and increment them and Python decodes them with one rule.
+compare and increment them and Python decodes them with one rule. This module is the only one that sees that
+encoding: everything else gets typed records and enums (the Lua scripts take their literals from the enums).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
-from teamster.errors import RunNotFound, StoreUnavailable
+from teamster.errors import RunNotFound, StoreUnavailable, TeamsterError
 from teamster.orchestrator.keys import Keys
-from teamster.orchestrator.models import RunRecord, StepRecord, StepStatus, now
+from teamster.orchestrator.models import (
+    RUN_TERMINAL,
+    DeadLetterEntry,
+    DeadLetterStatus,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    now,
+)
 
-__all__ = ["RunStore", "Tx", "TxRejected", "Claim", "encode_fields", "decode_fields"]
+__all__ = [
+    "RunStore",
+    "Tx",
+    "TxRejected",
+    "VersionConflict",
+    "Claim",
+    "encode_fields",
+    "decode_fields",
+    "literal",
+    "MAX_CAS",
+]
 
-_CLAIM = """
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_CAS = 100
+"""How often an optimistic write is re-planned after a state-version conflict before giving up."""
+
+
+def literal(value: Any) -> str:
+    """The stored (JSON) form of ``value``: what Lua compares (``StepStatus.RUNNING`` -> ``"running"``)."""
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _lua_list(values: Iterable[Any]) -> str:
+    return "{" + ", ".join(f"[{literal(v)!r}]=true" for v in values) + "}"
+
+
+# A claim reads the step and its run and writes the lease in one round trip. It returns the step record and the
+# run record, so the worker needs no further read before running the step.
+_CLAIM = f"""
 local holder = redis.call('GET', KEYS[1])
-if holder then return {'busy', holder} end
-local status = redis.call('HGET', KEYS[2], 'status')
-if not status then return {'missing', ''} end
-if status ~= '"queued"' and status ~= '"retrying"' and status ~= '"running"' then return {'terminal', status} end
-local run_status = redis.call('HGET', KEYS[5], 'status')
-if run_status == '"cancelled"' or run_status == '"failed"' or run_status == '"succeeded"' then
-  return {'run_final', run_status}
-end
-if status == '"running"' then redis.call('HINCRBY', KEYS[2], 'lease_expiries', 1) end
-local token = redis.call('HINCRBY', KEYS[2], 'fence', 1)
-redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+if holder then return {{'busy', holder}} end
+local step = redis.call('HGETALL', KEYS[2])
+if #step == 0 then return {{'missing', ''}} end
+local fields = {{}}
+for i = 1, #step, 2 do fields[step[i]] = step[i + 1] end
+local status = fields['status']
+local open = {_lua_list((StepStatus.QUEUED, StepStatus.RETRYING, StepStatus.RUNNING))}
+if not open[status] then return {{'terminal', status}} end
+local run = redis.call('HGETALL', KEYS[5])
+if #run == 0 then return {{'missing', ''}} end
+local run_status = ''
+for i = 1, #run, 2 do if run[i] == 'status' then run_status = run[i + 1] end end
+local final = {_lua_list(RUN_TERMINAL)}
+if final[run_status] then return {{'run_final', run_status}} end
+local expiries = tonumber(fields['lease_expiries'] or '0')
+if status == {literal(StepStatus.RUNNING)!r} then expiries = expiries + 1 end
+local token = tonumber(fields['fence'] or '0') + 1
+local attempts = tonumber(fields['attempts'] or '0') + 1
 redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
-redis.call('HSET', KEYS[2], 'status', '"running"', 'started_at', ARGV[2], 'worker', ARGV[3], 'next_retry_at', 'null')
-redis.call('HSET', KEYS[3], ARGV[6], '"running"')
+redis.call('HSET', KEYS[2], 'status', {literal(StepStatus.RUNNING)!r}, 'started_at', ARGV[2], 'worker', ARGV[3],
+           'next_retry_at', 'null', 'fence', token, 'attempts', attempts, 'lease_expiries', expiries)
+redis.call('HSET', KEYS[3], ARGV[6], {literal(StepStatus.RUNNING)!r})
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-return {'claimed', tostring(token), status}
+return {{'claimed', tostring(token), status, step, run, tostring(attempts), tostring(expiries)}}
 """
 
+# Renews every lease a worker holds in one round trip: a lease is extended while its token still holds it (or
+# re-taken when it lapsed and nobody else took the step). Returns, per lease, 1 (held) or 0 (lost), followed by
+# the run's status (so a cancelled run stops its running steps).
 _RENEW = """
-local current = redis.call('GET', KEYS[1])
-if current == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-elseif (not current) and redis.call('HGET', KEYS[3], 'fence') == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else
-  return 0
+local out = {}
+local n = 0
+for i = 1, #ARGV, 4 do
+  n = n + 1
+  local lease, step, run = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
+  local token, ms, due, member = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local current = redis.call('GET', lease)
+  local ok = 0
+  if current == token then
+    redis.call('PEXPIRE', lease, ms)
+    ok = 1
+  elseif (not current) and redis.call('HGET', step, 'fence') == token then
+    redis.call('SET', lease, token, 'PX', ms)
+    ok = 1
+  end
+  if ok == 1 then redis.call('ZADD', KEYS[#KEYS], due, member) end
+  out[#out + 1] = ok
+  out[#out + 1] = redis.call('HGET', run, 'status') or ''
 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+return out
 """
 
 _TX = """
@@ -85,22 +149,19 @@ return {'ok'}
 """
 
 
-def _enc(value: Any) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
 def encode_fields(values: Mapping[str, Any]) -> list[str]:
     """Flatten ``{field: value}`` into ``[field, json(value), ...]`` for HSET."""
     out: list[str] = []
     for key, value in values.items():
-        out += [key, _enc(value)]
+        out += [key, literal(value)]
     return out
 
 
-def decode_fields(raw: Mapping[str, str]) -> dict[str, Any]:
-    """Decode a hash whose values are JSON."""
+def decode_fields(raw: Mapping[str, str] | list[str]) -> dict[str, Any]:
+    """Decode a hash whose values are JSON (a mapping, or the flat ``[field, value, ...]`` list Lua returns)."""
+    items = raw.items() if isinstance(raw, Mapping) else zip(raw[::2], raw[1::2], strict=True)
     out: dict[str, Any] = {}
-    for key, value in raw.items():
+    for key, value in items:
         try:
             out[key] = json.loads(value)
         except (json.JSONDecodeError, TypeError):
@@ -122,14 +183,27 @@ class TxRejected(Exception):
         self.actual = actual
 
 
-class Tx:
-    """A guarded multi-key write, applied atomically by one Lua script (see :meth:`RunStore.apply`)."""
+class VersionConflict(TxRejected):
+    """The run's state version moved since the transaction was planned: plan it again."""
 
-    def __init__(self) -> None:
+
+class Tx:
+    """A guarded multi-key write, applied atomically by one Lua script (see :meth:`RunStore.apply`).
+
+    Args:
+        marker: ``(hash key, field)`` the transaction stamps with a unique id: when Redis fails after applying
+            it but before answering, the retried apply finds its own stamp and knows it was applied.
+    """
+
+    def __init__(self, marker: tuple[str, str] | None = None) -> None:
         self.keys: list[str] = []
         self._index: dict[str, int] = {}
         self.guards: list[dict[str, Any]] = []
         self.ops: list[dict[str, Any]] = []
+        self.marker = marker
+        self.stamp = uuid.uuid4().hex
+        if marker is not None:
+            self.hset(marker[0], {marker[1]: self.stamp})
 
     def _k(self, key: str) -> int:
         if key not in self._index:
@@ -141,15 +215,16 @@ class Tx:
         """Guard: the hash field (or string when ``field`` is None) must satisfy ``op`` against ``value``.
 
         ``op`` is ``eq``, ``ne``, ``in``, ``nin`` (value: list), ``exists`` or ``absent``. Values are compared
-        in their stored JSON form; pass raw Python values.
+        in their stored JSON form; pass Python values (enums included). A guard named ``state_version`` that
+        fails raises :class:`VersionConflict`.
         """
         guard: dict[str, Any] = {"n": name, "k": self._k(key), "op": op}
         if field is not None:
             guard["f"] = field
         if op in ("in", "nin"):
-            guard["v"] = [_enc(v) for v in value]
+            guard["v"] = [literal(v) for v in value]
         elif op in ("eq", "ne"):
-            guard["v"] = _enc(value) if field is not None else str(value)
+            guard["v"] = literal(value) if field is not None else str(value)
         self.guards.append(guard)
         return self
 
@@ -177,47 +252,99 @@ class Tx:
 class Claim:
     """Result of :meth:`RunStore.claim`.
 
-    ``kind`` is ``claimed`` (token set), ``busy`` (another live worker holds the lease), ``terminal`` (the
-    step already ended -- its committed result is final), ``run_final`` (the run ended) or ``missing``.
+    ``kind`` is ``claimed`` (token set; ``step`` and ``run`` are the records as claimed), ``busy`` (another live
+    worker holds the lease), ``terminal`` (the step already ended -- its committed result is final;
+    ``step_status`` says how), ``run_final`` (the run ended; ``run_status`` says how) or ``missing``.
     ``previous`` is the step status before the claim: ``running`` means the previous holder died.
     """
 
     kind: str
     token: int = 0
-    previous: str = ""
+    previous: StepStatus | None = None
+    step: StepRecord | None = None
+    run: RunRecord | None = None
+    step_status: StepStatus | None = None
+    run_status: RunStatus | None = None
+    holder: str = ""
 
 
 class RunStore:
-    """Typed access to runs and steps in Redis.
+    """Typed access to runs, steps and dead-letter entries in Redis.
 
     Args:
         client: A Redis client created with ``decode_responses=True``.
         keys: Key naming.
+        retry_seconds: How long a write keeps retrying through transient Redis errors (connection refused or
+            reset, timeouts, an exhausted connection pool) before it gives up with :class:`StoreUnavailable`.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, retry_seconds: float = 30.0) -> None:
         self.client = client
         self.keys = keys
+        self.retry_seconds = retry_seconds
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._tx = client.register_script(_TX)
 
     # ------------------------------------------------------------------ transactions
-    def apply(self, tx: Tx) -> None:
-        """Apply ``tx`` atomically.
+    def apply(self, tx: Tx, *, retry_seconds: float | None = None) -> None:
+        """Apply ``tx`` atomically, retrying in place through transient Redis errors.
+
+        A retry is safe: the guards make a transaction apply at most once, and a marked transaction (see
+        :class:`Tx`) that was applied before Redis failed to answer is recognised by its stamp.
 
         Raises:
-            TxRejected: a guard failed (nothing written).
-            StoreUnavailable: Redis could not be reached.
+            VersionConflict: the ``state_version`` guard failed (nothing written; plan again).
+            TxRejected: another guard failed (nothing written).
+            StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
         """
         spec = json.dumps({"g": tx.guards or [], "o": tx.ops or []})
         # cjson decodes [] as an empty object; both loops treat it as empty.
+        deadline = time.monotonic() + (self.retry_seconds if retry_seconds is None else retry_seconds)
+        delay = 0.05
+        failed_once = False
+        while True:
+            try:
+                result = self._tx(keys=tx.keys, args=[spec])
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failed_once = True
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+                log.warning("store write failed (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if result[0] == "ok":
+            return
+        if failed_once and tx.marker is not None and self._stamped(tx):
+            return  # an earlier try was applied; Redis failed before it could say so
+        guard, actual = str(result[1]), str(result[2])
+        if guard == "state_version":
+            raise VersionConflict(guard, actual)
+        raise TxRejected(guard, actual)
+
+    def _stamped(self, tx: Tx) -> bool:
+        assert tx.marker is not None
         try:
-            result = self._tx(keys=tx.keys, args=[spec])
-        except redis.ConnectionError as exc:
-            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
-        if result[0] != "ok":
-            raise TxRejected(str(result[1]), str(result[2]))
+            return bool(self.client.hget(tx.marker[0], tx.marker[1]) == literal(tx.stamp))
+        except redis.RedisError:
+            return False
+
+    def optimistic(self, what: str, attempt: Callable[[], T], *,
+                   gives_up: Callable[[str], TeamsterError] | None = None) -> T:
+        """Run ``attempt`` (read, plan, apply a transaction guarded by the state version) until it does not
+        meet a :class:`VersionConflict` -- the single optimistic-concurrency loop of teamster.
+
+        Raises:
+            StoreUnavailable: (or what ``gives_up`` builds) after :data:`MAX_CAS` conflicts in a row.
+        """
+        for _ in range(MAX_CAS):
+            try:
+                return attempt()
+            except VersionConflict:
+                continue
+        message = f"could not {what}: the run's state kept changing ({MAX_CAS} tries)"
+        raise gives_up(message) if gives_up is not None else StoreUnavailable(message)
 
     # ------------------------------------------------------------------ runs
     def get_run(self, run_id: str) -> RunRecord:
@@ -230,6 +357,11 @@ class RunStore:
         if not raw:
             raise RunNotFound(f"no run {run_id!r}")
         return RunRecord.model_validate(decode_fields(raw))  # type: ignore[arg-type]
+
+    def run_status(self, run_id: str) -> RunStatus | None:
+        """The run's status, or None when the run does not exist."""
+        raw = self.client.hget(self.keys.run(run_id), "status")
+        return RunStatus(json.loads(raw)) if raw else None  # type: ignore[arg-type]
 
     def list_runs(self, *, limit: int = 50, status: Iterable[str] | None = None,
                   workflow: str | None = None) -> list[RunRecord]:
@@ -259,6 +391,15 @@ class RunStore:
                     break
         return out
 
+    def run_statuses(self, run_ids: Iterable[str]) -> dict[str, RunStatus | None]:
+        """Statuses of several runs in one round trip (None: no such run)."""
+        ids = list(run_ids)
+        pipe = self.client.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.hget(self.keys.run(run_id), "status")
+        return {run_id: RunStatus(json.loads(raw)) if raw else None for run_id, raw in zip(ids, pipe.execute(),
+                                                                                            strict=True)}
+
     # ------------------------------------------------------------------ steps
     def get_step(self, run_id: str, step_key: str) -> StepRecord | None:
         """One step record, or None."""
@@ -286,25 +427,65 @@ class RunStore:
         result = self._claim(
             keys=[self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.steps(run_id),
                   self.keys.inflight, self.keys.run(run_id)],
-            args=[int(lease_seconds * 1000), _enc(t), _enc(worker), Keys.member(run_id, step_key),
+            args=[int(lease_seconds * 1000), literal(t), literal(worker), Keys.member(run_id, step_key),
                   t + lease_seconds, step_key],
         )
         kind = str(result[0])
         if kind == "claimed":
-            return Claim("claimed", int(result[1]), json.loads(result[2]))
-        return Claim(kind, 0, str(result[1]))
+            step = decode_fields(result[3])
+            step.update(status=StepStatus.RUNNING, started_at=t, worker=worker, next_retry_at=None,
+                        fence=int(result[1]), attempts=int(result[5]), lease_expiries=int(result[6]))
+            return Claim("claimed", int(result[1]), StepStatus(json.loads(result[2])),
+                         step=StepRecord.model_validate(step), run=RunRecord.model_validate(decode_fields(result[4])))
+        if kind == "terminal":
+            return Claim(kind, step_status=StepStatus(json.loads(result[1])))
+        if kind == "run_final":
+            return Claim(kind, run_status=RunStatus(json.loads(result[1])))
+        return Claim(kind, holder=str(result[1]))
 
-    def renew(self, run_id: str, step_key: str, token: int, lease_seconds: float) -> bool:
-        """Extend the lease if ``token`` still holds it (or re-take it if it lapsed and nobody else did)."""
-        return bool(self._renew(
-            keys=[self.keys.lease(run_id, step_key), self.keys.inflight, self.keys.step(run_id, step_key)],
-            args=[str(token), int(lease_seconds * 1000), now() + lease_seconds, Keys.member(run_id, step_key)],
-        ))
+    def renew(self, leases: list[tuple[str, str, int]], lease_seconds: float) -> list[tuple[bool, RunStatus | None]]:
+        """Extend the leases ``(run_id, step_key, token)`` still held by their tokens, in one round trip.
+
+        Returns:
+            Per lease: whether it is still held (renewed, or re-taken after lapsing), and its run's status.
+        """
+        if not leases:
+            return []
+        keys: list[str] = []
+        args: list[Any] = []
+        due = now() + lease_seconds
+        for run_id, step_key, token in leases:
+            keys += [self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.run(run_id)]
+            args += [str(token), int(lease_seconds * 1000), due, Keys.member(run_id, step_key)]
+        keys.append(self.keys.inflight)
+        flat = self._renew(keys=keys, args=args)
+        return [(bool(held), RunStatus(json.loads(status)) if status else None)
+                for held, status in zip(flat[::2], flat[1::2], strict=True)]
 
     def lease_holder(self, run_id: str, step_key: str) -> int | None:
         """The fencing token holding the lease, if any."""
         value = self.client.get(self.keys.lease(run_id, step_key))
         return int(value) if value else None  # type: ignore[arg-type]
+
+    def lease_remaining(self, run_id: str, step_key: str) -> float:
+        """Seconds left on the step's lease (0 when it lapsed or never existed)."""
+        remaining_ms = self.client.pttl(self.keys.lease(run_id, step_key))
+        return max(0.0, int(remaining_ms) / 1000.0) if remaining_ms is not None else 0.0  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ dead-letter entries
+    def get_entry(self, entry_id: str) -> DeadLetterEntry | None:
+        """One dead-letter entry, or None."""
+        raw = self.client.hgetall(self.keys.dlq_entry(entry_id))
+        return DeadLetterEntry.model_validate(decode_fields(raw)) if raw else None  # type: ignore[arg-type]
+
+    def open_entries(self, run_id: str, exclude: str | None = None) -> list[str]:
+        """Open dead-letter entry ids of a run."""
+        ids = [i for i in self.client.smembers(self.keys.run_dlq(run_id)) if i != exclude]  # type: ignore[union-attr]
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.hget(self.keys.dlq_entry(entry_id), "status")
+        return [i for i, status in zip(ids, pipe.execute(), strict=True)
+                if status and DeadLetterStatus(json.loads(status)) == DeadLetterStatus.OPEN]
 
     # ------------------------------------------------------------------ retention
     def run_keys(self, run_id: str) -> list[str]:
@@ -326,4 +507,3 @@ class RunStore:
         for key in self.run_keys(run_id):
             pipe.persist(key)
         pipe.execute()
-

@@ -1,9 +1,12 @@
-"""Atomic state transitions of runs and steps: create, commit, retry, dead-letter, cancel.
+"""Atomic state transitions of runs, steps and dead-letter entries: create, commit, retry, dead-letter, close,
+cancel.
 
 Each transition reads what it needs, lets the planner decide, and writes everything in one guarded
-:class:`~orchestrator.store.Tx`. Guards: the step's fencing token (I4) and expected status (a step ends
-once), the run's state version (optimistic concurrency: parallel branches of a run serialise their commits
-by retrying on a version conflict) and the run not being final.
+:class:`~teamster.orchestrator.store.Tx`. Guards: the step's fencing token (I4) and expected status (a step ends
+once), the run's state version (optimistic concurrency: parallel branches of a run serialise their commits by
+re-planning on a version conflict, in :meth:`RunStore.optimistic`) and the run not being final. There is one
+way to write a dead-letter entry (:meth:`Transitions.write_entry`) and one way to close one
+(:meth:`Transitions.close_entry`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -20,8 +24,10 @@ from teamster.agents.runner import AgentRun, validate_input
 from teamster.agents.spec import RetryPolicy
 from teamster.errors import (
     IdempotencyConflict,
+    InvalidInput,
+    InvalidOperation,
+    InvalidOutput,
     PayloadRejected,
-    StoreUnavailable,
     TeamsterError,
 )
 from teamster.orchestrator import metrics
@@ -29,28 +35,26 @@ from teamster.orchestrator.escalation import FailRun, HumanReview, Policy, Retry
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import (
     RUN_TERMINAL,
+    STEP_OPEN,
     DeadLetterEntry,
     DeadLetterStatus,
+    Delivery,
     RunRecord,
     RunStatus,
+    StepExecution,
     StepRecord,
     StepStatus,
     now,
 )
 from teamster.orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
+from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.store import Tx, TxRejected
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-if TYPE_CHECKING:
-    from teamster.orchestrator.engine import Engine, StepExecution
-
-__all__ = ["Transitions", "combine_run_status"]
+__all__ = ["Transitions", "Resolution", "combine_run_status", "agent_stats"]
 
 log = logging.getLogger(__name__)
-
-_FINAL = [s.value for s in RUN_TERMINAL]
-_MAX_CAS = 100
 
 
 def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
@@ -60,23 +64,43 @@ def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
     return new if order.get(new, 0) >= order.get(current, 0) else current
 
 
-def _execution(*args: Any, **kwargs: Any) -> StepExecution:
-    from teamster.orchestrator.engine import StepExecution  # noqa: PLC0415 - engine imports this module
+def agent_stats(agent_run: AgentRun | None) -> dict[str, Any]:
+    """The step-record fields that say what an agent attempt cost."""
+    if agent_run is None:
+        return {}
+    return {"model_calls": agent_run.model_calls, "live_model_calls": agent_run.live_model_calls,
+            "tool_calls": agent_run.tool_calls, "tokens": int(agent_run.usage.get("totalTokens", 0)),
+            "duration_seconds": round(agent_run.duration_seconds, 4)}
 
-    return StepExecution(*args, **kwargs)
+
+@dataclass(frozen=True)
+class Resolution:
+    """An operator supplies a waiting step's output by hand (``teamster dlq resolve``)."""
+
+    entry_id: str
+    by: str
+    reason: str
 
 
 class Transitions:
-    """The write side of the engine (see module docstring)."""
+    """The write side of the orchestrator (see module docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.store = engine.store
-        self.journal = engine.journal
-        self.keys: Keys = engine.keys
-        self.settings = engine.settings
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
+        self.store = runtime.store
+        self.journal = runtime.journal
+        self.keys: Keys = runtime.keys
 
     # ------------------------------------------------------------------ helpers
+    def enqueue(self, run_id: str, step_keys: list[str]) -> None:
+        """Send step messages; a failure here is recovered by the watchdog (the steps are recorded queued)."""
+        for key in step_keys:
+            try:
+                self.rt.enqueuer.enqueue(run_id, key)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not enqueue %s:%s (%s); the watchdog will re-send it", run_id, key, exc)
+
     def _new_step_ops(self, tx: Tx, run_id: str, new: list[NewStep], t: float) -> None:
         for item in new:
             record = StepRecord(run_id=run_id, step_key=item.key, step_id=item.step_id, kind=item.kind,
@@ -86,25 +110,41 @@ class Transitions:
             tx.xadd(self.keys.journal(run_id), self.journal.fields("step_queued", step=item.key,
                                                                     data={"kind": item.kind}))
 
-    def _ending_step_tx(self, run_id: str, key: str, token: int | None, expected: tuple[StepStatus, ...],
+    def _ending_step_tx(self, run_id: str, key: str, token: int | None, expected: frozenset[StepStatus],
                         state_version: int) -> Tx:
         """A transaction guarded the way every step-ending write is: the fencing token (when a worker holds
-        one), the step's expected status (a step ends once), the run's state version and a non-final run."""
-        tx = Tx()
+        one), the step's expected status (a step ends once), the run's state version and a non-final run. It is
+        stamped on the step record, so a retry after a lost reply recognises it was applied."""
+        tx = Tx(marker=(self.keys.step(run_id, key), "last_write"))
         if token is not None:
             tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
-        tx.require("step_status", self.keys.step(run_id, key), "status", "in", [s.value for s in expected])
+        tx.require("step_status", self.keys.step(run_id, key), "status", "in", sorted(expected))
         tx.require("state_version", self.keys.run(run_id), "state_version", "eq", state_version)
-        tx.require("run_status", self.keys.run(run_id), "status", "nin", _FINAL)
+        tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
         return tx
 
-    def entry_input(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord) -> dict[str, Any]:
+    def _deadline(self, wf: Workflow) -> float:
+        return wf.deadline_seconds or self.settings.run_deadline_seconds
+
+    def _settle_retention(self, run_id: str) -> None:
+        """A finished run without open dead-letter entries expires after the TTL; one with open entries never."""
+        if self.store.open_entries(run_id):
+            self.store.persist_run(run_id)
+        else:
+            self.store.expire_run(run_id, self.settings.finished_run_ttl_seconds)
+
+    def entry_input(self, run: RunRecord, wf: Workflow | None, step: StepDef | None,
+                    record: StepRecord | None) -> dict[str, Any] | None:
         """The input a dead-letter entry records: what the step last started with (from the journal), else what
         it would start with now (an attempt that died before journaling its input, a step that never started)."""
+        if record is None:
+            return None
         for start in reversed(self.journal.read(run.run_id, types=("step_start",), step=record.step_key)):
             value = start.data.get("input", start.data.get("state"))
             if value is not None:
                 return value if isinstance(value, dict) else {"value": value}
+        if wf is None or step is None:
+            return None
         try:
             state = wf.state_model.model_validate(run.state)
             if record.kind in ("agent", "branch"):
@@ -116,16 +156,17 @@ class Transitions:
             return {"_unavailable": f"{type(exc).__name__}: {exc}"}
         return value if isinstance(value, dict) else {"value": value}
 
-    def _deadline(self, wf: Workflow) -> float:
-        return wf.deadline_seconds or self.settings.run_deadline_seconds
-
-    def open_entries(self, run_id: str, exclude: str | None = None) -> list[str]:
-        """Open dead-letter entry ids of a run."""
-        ids = [i for i in self.engine.client.smembers(self.keys.run_dlq(run_id)) if i != exclude]  # type: ignore[union-attr]
-        pipe = self.engine.client.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.hget(self.keys.dlq_entry(entry_id), "status")
-        return [i for i, status in zip(ids, pipe.execute(), strict=True) if status == '"open"']
+    def _rejected(self, run_id: str, key: str, record: StepRecord, token: int | None,
+                  rejected: TxRejected) -> StepExecution:
+        metrics.COMMITS_REJECTED.inc()
+        self.journal.append(run_id, "commit_rejected", step=key, attempt=record.attempts,
+                            data={"guard": rejected.guard, "found": rejected.actual, "token": token})
+        if rejected.guard == "run_status":
+            self.cancel_step_if_open(run_id, key, "run ended while the step ran", token=token)
+            return StepExecution(Delivery.RUN_FINAL, run_id, key, attempt=record.attempts,
+                                 detail={"guard": rejected.guard, "found": rejected.actual})
+        return StepExecution(Delivery.STALE, run_id, key, attempt=record.attempts,
+                             detail={"guard": rejected.guard, "found": rejected.actual})
 
     # ------------------------------------------------------------------ create
     def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None) -> tuple[str, bool]:
@@ -145,7 +186,8 @@ class Transitions:
         else:
             run_id = "run_" + uuid.uuid4().hex[:24]
         t = now()
-        record = RunRecord(run_id=run_id, workflow=wf.name, workflow_version=wf.version, status=RunStatus.RUNNING,
+        record = RunRecord(run_id=run_id, workflow=wf.name, workflow_version=wf.version, workflow_module=wf.module,
+                           status=RunStatus.RUNNING,
                            input=validated.model_dump(mode="json"), state=state.model_dump(mode="json"),
                            state_schema=wf.state_schema, trace_id=new_trace_id(),
                            idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t)
@@ -153,7 +195,7 @@ class Transitions:
         tx = Tx()
         tx.require("run_absent", self.keys.run(run_id), "run_id", "absent")
         tx.hset(self.keys.run(run_id), record.model_dump(mode="json"))
-        tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED.value for s in first})
+        tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in first})
         tx.call("ZADD", self.keys.runs, t, run_id)
         tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
         tx.xadd(self.keys.journal(run_id), self.journal.fields(
@@ -169,22 +211,31 @@ class Transitions:
                     f"idempotency key {idempotency_key!r} was used for run {run_id} with a different input",
                     run_id=run_id) from None
             return run_id, False
-        self.engine.enqueue_many(run_id, [s.key for s in first])
+        self.enqueue(run_id, [s.key for s in first])
         return run_id, True
 
     # ------------------------------------------------------------------ commit
     def commit(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int | None,
                result: Succeeded | None, *, skipped: str | None = None, agent_run: AgentRun | None = None,
-               expected: tuple[StepStatus, ...] = (StepStatus.RUNNING,), actor: str | None = None,
-               resume: bool = False, close_entry: tuple[str, str] | None = None) -> StepExecution:
-        """Commit a succeeded (or skipped) step with the new state and the newly ready steps."""
+               resolution: Resolution | None = None) -> StepExecution:
+        """Commit a succeeded (or skipped, or operator-resolved) step with the new state and the newly ready
+        steps, then send those. ``run`` is the run as the caller last read it; on a version conflict it is read
+        again and the commit planned again."""
         run_id, key = run.run_id, record.step_key
         status = StepStatus.SKIPPED if skipped is not None else StepStatus.SUCCEEDED
-        for _ in range(_MAX_CAS):
-            run = self.store.get_run(run_id)
+        expected = frozenset({StepStatus.FAILED, StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN}) \
+            if resolution is not None else frozenset({StepStatus.RUNNING})
+        current = run
+        first = True
+
+        def attempt() -> StepExecution:
+            nonlocal current, first
+            if not first:
+                current = self.store.get_run(run_id)
+            first = False
             statuses = self.store.step_statuses(run_id)
-            state = wf.state_model.model_validate(run.state)
-            branches = dict(run.branches)
+            state = wf.state_model.model_validate(current.state)
+            branches = dict(current.branches)
             new: list[NewStep] = []
             output = result.output if result is not None else None
             try:
@@ -200,7 +251,9 @@ class Transitions:
                 else:
                     new_state = state
             except TeamsterError as exc:
-                return self.fail(run, wf, step, record, token, failed_from(exc), agent_run, expected=expected)
+                if resolution is not None:  # the operator's output does not fit: say so, change nothing
+                    raise InvalidInput(f"the output cannot be applied to the run's state: {exc.message}") from None
+                return self.fail(current, wf, step, record, token, failed_from(exc), agent_run)
             after = {**statuses, key: status, **{n.key: StepStatus.QUEUED for n in new}}
             ready = [n for n in ready_steps(wf, after, branches) if n.key not in after]
             new += ready
@@ -208,47 +261,45 @@ class Transitions:
             complete = run_complete(wf, after)
             t = now()
             run_fields: dict[str, Any] = {"state": new_state.model_dump(mode="json"),
-                                          "state_version": run.state_version + 1, "updated_at": t,
+                                          "state_version": current.state_version + 1, "updated_at": t,
                                           "progress_at": t, "branches": branches}
             final_output = None
             if complete:
                 try:
                     final_output = wf.final_output(new_state).model_dump(mode="json")
                 except Exception as exc:  # noqa: BLE001 - the workflow's output mapping is broken
-                    from teamster.errors import InvalidOutput  # noqa: PLC0415
-
                     error = InvalidOutput(f"the run's final output does not match the workflow's output model: {exc}")
-                    return self.fail(run, wf, step, record, token, failed_from(error), agent_run, expected=expected)
-                run_fields.update(status=RunStatus.SUCCEEDED.value, output=final_output, finished_at=t, error=None)
-            elif run.status in (RunStatus.PENDING, RunStatus.RUNNING):
-                run_fields["status"] = RunStatus.RUNNING.value
-            elif resume and not self.open_entries(run_id, exclude=close_entry[0] if close_entry else None):
-                run_fields.update(status=RunStatus.RUNNING.value, error=None)
-            step_fields: dict[str, Any] = {"status": status.value, "finished_at": t, "next_retry_at": None}
+                    if resolution is not None:
+                        raise InvalidInput(f"with this output, {error.message}") from None
+                    return self.fail(current, wf, step, record, token, failed_from(error), agent_run)
+                run_fields.update(status=RunStatus.SUCCEEDED, output=final_output, finished_at=t, error=None)
+            elif current.status in (RunStatus.PENDING, RunStatus.RUNNING):
+                run_fields["status"] = RunStatus.RUNNING
+            elif resolution is not None and not self.store.open_entries(run_id, exclude=resolution.entry_id):
+                run_fields.update(status=RunStatus.RUNNING, error=None, finished_at=None)
+            step_fields: dict[str, Any] = {"status": status, "finished_at": t, "next_retry_at": None,
+                                           **agent_stats(agent_run)}
             if result is not None:
                 step_fields.update(outcome=result.model_dump(mode="json"), output=output)
             if skipped is not None:
                 step_fields["reason"] = skipped
-            if actor is not None:
-                step_fields["resolved_by"] = actor
-                step_fields["reason"] = f"resolved by {actor}" + (f": {close_entry[1]}" if close_entry else "")
-            if agent_run is not None:
-                step_fields.update(_agent_stats(agent_run))
-            tx = self._ending_step_tx(run_id, key, token, expected, run.state_version)
+            if resolution is not None:
+                step_fields.update(resolved_by=resolution.by,
+                                   reason=f"resolved by {resolution.by}: {resolution.reason}")
+            tx = self._ending_step_tx(run_id, key, token, expected, current.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
-            if actor is not None or token is None:
+            if token is None:
                 tx.call("HINCRBY", self.keys.step(run_id, key), "fence", 1)  # zombies holding old tokens lose
-            tx.hset(self.keys.steps(run_id), {key: status.value, **{n.key: StepStatus.QUEUED.value for n in new}})
+            tx.hset(self.keys.steps(run_id), {key: status, **{n.key: StepStatus.QUEUED for n in new}})
             tx.hset(self.keys.run(run_id), run_fields)
             tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
-            if close_entry:
-                entry_id, close_reason = close_entry
-                self._close_entry_ops(tx, entry_id, DeadLetterStatus.RESOLVED, actor or "operator", close_reason)
+            if resolution is not None:
+                self.close_entry(tx, resolution.entry_id, DeadLetterStatus.RESOLVED, resolution.by, resolution.reason)
             tx.xadd(self.keys.journal(run_id), self.journal.fields(
                 "commit" if skipped is None else "step_skipped", step=key, attempt=record.attempts,
-                data={"state_version": run.state_version + 1, "token": token, "reason": skipped, "by": actor,
-                      "queued": [n.key for n in new]}))
+                data={"state_version": current.state_version + 1, "token": token, "reason": skipped,
+                      "by": resolution.by if resolution else None, "queued": [n.key for n in new]}))
             self._new_step_ops(tx, run_id, new, t)
             if complete:
                 tx.call("ZREM", self.keys.active_runs, run_id)
@@ -259,47 +310,36 @@ class Transitions:
                 self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
-                    continue
+                    raise
                 return self._rejected(run_id, key, record, token, rejected)
-            metrics.STEPS.labels(run.workflow, step.id, status.value).inc()
-            self.engine.enqueue_many(run_id, [n.key for n in new])
+            metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
+            self.enqueue(run_id, [n.key for n in new])
             if complete:
-                metrics.RUNS_FINISHED.labels(run.workflow, RunStatus.SUCCEEDED.value).inc()
-                if not self.open_entries(run_id):
-                    self.store.expire_run(run_id, self.settings.finished_run_ttl_seconds)
-            return _execution("committed" if skipped is None else "skipped", run_id, key, step_status=status.value,
-                              attempt=record.attempts, outcome=step_fields.get("outcome"),
-                              detail={"queued": [n.key for n in new], "run_complete": complete})
-        raise StoreUnavailable(f"could not commit {run_id}:{key}: state kept changing ({_MAX_CAS} tries)")
+                metrics.RUNS_FINISHED.labels(current.workflow, RunStatus.SUCCEEDED.value).inc()
+                self._settle_retention(run_id)
+            return StepExecution(Delivery.COMMITTED if skipped is None else Delivery.SKIPPED, run_id, key,
+                                 step_status=status, attempt=record.attempts, outcome=step_fields.get("outcome"),
+                                 detail={"queued": [n.key for n in new], "run_complete": complete})
 
-    def _rejected(self, run_id: str, key: str, record: StepRecord, token: int | None,
-                  rejected: TxRejected) -> StepExecution:
-        metrics.COMMITS_REJECTED.inc()
-        self.journal.append(run_id, "commit_rejected", step=key, attempt=record.attempts,
-                            data={"guard": rejected.guard, "found": rejected.actual, "token": token})
-        status = "run_final" if rejected.guard == "run_status" else "stale"
-        if status == "run_final":
-            self.cancel_step_if_open(run_id, key, "run ended while the step ran", token=token)
-        return _execution(status, run_id, key, attempt=record.attempts,
-                          detail={"guard": rejected.guard, "found": rejected.actual})
+        return self.store.optimistic(f"commit {run_id}:{key}", attempt)
 
     # ------------------------------------------------------------------ retry
-    def schedule_retry(self, run: RunRecord, step: StepDef, record: StepRecord, token: int, result: Failed,
-                       policy: RetryPolicy, agent_run: AgentRun | None) -> StepExecution:
-        """Record a retryable failure and the time of the next attempt (the task schedules it)."""
+    def schedule_retry(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
+                       result: Failed, policy: RetryPolicy, agent_run: AgentRun | None) -> StepExecution:
+        """Record a retryable failure and the time of the next attempt (the step task schedules the message)."""
         delay = min(policy.delay(record.attempts - record.attempt_base), self.settings.retry_backoff_max)
         t = now()
         key = record.step_key
-        tx = Tx()
+        tx = Tx(marker=(self.keys.step(run.run_id, key), "last_write"))
         tx.require("fence", self.keys.step(run.run_id, key), "fence", "eq", token)
-        tx.require("step_status", self.keys.step(run.run_id, key), "status", "eq", StepStatus.RUNNING.value)
-        fields = {"status": StepStatus.RETRYING.value, "next_retry_at": t + delay,
-                  "outcome": result.model_dump(mode="json"), **(_agent_stats(agent_run) if agent_run else {})}
-        tx.hset(self.keys.step(run.run_id, key), fields)
-        tx.hset(self.keys.steps(run.run_id), {key: StepStatus.RETRYING.value})
+        tx.require("step_status", self.keys.step(run.run_id, key), "status", "eq", StepStatus.RUNNING)
+        tx.hset(self.keys.step(run.run_id, key), {
+            "status": StepStatus.RETRYING, "next_retry_at": t + delay, "outcome": result.model_dump(mode="json"),
+            **agent_stats(agent_run)})
+        tx.hset(self.keys.steps(run.run_id), {key: StepStatus.RETRYING})
         tx.call("DEL", self.keys.lease(run.run_id, key))
-        due = t + delay + self.settings.stuck_queued_seconds
-        tx.call("ZADD", self.keys.inflight, due, Keys.member(run.run_id, key))
+        tx.call("ZADD", self.keys.inflight, t + delay + self.settings.stuck_queued_seconds,
+                Keys.member(run.run_id, key))
         tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
             "retry", step=key, attempt=record.attempts,
             data={"error_type": result.error_type, "message": result.message, "delay_seconds": round(delay, 3),
@@ -309,25 +349,43 @@ class Transitions:
         except TxRejected as rejected:
             return self._rejected(run.run_id, key, record, token, rejected)
         metrics.RETRIES.labels(run.workflow, step.id, result.error_type).inc()
-        return _execution("retry", run.run_id, key, step_status=StepStatus.RETRYING.value, retry_in=delay,
-                          attempt=record.attempts, outcome=result.model_dump(mode="json"))
+        return StepExecution(Delivery.RETRY, run.run_id, key, step_status=StepStatus.RETRYING, retry_in=delay,
+                             attempt=record.attempts, outcome=result.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ dead-letter
+    def write_entry(self, tx: Tx, entry: DeadLetterEntry) -> None:
+        """The one way a dead-letter entry is written: the entry, its indexes and its journal event."""
+        tx.hset(self.keys.dlq_entry(entry.entry_id), entry.model_dump(mode="json"))
+        tx.call("ZADD", self.keys.dlq_all, entry.created_at, entry.entry_id)
+        if entry.status == DeadLetterStatus.OPEN:
+            tx.call("ZADD", self.keys.dlq_open, entry.created_at, entry.entry_id)
+        tx.call("SADD", self.keys.run_dlq(entry.run_id), entry.entry_id)
+        tx.xadd(self.keys.journal(entry.run_id), self.journal.fields(
+            "dead_lettered", step=entry.step_key, attempt=entry.attempts or None,
+            data={"entry_id": entry.entry_id, "error_type": entry.error_type, "message": entry.message,
+                  "escalation": entry.escalation, "kind": entry.kind}))
+
+    def close_entry(self, tx: Tx, entry_id: str, status: DeadLetterStatus, by: str, reason: str) -> None:
+        """The one way a dead-letter entry is closed (guarded: it must still be open)."""
+        tx.require("entry_open", self.keys.dlq_entry(entry_id), "status", "eq", DeadLetterStatus.OPEN)
+        tx.hset(self.keys.dlq_entry(entry_id), {"status": status, "closed_at": now(), "closed_by": by,
+                                                "close_reason": reason})
+        tx.call("ZREM", self.keys.dlq_open, entry_id)
+
     def fail(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int | None,
-             result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None, *,
-             expected: tuple[StepStatus, ...] = (StepStatus.RUNNING,), kind: str | None = None) -> StepExecution:
+             result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None) -> StepExecution:
         """Dead-letter a step's failure and run its escalation policy."""
         run_id, key = run.run_id, record.step_key
         if isinstance(result, Failed):
-            error_type, message, retryable = result.error_type, result.message, result.retryable
-            details = result.details
-            step_status = StepStatus.FAILED
+            error_type, message, retryable, details = result.error_type, result.message, result.retryable, \
+                result.details
+            step_status, kind = StepStatus.FAILED, "failure"
         elif isinstance(result, CannotComplete):
             error_type, message, retryable, details = "cannot_complete", result.reason, False, {}
-            step_status = StepStatus.CANNOT_COMPLETE
+            step_status, kind = StepStatus.CANNOT_COMPLETE, "cannot_complete"
         else:
             error_type, message, retryable, details = "needs_human", result.question, False, {}
-            step_status = StepStatus.NEEDS_HUMAN
+            step_status, kind = StepStatus.NEEDS_HUMAN, "needs_human"
         policy: Policy | None
         if isinstance(result, NeedsHuman):
             policy = HumanReview()
@@ -336,101 +394,126 @@ class Transitions:
         entry_id = f"{run_id}:{key}:{record.fence or token or 0}"
         entry_input = self.entry_input(run, wf, step, record)
         excerpt = self.journal.excerpt(run_id, key)
-        for _ in range(_MAX_CAS):
-            run = self.store.get_run(run_id)
+        current = run
+        first = True
+
+        def attempt() -> StepExecution:
+            nonlocal current, first
+            if not first:
+                current = self.store.get_run(run_id)
+            first = False
             t = now()
+            status = step_status
             entry = DeadLetterEntry(
-                entry_id=entry_id, run_id=run_id, workflow=run.workflow, step_key=key, step_id=step.id,
-                agent=step.agent, kind=kind or ("needs_human" if isinstance(result, NeedsHuman) else
-                                                "cannot_complete" if isinstance(result, CannotComplete) else "failure"),
-                error_type=error_type, message=message, retryable=retryable, details=details,
-                attempts=record.attempts, input=entry_input, state_version=run.state_version, trace_id=run.trace_id,
-                escalation=policy.describe() if policy else "escalate (no policy left)", created_at=t,
-                journal_excerpt=excerpt,
-                question=result.question if isinstance(result, NeedsHuman) else None)
-            step_fields: dict[str, Any] = {"status": step_status.value, "outcome": result.model_dump(mode="json"),
+                entry_id=entry_id, run_id=run_id, workflow=current.workflow, workflow_module=current.workflow_module,
+                step_key=key, step_id=step.id,
+                agent=step.agent, kind=kind, error_type=error_type, message=message, retryable=retryable,
+                details=details, attempts=record.attempts, input=entry_input, state_version=current.state_version,
+                trace_id=current.trace_id, escalation=policy.describe() if policy else "escalate (no policy left)",
+                created_at=t, journal_excerpt=excerpt, question=result.question if isinstance(result, NeedsHuman)
+                else None)
+            step_fields: dict[str, Any] = {"status": status, "outcome": result.model_dump(mode="json"),
                                            "finished_at": t, "reason": message, "next_retry_at": None,
-                                           **(_agent_stats(agent_run) if agent_run else {})}
-            run_fields: dict[str, Any] = {"state_version": run.state_version + 1, "updated_at": t, "progress_at": t}
+                                           **agent_stats(agent_run)}
+            run_fields: dict[str, Any] = {"state_version": current.state_version + 1, "updated_at": t,
+                                          "progress_at": t}
             requeue = False
             if isinstance(policy, RetryWith):
                 entry.status, entry.closed_at, entry.closed_by = DeadLetterStatus.AUTO_RETRIED, t, "escalation"
                 entry.close_reason = f"escalation {policy.describe()}"
-                step_fields.update(status=StepStatus.QUEUED.value, attempt_base=record.attempts, queued_at=t,
-                                   finished_at=None,
-                                   fallback={"agent": policy.agent, "model": policy.model},
+                step_fields.update(status=StepStatus.QUEUED, attempt_base=record.attempts, queued_at=t,
+                                   finished_at=None, fallback={"agent": policy.agent, "model": policy.model},
                                    escalations_used=record.escalations_used + 1)
-                step_status, requeue = StepStatus.QUEUED, True
+                status, requeue = StepStatus.QUEUED, True
             elif isinstance(policy, HumanReview):
-                step_status = StepStatus.NEEDS_HUMAN
-                step_fields["status"] = step_status.value
-                run_fields["status"] = combine_run_status(run.status, RunStatus.NEEDS_HUMAN).value
+                status = StepStatus.NEEDS_HUMAN
+                step_fields["status"] = status
+                run_fields["status"] = combine_run_status(current.status, RunStatus.NEEDS_HUMAN)
             elif isinstance(policy, FailRun):
-                run_fields.update(status=RunStatus.FAILED.value, finished_at=t)
+                run_fields.update(status=RunStatus.FAILED, finished_at=t)
             else:
-                run_fields["status"] = combine_run_status(run.status, RunStatus.ESCALATED).value
+                run_fields["status"] = combine_run_status(current.status, RunStatus.ESCALATED)
             if not requeue:
                 step_fields["escalations_used"] = record.escalations_used + (1 if policy else 0)
             run_fields["error"] = {"error_type": error_type, "message": message, "step": key, "dlq_entry": entry_id,
                                    "escalation": entry.escalation}
-            tx = self._ending_step_tx(run_id, key, token, expected, run.state_version)
+            tx = self._ending_step_tx(run_id, key, token, frozenset({StepStatus.RUNNING}), current.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
-            tx.hset(self.keys.steps(run_id), {key: step_status.value})
+            tx.hset(self.keys.steps(run_id), {key: status})
             tx.hset(self.keys.run(run_id), run_fields)
             tx.call("DEL", self.keys.lease(run_id, key))
             if requeue:
                 tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, Keys.member(run_id, key))
             else:
                 tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
-            tx.hset(self.keys.dlq_entry(entry_id), entry.model_dump(mode="json"))
-            tx.call("ZADD", self.keys.dlq_all, t, entry_id)
-            if entry.status == DeadLetterStatus.OPEN:
-                tx.call("ZADD", self.keys.dlq_open, t, entry_id)
-            tx.call("SADD", self.keys.run_dlq(run_id), entry_id)
-            if run_fields.get("status") == RunStatus.FAILED.value:
+            if run_fields.get("status") == RunStatus.FAILED:
                 tx.call("ZREM", self.keys.active_runs, run_id)
-            tx.xadd(self.keys.journal(run_id), self.journal.fields(
-                "dead_lettered", step=key, attempt=record.attempts,
-                data={"entry_id": entry_id, "error_type": error_type, "message": message,
-                      "escalation": entry.escalation, "run_status": run_fields.get("status", run.status.value)}))
+            self.write_entry(tx, entry)
             try:
                 self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
-                    continue
+                    raise
                 return self._rejected(run_id, key, record, token, rejected)
-            metrics.STEPS.labels(run.workflow, step.id, error_type).inc()
-            metrics.DEAD_LETTERS.labels(run.workflow, error_type).inc()
+            metrics.STEPS.labels(current.workflow, step.id, error_type).inc()
+            metrics.DEAD_LETTERS.labels(current.workflow, error_type).inc()
             if requeue:
-                self.engine.enqueue_many(run_id, [key])
+                self.enqueue(run_id, [key])
             else:
                 self.store.persist_run(run_id)
-                metrics.RUNS_FINISHED.labels(run.workflow, run_fields["status"]).inc()
+                metrics.RUNS_FINISHED.labels(current.workflow, str(run_fields["status"])).inc()
             if isinstance(policy, FailRun):
                 send_alert(policy, entry.model_dump(mode="json"))
-            return _execution("requeued" if requeue else "dead_lettered", run_id, key, step_status=step_status.value,
-                              attempt=record.attempts, outcome=result.model_dump(mode="json"),
-                              detail={"entry_id": entry_id, "escalation": entry.escalation,
-                                      "run_status": run_fields.get("status")})
-        raise StoreUnavailable(f"could not dead-letter {run_id}:{key}: state kept changing ({_MAX_CAS} tries)")
+            return StepExecution(Delivery.REQUEUED if requeue else Delivery.DEAD_LETTERED, run_id, key,
+                                 step_status=status, attempt=record.attempts, outcome=result.model_dump(mode="json"),
+                                 detail={"entry_id": entry_id, "escalation": entry.escalation,
+                                         "run_status": run_fields.get("status")})
 
-    def _close_entry_ops(self, tx: Tx, entry_id: str, status: DeadLetterStatus, by: str, reason: str) -> None:
-        tx.require("entry_open", self.keys.dlq_entry(entry_id), "status", "eq", DeadLetterStatus.OPEN.value)
-        tx.hset(self.keys.dlq_entry(entry_id), {"status": status.value, "closed_at": now(), "closed_by": by,
-                                                "close_reason": reason})
-        tx.call("ZREM", self.keys.dlq_open, entry_id)
+        return self.store.optimistic(f"dead-letter {run_id}:{key}", attempt)
+
+    def escalate_stalled(self, run: RunRecord, wf: Workflow | None, idle_seconds: float) -> str | None:
+        """The watchdog's escalation of a run without progress past its deadline: a ``deadline`` dead-letter entry
+        for its first unfinished step, the run ``escalated``. Returns the entry id (None: the run moved on)."""
+        steps = [s for s in self.store.steps(run.run_id) if s.status in STEP_OPEN]
+        first_open = steps[0] if steps else None
+        key = first_open.step_key if first_open else "-"
+        step_def = wf.steps.get(first_open.step_id) if wf is not None and first_open is not None else None
+        t = now()
+        entry = DeadLetterEntry(
+            entry_id=f"{run.run_id}:deadline:{run.state_version}", run_id=run.run_id, workflow=run.workflow,
+            workflow_module=run.workflow_module,
+            step_key=key, step_id=first_open.step_id if first_open else "-", kind="deadline",
+            error_type="run_deadline_exceeded",
+            message=f"no progress for {idle_seconds:.0f}s (deadline); waiting steps: {[s.step_key for s in steps]}",
+            attempts=first_open.attempts if first_open else 0, input=self.entry_input(run, wf, step_def, first_open),
+            state_version=run.state_version, trace_id=run.trace_id, escalation="escalate", created_at=t,
+            journal_excerpt=self.journal.excerpt(run.run_id, key) if first_open else [])
+        tx = Tx()
+        tx.require("state_version", self.keys.run(run.run_id), "state_version", "eq", run.state_version)
+        tx.require("run_status", self.keys.run(run.run_id), "status", "in", [RunStatus.RUNNING, RunStatus.PENDING])
+        tx.hset(self.keys.run(run.run_id), {"status": RunStatus.ESCALATED, "updated_at": t,
+                                            "state_version": run.state_version + 1,
+                                            "error": {"error_type": entry.error_type, "message": entry.message,
+                                                      "step": key, "dlq_entry": entry.entry_id}})
+        tx.call("ZREM", self.keys.active_runs, run.run_id)
+        self.write_entry(tx, entry)
+        try:
+            self.store.apply(tx)
+        except TxRejected:
+            return None
+        self.store.persist_run(run.run_id)
+        metrics.DEAD_LETTERS.labels(run.workflow, entry.error_type).inc()
+        return entry.entry_id
 
     # ------------------------------------------------------------------ cancel
     def cancel_step_if_open(self, run_id: str, key: str, reason: str, token: int | None = None) -> None:
         """Mark a non-terminal step of a final run cancelled (so nothing is left without an outcome)."""
         tx = Tx()
-        tx.require("step_status", self.keys.step(run_id, key), "status", "in",
-                   [StepStatus.QUEUED.value, StepStatus.RUNNING.value, StepStatus.RETRYING.value])
+        tx.require("step_status", self.keys.step(run_id, key), "status", "in", sorted(STEP_OPEN))
         if token is not None:
             tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
-        tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED.value, "reason": reason,
-                                               "finished_at": now()})
-        tx.hset(self.keys.steps(run_id), {key: StepStatus.CANCELLED.value})
+        tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED, "reason": reason, "finished_at": now()})
+        tx.hset(self.keys.steps(run_id), {key: StepStatus.CANCELLED})
         tx.call("DEL", self.keys.lease(run_id, key))
         tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
         tx.xadd(self.keys.journal(run_id), self.journal.fields("step_cancelled", step=key, data={"reason": reason}))
@@ -441,29 +524,25 @@ class Transitions:
 
     def cancel_run(self, run_id: str, *, by: str, reason: str) -> RunRecord:
         """Cancel a run: final status ``cancelled``, every unfinished step ``cancelled`` with the reason."""
-        from teamster.errors import InvalidOperation  # noqa: PLC0415
 
-        for _ in range(_MAX_CAS):
+        def attempt() -> RunRecord:
             run = self.store.get_run(run_id)
             if run.status in RUN_TERMINAL:
                 raise InvalidOperation(f"run {run_id} is already {run.status.value}; nothing to cancel")
-            statuses = self.store.step_statuses(run_id)
-            open_steps = [k for k, s in statuses.items()
-                          if s in (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING)]
+            open_steps = [k for k, s in self.store.step_statuses(run_id).items() if s in STEP_OPEN]
             t = now()
             text = f"cancelled by {by}: {reason}"
             tx = Tx()
             tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-            tx.require("run_status", self.keys.run(run_id), "status", "nin", _FINAL)
-            tx.hset(self.keys.run(run_id), {"status": RunStatus.CANCELLED.value, "finished_at": t, "updated_at": t,
+            tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
+            tx.hset(self.keys.run(run_id), {"status": RunStatus.CANCELLED, "finished_at": t, "updated_at": t,
                                             "state_version": run.state_version + 1,
                                             "error": {"error_type": "cancelled", "message": text}})
             for key in open_steps:
-                tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED.value, "reason": text,
-                                                      "finished_at": t})
+                tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED, "reason": text, "finished_at": t})
                 tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
             if open_steps:
-                tx.hset(self.keys.steps(run_id), {k: StepStatus.CANCELLED.value for k in open_steps})
+                tx.hset(self.keys.steps(run_id), {k: StepStatus.CANCELLED for k in open_steps})
             tx.call("ZREM", self.keys.active_runs, run_id)
             tx.xadd(self.keys.journal(run_id), self.journal.fields("run_cancelled", data={
                 "by": by, "reason": reason, "steps_cancelled": open_steps}))
@@ -471,16 +550,10 @@ class Transitions:
                 self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
-                    continue
+                    raise
                 raise InvalidOperation(f"run {run_id} ended while it was being cancelled") from None
             metrics.RUNS_FINISHED.labels(run.workflow, RunStatus.CANCELLED.value).inc()
-            if not self.open_entries(run_id):
-                self.store.expire_run(run_id, self.settings.finished_run_ttl_seconds)
+            self._settle_retention(run_id)
             return self.store.get_run(run_id)
-        raise StoreUnavailable(f"could not cancel {run_id}: state kept changing")
 
-
-def _agent_stats(agent_run: AgentRun) -> dict[str, Any]:
-    return {"model_calls": agent_run.model_calls, "live_model_calls": agent_run.live_model_calls,
-            "tool_calls": agent_run.tool_calls, "tokens": int(agent_run.usage.get("totalTokens", 0)),
-            "duration_seconds": round(agent_run.duration_seconds, 4)}
+        return self.store.optimistic(f"cancel {run_id}", attempt)

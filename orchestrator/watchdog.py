@@ -19,15 +19,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
 
 from teamster.orchestrator import metrics
-from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, DeadLetterEntry, RunStatus, StepStatus, now
-from teamster.orchestrator.store import Tx, TxRejected
+from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, RunStatus, StepStatus, now
+from teamster.orchestrator.runtime import Runtime
+from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.workflow import registered_workflows
-
-if TYPE_CHECKING:
-    from teamster.orchestrator.engine import Engine
 
 __all__ = ["Watchdog", "WatchdogReport"]
 
@@ -54,13 +51,14 @@ class WatchdogReport:
 class Watchdog:
     """Scans the in-flight set and active runs (see module docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.store = engine.store
-        self.keys = engine.keys
-        self.client = engine.client
-        self.journal = engine.journal
-        self.settings = engine.settings
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.store = runtime.store
+        self.keys = runtime.keys
+        self.client = runtime.client
+        self.journal = runtime.journal
+        self.settings = runtime.settings
+        self.transitions = Transitions(runtime)
 
     def scan(self, limit: int = 500) -> WatchdogReport:
         """One pass over what is due now."""
@@ -85,17 +83,17 @@ class Watchdog:
             self.client.zrem(self.keys.inflight, member)
             report.cleaned += 1
             return
-        run_status = self.client.hget(self.keys.run(run_id), "status")
-        if run_status is None or str(run_status).strip('"') in {s.value for s in RUN_TERMINAL}:
-            self.engine.transitions.cancel_step_if_open(run_id, key, "run ended")
+        run_status = self.store.run_status(run_id)
+        if run_status is None or run_status in RUN_TERMINAL:
+            self.transitions.cancel_step_if_open(run_id, key, "run ended")
             self.client.zrem(self.keys.inflight, member)
             report.cleaned += 1
             return
         grace = self.settings.stuck_queued_seconds
         if record.status == StepStatus.RUNNING:
-            remaining_ms = self.client.pttl(self.keys.lease(run_id, key))
-            if remaining_ms is not None and int(remaining_ms) > 0:  # still leased: look again when it lapses
-                self._bump(member, t + int(remaining_ms) / 1000.0 + 0.05)
+            remaining = self.store.lease_remaining(run_id, key)
+            if remaining > 0:  # still leased: look again when it lapses
+                self._bump(member, t + remaining + 0.05)
                 return
             metrics.LEASE_EXPIRIES.inc()
             self.journal.append(run_id, "lease_expired", step=key, attempt=record.attempts,
@@ -113,7 +111,7 @@ class Watchdog:
                                 data={"reason": f"queued for {t - record.queued_at:.0f}s without being claimed"})
             report.requeued += 1
         self._bump(member, t + grace)
-        self.engine.enqueue_many(run_id, [key])
+        self.transitions.enqueue(run_id, [key])
 
     def _check_run(self, run_id: str, t: float, report: WatchdogReport) -> None:
         try:
@@ -124,43 +122,8 @@ class Watchdog:
         if run.status not in (RunStatus.RUNNING, RunStatus.PENDING):
             self.client.zrem(self.keys.active_runs, run_id)
             return
-        steps = [s for s in self.store.steps(run_id) if s.status not in STEP_TERMINAL]
-        key = steps[0].step_key if steps else "-"
-        entry_input: dict[str, Any] | None = None
-        wf = registered_workflows().get(run.workflow)
-        if steps and wf is not None and steps[0].step_id in wf.steps:
-            entry_input = self.engine.transitions.entry_input(run, wf, wf.steps[steps[0].step_id], steps[0])
-        idle = t - run.progress_at
-        entry_id = f"{run_id}:deadline:{run.state_version}"
-        entry = DeadLetterEntry(
-            entry_id=entry_id, run_id=run_id, workflow=run.workflow, step_key=key,
-            step_id=steps[0].step_id if steps else "-", kind="deadline", error_type="run_deadline_exceeded",
-            message=f"no progress for {idle:.0f}s (deadline); waiting steps: {[s.step_key for s in steps]}",
-            attempts=steps[0].attempts if steps else 0, input=entry_input, state_version=run.state_version,
-            trace_id=run.trace_id,
-            escalation="escalate", created_at=t, journal_excerpt=self.journal.excerpt(run_id, key) if steps else [])
-        tx = Tx()
-        tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-        tx.require("run_status", self.keys.run(run_id), "status", "in",
-                   [RunStatus.RUNNING.value, RunStatus.PENDING.value])
-        tx.hset(self.keys.run(run_id), {"status": RunStatus.ESCALATED.value, "updated_at": t,
-                                        "state_version": run.state_version + 1,
-                                        "error": {"error_type": entry.error_type, "message": entry.message,
-                                                  "step": key, "dlq_entry": entry_id}})
-        tx.hset(self.keys.dlq_entry(entry_id), entry.model_dump(mode="json"))
-        tx.call("ZADD", self.keys.dlq_all, t, entry_id)
-        tx.call("ZADD", self.keys.dlq_open, t, entry_id)
-        tx.call("SADD", self.keys.run_dlq(run_id), entry_id)
-        tx.call("ZREM", self.keys.active_runs, run_id)
-        tx.xadd(self.keys.journal(run_id), self.journal.fields("dead_lettered", step=key, data={
-            "entry_id": entry_id, "error_type": entry.error_type, "message": entry.message, "escalation": "escalate"}))
-        try:
-            self.store.apply(tx)
-        except TxRejected:
-            return
-        self.store.persist_run(run_id)
-        metrics.DEAD_LETTERS.labels(run.workflow, entry.error_type).inc()
-        report.escalated_runs += 1
+        if self.transitions.escalate_stalled(run, registered_workflows().get(run.workflow), t - run.progress_at):
+            report.escalated_runs += 1
 
     def run_forever(self, stop: threading.Event, interval: float | None = None,
                     on_report: Callable[[WatchdogReport], None] | None = None) -> None:
@@ -174,4 +137,3 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - a watchdog must outlive Redis blips
                 log.exception("watchdog scan failed; retrying in %ss", period)
             stop.wait(period)
-

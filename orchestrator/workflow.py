@@ -17,7 +17,9 @@ outputs into state. A workflow is validated when registered: unknown agents, unk
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,11 +91,15 @@ class Workflow:
         version: Bump when the workflow changes (recorded on runs).
         deadline_seconds: A run with no progress for this long is escalated by the watchdog
             (default ``TEAMSTER_RUN_DEADLINE_SECONDS``).
+        module: The importable module that defines the workflow (default: the module creating it). Runs record
+            it, so a process that does not list it in ``TEAMSTER_WORKFLOW_MODULES`` (a CLI in another shell, a
+            temporary worker) can still load the workflow of a run it acts on.
     """
 
     def __init__(self, name: str, *, input_model: type[BaseModel], state_model: type[BaseModel] | None = None,
                  output_model: type[BaseModel] | None = None, init_state: StateFn | None = None,
-                 output: StateFn | None = None, version: str = "1", deadline_seconds: float | None = None) -> None:
+                 output: StateFn | None = None, version: str = "1", deadline_seconds: float | None = None,
+                 module: str | None = None) -> None:
         if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise WorkflowDefinitionError(f"workflow name {name!r} must be alphanumeric (with _ - .)")
         self.name = name
@@ -104,6 +110,8 @@ class Workflow:
         self._output = output
         self.version = version
         self.deadline_seconds = deadline_seconds
+        caller = module or str(sys._getframe(1).f_globals.get("__name__", ""))
+        self.module: str | None = caller if caller and caller != "__main__" else None
         self.steps: dict[str, StepDef] = {}
         self._validated = False
 
@@ -329,17 +337,24 @@ def register_workflow(workflow: Workflow) -> Workflow:
     return workflow
 
 
-def get_workflow(name: str) -> Workflow:
-    """The registered workflow called ``name``.
+def get_workflow(name: str, module: str | None = None) -> Workflow:
+    """The registered workflow called ``name``; when it is not registered and ``module`` (the module a run recorded
+    as defining it) is given, that module is imported first.
 
     Raises:
         UnknownWorkflow: with the registered names.
     """
+    if name not in _WORKFLOWS and module:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # reported below as an unknown workflow, naming the module
     try:
         return _WORKFLOWS[name]
     except KeyError:
         known = ", ".join(sorted(_WORKFLOWS)) or "none"
-        raise UnknownWorkflow(f"unknown workflow {name!r} (registered: {known})") from None
+        where = f"; its module {module!r} cannot be imported here" if module else ""
+        raise UnknownWorkflow(f"unknown workflow {name!r} (registered: {known}){where}") from None
 
 
 def registered_workflows() -> dict[str, Workflow]:

@@ -1,10 +1,15 @@
-"""The Celery application that ``celery -A teamster.tasks.app worker`` and ``celery -A teamster.tasks.app flower`` load.
+"""The Celery application that ``celery -A teamster.tasks.app worker`` (and ``teamster worker``) loads.
 
-The app is configured from :mod:`config` (JSON only, late acks, no prefetch, events on). When
-``TEAMSTER_REDIS_URL`` is not set, loading it starts (or reuses) the embedded development Redis.
+The app is configured from :mod:`teamster.config` (JSON only, late acks, no prefetch, events on). Its
+configuration is lazy (Celery's ``add_defaults``): importing this module builds nothing and starts nothing; the
+settings are read, and the Redis URL resolved (which may start the embedded development Redis when
+``TEAMSTER_REDIS_URL`` is not set), the first time the app's configuration is used -- by a worker, Flower, or a
+task being sent.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery
 
@@ -17,17 +22,20 @@ __all__ = ["app", "create_app"]
 TASK_MODULES = ["teamster.tasks.control", "teamster.tasks.steps", "teamster.tasks.signals"]
 
 
+def _configuration(settings: TeamsterSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:
+    settings = settings or get_settings()
+    return build_celery_config(settings, redis_url or resolve_redis_url(settings))
+
+
 def create_app(settings: TeamsterSettings | None = None, redis_url: str | None = None) -> Celery:
-    """Build a configured Celery app.
+    """Build a configured Celery app (configured when first used).
 
     Args:
-        settings: Settings to use (default: from the environment).
+        settings: Settings to use (default: from the environment, when the app is first configured).
         redis_url: Broker URL; resolved from settings (possibly starting the embedded Redis) when None.
     """
-    settings = settings or get_settings()
-    url = redis_url or resolve_redis_url(settings)
     celery_app = Celery("teamster", include=TASK_MODULES)
-    celery_app.conf.update(build_celery_config(settings, url))
+    celery_app.add_defaults(lambda: _configuration(settings, redis_url))
     return celery_app
 
 

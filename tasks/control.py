@@ -9,10 +9,11 @@ from typing import Any
 from teamster.agents.runner import validate_input
 from teamster.config.celeryconfig import PING_TASK, START_RUN_TASK, WATCHDOG_TASK
 from teamster.orchestrator.models import StartRunMessage
+from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import get_workflow
 from teamster.tasks.app import app
-from teamster.tasks.steps import get_engine
+from teamster.tasks.steps import get_runtime
 
 __all__ = ["ping", "start_run", "watchdog"]
 
@@ -32,13 +33,12 @@ def start_run(message: dict[str, Any]) -> dict[str, Any]:
     """
     checked = validate_input(StartRunMessage, message, what="start_run message")
     assert isinstance(checked, StartRunMessage)
-    engine = get_engine()
-    run_id, created = engine.transitions.create_run(get_workflow(checked.workflow), checked.input,
-                                                    checked.idempotency_key)
+    run_id, created = Transitions(get_runtime()).create_run(get_workflow(checked.workflow), checked.input,
+                                                            checked.idempotency_key)
     return {"run_id": run_id, "created": created}
 
 
 @app.task(name=WATCHDOG_TASK)
 def watchdog() -> dict[str, int]:
     """One watchdog scan (scheduled by celery beat every TEAMSTER_WATCHDOG_INTERVAL_SECONDS)."""
-    return Watchdog(get_engine()).scan().as_dict()
+    return Watchdog(get_runtime()).scan().as_dict()

@@ -1,4 +1,4 @@
-"""The step task: validate the message, hand it to the engine, return JSON. No business logic here."""
+"""The step task: validate the message, hand it to the step executor, return JSON. No business logic here."""
 
 from __future__ import annotations
 
@@ -13,34 +13,40 @@ from teamster.config.celeryconfig import STEP_TASK
 from teamster.config.settings import get_settings
 from teamster.errors import StoreUnavailable
 from teamster.orchestrator.connection import redis_client
-from teamster.orchestrator.engine import Engine
 from teamster.orchestrator.enqueue import CeleryEnqueuer
-from teamster.orchestrator.models import StepMessage
+from teamster.orchestrator.executor import StepExecutor
+from teamster.orchestrator.models import Delivery, StepMessage
+from teamster.orchestrator.runtime import Runtime
 from teamster.tasks.app import app
 
-__all__ = ["step", "get_engine"]
+__all__ = ["step", "get_runtime", "get_executor"]
 
-_ENGINE: Engine | None = None
+_EXECUTOR: StepExecutor | None = None
 _LOCK = threading.Lock()
 
 
-def get_engine() -> Engine:
-    """This worker process's engine (built once; the engine itself is stateless)."""
-    global _ENGINE
+def get_executor() -> StepExecutor:
+    """This worker process's step executor (built once; it keeps the process's leases)."""
+    global _EXECUTOR
     with _LOCK:
-        if _ENGINE is None:
+        if _EXECUTOR is None:
             settings = get_settings()
-            url = app.conf.broker_url
-            _ENGINE = Engine(settings, redis_client(settings, url), CeleryEnqueuer(app, settings))
-        return _ENGINE
+            runtime = Runtime(settings, redis_client(settings, app.conf.broker_url), CeleryEnqueuer(app, settings))
+            _EXECUTOR = StepExecutor(runtime)
+        return _EXECUTOR
+
+
+def get_runtime() -> Runtime:
+    """This worker process's runtime."""
+    return get_executor().rt
 
 
 @app.task(
     bind=True,
     name=STEP_TASK,
-    # The engine decides how often a step is attempted (per-step retry policy); Celery only delays.
+    # The executor decides how often a step is attempted (per-step retry policy); Celery only delays.
     max_retries=None,
-    # Redis unreachable for a moment: try again with backoff instead of losing the delivery.
+    # Redis unreachable for longer than the store retries in place: try the delivery again with backoff.
     autoretry_for=(StoreUnavailable, redis.ConnectionError, redis.TimeoutError),
     retry_backoff=True,
     retry_backoff_max=60,
@@ -51,11 +57,11 @@ def step(self: Task, message: dict[str, Any]) -> dict[str, Any]:
 
     The message is validated explicitly against :class:`StepMessage` (rather than with Celery's
     ``pydantic=True``, whose ValidationError reaches clients without its field errors): an invalid message
-    fails with :class:`~config.errors.InvalidInput` naming the fields, and nothing is written.
+    fails with :class:`~teamster.errors.InvalidInput` naming the fields, and nothing is written.
     """
     checked = validate_input(StepMessage, message, what="step message")
     assert isinstance(checked, StepMessage)
-    result = get_engine().execute(checked.run_id, checked.step_key)
-    if result.status == "retry" and result.retry_in is not None:
+    result = get_executor().execute(checked.run_id, checked.step_key)
+    if result.status == Delivery.RETRY and result.retry_in is not None:
         raise self.retry(countdown=result.retry_in)
     return result.to_json()

@@ -27,6 +27,7 @@ __all__ = [
     "UnknownAgent",
     "UnknownTool",
     "WorkflowDefinitionError",
+    "ModelRequestBlocked",
     "RetryableError",
     "ModelThrottled",
     "ModelTimeout",
@@ -140,6 +141,13 @@ class UnknownTool(ConfigurationError):
     """An agent's allow-list names a tool that is not in the tool registry."""
 
     code = "unknown_tool"
+
+
+class ModelRequestBlocked(ConfigurationError):
+    """A step asked for a real model provider while real model requests are blocked (``teamster.testing``)."""
+
+    code = "model_request_blocked"
+    default_hint = "Give the agent a script or model in the test (env.override(...)), or allow real requests."
 
 
 class WorkflowDefinitionError(ConfigurationError):

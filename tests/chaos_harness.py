@@ -40,10 +40,14 @@ from teamster.errors import StoreUnavailable
 from teamster.examples import triage as example
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.connection import redis_client
-from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.watchdog import Watchdog, WatchdogReport
 from teamster.orchestrator.workflow import Workflow
+from teamster.testing import record_model_calls
 from tests.harness import SETTLED, Worker
+from tests.workflows import effects_key
+
+# Workers count their scripted model calls in Redis (teamster.testing.model_calls_key): the audit reads them.
+record_model_calls()
 
 __all__ = [
     "MODULES",
@@ -68,17 +72,16 @@ CHAOS_WORKFLOW = "chaos_triage"
 ROGUE_WORKFLOW = "rogue_tools"
 
 LEDGER = "chaos_tags"
-"""``Keys.effects(LEDGER)``: idempotency key -> the tag applied (written once, with HSETNX)."""
+"""Ledger: idempotency key -> the tag applied (written once, with HSETNX)."""
 APPLIED = "chaos_tags_applied"
-"""``Keys.effects(APPLIED)``: idempotency key -> how many times the side effect was applied (must be 1)."""
+"""Applications: idempotency key -> how many times the side effect was applied (must be 1)."""
 CALLS = "chaos_tags_calls"
-"""``Keys.effects(CALLS)``: idempotency key -> how many times the tool ran (redeliveries, recoveries)."""
+"""Calls: idempotency key -> how many times the tool ran (redeliveries, recoveries)."""
 
 
 def ledger_keys(prefix: str) -> tuple[str, str, str]:
     """The Redis keys of the ledger, the applications counter and the calls counter under ``prefix``."""
-    keys = Keys(prefix)
-    return keys.effects(LEDGER), keys.effects(APPLIED), keys.effects(CALLS)
+    return effects_key(prefix, LEDGER), effects_key(prefix, APPLIED), effects_key(prefix, CALLS)
 
 
 @tool
@@ -349,7 +352,7 @@ class WatchdogLoop:
     """``Watchdog.run_forever`` in a thread, summing what its scans did."""
 
     def __init__(self, client: Client) -> None:
-        self.watchdog = Watchdog(client.engine)
+        self.watchdog = Watchdog(client.runtime)
         self.totals: Counter[str] = Counter()
         self.scans = 0
         self.stop_event = threading.Event()
@@ -381,9 +384,9 @@ def submit_retrying(client: Client, workflow: str, ticket: dict[str, str], key: 
 
 
 def _statuses(client: Client, run_ids: list[str]) -> dict[str, str | None]:
-    pipe = client.engine.client.pipeline(transaction=False)
+    pipe = client.runtime.client.pipeline(transaction=False)
     for run_id in run_ids:
-        pipe.hget(client.engine.keys.run(run_id), "status")
+        pipe.hget(client.runtime.keys.run(run_id), "status")
     return {r: (json.loads(s) if s else None) for r, s in zip(run_ids, pipe.execute(), strict=True)}
 
 

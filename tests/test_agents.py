@@ -102,7 +102,7 @@ def _reset_side_effects() -> None:
 
 @pytest.fixture(scope="module")
 def settings() -> TeamsterSettings:
-    return load_settings(model="scripted", scripted_faults="", scripted_latency=0.0)
+    return load_settings(model="scripted")
 
 
 def unique(prefix: str) -> str:
@@ -372,7 +372,7 @@ def test_wall_clock_budget_cancels_a_slow_model_call(settings: TeamsterSettings)
 
 
 def test_wall_clock_budget_defaults_to_the_step_timeout_setting() -> None:
-    settings = load_settings(model="scripted", scripted_faults="", step_timeout_seconds=0.2)
+    settings = load_settings(model="scripted", step_timeout_seconds=0.2)
     started = time.monotonic()
     result, _, _ = run(make_spec(), [finish(GOOD).after(5)], settings)
     assert time.monotonic() - started < 4

@@ -37,6 +37,7 @@ from teamster.examples.triage import SAMPLE_TICKETS, Ticket
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import DeadLetterStatus, RunStatus, StepStatus
 from teamster.orchestrator.workflow import Workflow, get_workflow
+from teamster.testing import model_calls_key
 from tests.chaos_harness import MODULES, ROGUE_WORKFLOW, ledger_keys
 from tests.harness import Worker, wait_settled, wait_until
 
@@ -74,25 +75,25 @@ def ticket(tag: str, base: int = 0) -> dict[str, str]:
 
 def footprint(client: Client) -> dict[str, int]:
     """How much run data exists: the run index, run keys, journals and dead-letter entries."""
-    redis, prefix = client.engine.client, client.settings.key_prefix
+    redis, prefix = client.runtime.client, client.settings.key_prefix
 
     def count(pattern: str) -> int:
         return sum(1 for _ in redis.scan_iter(match=f"{prefix}:{pattern}", count=1000))
 
-    return {"runs": int(redis.zcard(client.engine.keys.runs)), "run_keys": count("run:*"),
+    return {"runs": int(redis.zcard(client.runtime.keys.runs)), "run_keys": count("run:*"),
             "journals": count("journal:*"), "leases": count("lease:*"),
-            "dead_letters": int(redis.zcard(client.engine.keys.dlq_all))}
+            "dead_letters": int(redis.zcard(client.runtime.keys.dlq_all))}
 
 
 def steps_queue_length(client: Client) -> int:
     """Messages waiting in the client's steps queue (the Redis list kombu keeps under the Celery key prefix)."""
     key = f"{client.settings.key_prefix}:celery:{client.settings.steps_queue}"
-    return int(client.engine.client.llen(key))
+    return int(client.runtime.client.llen(key))
 
 
 def publish_raw(client: Client, body: Any, *, task_id: str, **options: Any) -> None:
     """Publish a teamster.step message by hand (kombu Producer), bypassing the client's JSON-only path."""
-    app: Celery = client.engine.enqueuer.app  # type: ignore[attr-defined]
+    app: Celery = client.runtime.enqueuer.app  # type: ignore[attr-defined]
     message = app.amqp.as_task_v2(task_id, STEP_TASK, args=(), kwargs={})
     with app.connection_for_write() as conn:
         producer = conn.Producer()
@@ -102,17 +103,17 @@ def publish_raw(client: Client, body: Any, *, task_id: str, **options: Any) -> N
 
 def send_step(client: Client, payload: Any) -> Any:
     """send_task('teamster.step') with a JSON payload; returns the AsyncResult."""
-    app: Celery = client.engine.enqueuer.app  # type: ignore[attr-defined]
+    app: Celery = client.runtime.enqueuer.app  # type: ignore[attr-defined]
     return app.send_task(STEP_TASK, kwargs=payload, queue=client.settings.steps_queue,
                          task_id=f"bad-{uuid.uuid4().hex[:8]}")
 
 
 def untouched(client: Client, run_id: str) -> None:
     """The run was never executed: its first step is still queued, never started, no model was called."""
-    step = client.engine.store.get_step(run_id, "classify")
+    step = client.runtime.store.get_step(run_id, "classify")
     assert step is not None and step.status == StepStatus.QUEUED and step.attempts == 0
     assert not client.journal(run_id, types=["step_start", "model_call", "commit"])
-    calls = client.engine.client.hget(client.engine.keys.scripted_calls, f"{run_id}:classify")
+    calls = client.runtime.client.hget(model_calls_key(client.settings.key_prefix), f"{run_id}:classify")
     assert not calls
 
 
@@ -195,7 +196,7 @@ VALIDATION_MESSAGE_BUG = (
 ])
 def test_validation_error_reaching_the_client_names_the_field(client: Client, worker: Worker, task: str,
                                                               payload: dict[str, Any], field: str) -> None:
-    app: Celery = client.engine.enqueuer.app  # type: ignore[attr-defined]
+    app: Celery = client.runtime.enqueuer.app  # type: ignore[attr-defined]
     queue = client.settings.steps_queue if task == STEP_TASK else client.settings.control_queue
     with pytest.raises(Exception) as info:
         app.send_task(task, kwargs=payload, queue=queue).get(timeout=30)
@@ -218,7 +219,7 @@ def test_step_message_for_an_unknown_run_is_missing_and_creates_nothing(client: 
     reply = send_step(client, {"message": {"run_id": ghost, "step_key": "classify"}}).get(timeout=30)
     assert reply == {"status": "missing", "run_id": ghost, "step_key": "classify"}
     assert footprint(client) == before
-    assert not list(client.engine.client.scan_iter(match=f"*{ghost}*"))
+    assert not list(client.runtime.client.scan_iter(match=f"*{ghost}*"))
     # a known run, but a step it does not have: missing too, and the run is left alone
     run_id = idle.submit("ticket_triage", ticket("unknown-step"))
     version = idle.status(run_id).state_version
@@ -297,10 +298,10 @@ def test_disallowed_tool_call_is_blocked_journaled_and_never_run(client: Client,
     assert not [e for e in client.journal(run_id, types=["tool_call", "tool_result"])
                 if e.data.get("tool") == "chaos_tag_ticket"]
     ledger, applied, calls = ledger_keys(client.settings.key_prefix)
-    redis = client.engine.client
+    redis = client.runtime.client
     for key in (ledger, applied, calls):
         assert not [k for k in redis.hkeys(key) if k.startswith(run_id)]
-    step = client.engine.store.get_step(run_id, "act")
+    step = client.runtime.store.get_step(run_id, "act")
     assert step is not None and step.tool_calls == 0
     # the model was told why, and could still finish within its contract
     assert run.status == RunStatus.SUCCEEDED
@@ -372,7 +373,7 @@ def test_resolving_a_dead_letter_with_invalid_output_keeps_the_entry_open(client
     assert entry.status == DeadLetterStatus.OPEN and entry.closed_by is None
     after = client.status(run_id)
     assert after.status == RunStatus.ESCALATED and after.state_version == run.state_version
-    step = client.engine.store.get_step(run_id, "extract_order")
+    step = client.runtime.store.get_step(run_id, "extract_order")
     assert step is not None and step.status == StepStatus.CANNOT_COMPLETE
     assert len(client.journal(run_id)) == events  # not even a dlq_resolve event
 

@@ -65,9 +65,11 @@ from teamster.config.settings import load_settings
 from teamster.errors import TeamsterError
 from teamster.examples.triage import SAMPLE_TICKETS
 from teamster.orchestrator.client import Client
+from teamster.orchestrator.executor import StepExecutor
 from teamster.orchestrator.models import STEP_DONE, STEP_TERMINAL, JournalEvent, RunRecord, RunStatus, StepStatus
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import get_workflow
+from teamster.testing import model_calls_key
 from tests.chaos_harness import (
     MODULES,
     WORKFLOWS,
@@ -150,7 +152,7 @@ class Audit:
 
 def audit_runs(client: Client, run_ids: list[str], audit: Audit) -> None:
     """Check I1, I2, I3 (journal side) and I6 on every submitted run; gather the figures."""
-    store, dlq = client.engine.store, client.dlq
+    store, dlq = client.runtime.store, client.dlq
     succeeded_tool_keys: dict[str, str] = {}  # chaos tool keys whose call returned, for the ledger check
     for run_id in run_ids:
         try:
@@ -179,7 +181,7 @@ def audit_runs(client: Client, run_ids: list[str], audit: Audit) -> None:
             undone = [f"{k}={r.status.value}" for k, r in records.items() if r.status not in STEP_DONE]
             if missing or undone:
                 audit.violate(f"I2: run {run_id} succeeded with steps missing {missing} or not done {undone}")
-        events = client.engine.journal.read(run_id)
+        events = client.runtime.journal.read(run_id)
         commits: Counter[str] = Counter()
         tool_inputs: dict[str, str] = {}
         for event in events:
@@ -255,7 +257,7 @@ def _audit_dead_letters(client: Client, dlq: Any, run: RunRecord, records: dict[
 def _audit_ledger(client: Client, succeeded_tool_keys: dict[str, str], audit: Audit) -> None:
     """I3 against Redis: each side effect of chaos_tag_ticket applied exactly once per idempotency key."""
     ledger_key, applied_key, calls_key = ledger_keys(client.settings.key_prefix)
-    redis_client = client.engine.client
+    redis_client = client.runtime.client
     ledger = redis_client.hgetall(ledger_key)
     applied = {k: int(v) for k, v in redis_client.hgetall(applied_key).items()}
     calls = {k: int(v) for k, v in redis_client.hgetall(calls_key).items()}
@@ -289,7 +291,7 @@ def audit_replay(client: Client, cfg: ChaosConfig, audit: Audit) -> None:
     ordered = takeover[:half] + retried[:quarter] + rest + takeover[half:] + retried[quarter:]
     sample = list(dict.fromkeys(ordered))[: cfg.replay]
     audit.replay_sample = sample
-    calls_before = client.engine.client.hgetall(client.engine.keys.scripted_calls)
+    calls_before = client.runtime.client.hgetall(model_calls_key(client.settings.key_prefix))
     for run_id in sample:
         report = client.replay(run_id)
         audit.replayed += 1
@@ -299,7 +301,7 @@ def audit_replay(client: Client, cfg: ChaosConfig, audit: Audit) -> None:
         output = audit.runs[run_id].output
         if not output:
             audit.violate(f"I7: succeeded run {run_id} has no output")
-    if client.engine.client.hgetall(client.engine.keys.scripted_calls) != calls_before:
+    if client.runtime.client.hgetall(model_calls_key(client.settings.key_prefix)) != calls_before:
         audit.violate("I7: replay called the model")
 
 
@@ -438,7 +440,7 @@ def test_a_worker_survives_a_redis_restart_with_a_step_in_flight(chaos_redis: Em
         time.sleep(cfg.redis_outage)
         chaos_redis.start()
         durable_redis(chaos_redis, cfg.appendfsync)
-        watchdog = Watchdog(client.engine)
+        watchdog = Watchdog(client.runtime)
 
         def settled_or_worker_gone() -> bool:
             try:
@@ -481,7 +483,7 @@ def test_scripted_order_lookup_says_cannot_complete_after_a_rejected_outcome() -
 
 
 def _idle_client(server: EmbeddedRedis, tmp_path: Path, **overrides: Any) -> Client:
-    """A client whose steps go to a queue no worker consumes: the test drives the engine by hand."""
+    """A client whose steps go to a queue no worker consumes: the test drives the executor by hand."""
     cfg = ChaosConfig()
     env = {**cfg.env(server.url, f"chaos-{uuid.uuid4().hex[:8]}", tmp_path), "steps_queue": "nobody-listens",
            "workflow_modules": MODULES.split(","), **overrides}
@@ -494,7 +496,7 @@ def test_poison_pill_dead_letter_entry_keeps_the_step_input(chaos_redis: Embedde
     """Regression (found by the storm's I6 check): a step dead-lettered for killing its workers keeps the input
     an earlier attempt journaled."""
     client = _idle_client(chaos_redis, tmp_path)
-    engine = client.engine
+    engine = client.runtime
     ticket = {**SAMPLE_TICKETS[0], "ticket_id": "T-poison"}
     run_id = client.submit("ticket_triage", ticket)
     # The step's first attempt starts (journaling its input), then its worker dies again and again.
@@ -506,7 +508,7 @@ def test_poison_pill_dead_letter_entry_keeps_the_step_input(chaos_redis: Embedde
         wait_until(lambda: engine.store.lease_holder(run_id, "classify") is None, timeout=5)
         assert engine.store.claim(run_id, "classify", worker, lease_seconds=0.05).kind == "claimed"
     wait_until(lambda: engine.store.lease_holder(run_id, "classify") is None, timeout=5)
-    result = engine.execute(run_id, "classify")
+    result = StepExecutor(engine).execute(run_id, "classify")
     assert result.status == "dead_lettered"
     entry = client.dlq.get(client.status(run_id).error["dlq_entry"])  # type: ignore[index]
     assert entry.error_type == "lease_expired_repeatedly" and entry.attempts == 4

@@ -16,12 +16,15 @@ import pytest
 from teamster.agents.outcomes import Succeeded
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
-from teamster.orchestrator.engine import Engine
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import StepStatus
+from teamster.orchestrator.runtime import Runtime
+from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import get_workflow
+from teamster.testing import model_calls_key
 from tests.harness import Worker, wait_settled, wait_until
+from tests.workflows import effects_key
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +45,7 @@ def worker() -> Iterator[Worker]:
 
 def model_calls(client: Client, run_id: str, step: str) -> int:
     """Model calls the scripted model really made for a step (counted by the model itself, in Redis)."""
-    value = client.engine.client.hget(client.engine.keys.scripted_calls, f"{run_id}:{step}")
+    value = client.runtime.client.hget(model_calls_key(client.settings.key_prefix), f"{run_id}:{step}")
     return int(value or 0)
 
 
@@ -55,7 +58,7 @@ def test_sequential_redelivery_of_a_committed_step_calls_no_model(client: Client
     assert wait_settled(client, run_id).status.value == "succeeded"
     assert model_calls(client, run_id, "summarize") == 1
     for _ in range(3):  # the broker delivers the same message again (e.g. after a visibility timeout)
-        client.engine.enqueuer.enqueue(run_id, "summarize")
+        client.runtime.enqueuer.enqueue(run_id, "summarize")
     wait_until(lambda: len(client.journal(run_id, step="summarize", types=["redelivery_ignored"])) == 3)
     assert model_calls(client, run_id, "summarize") == 1
     assert commits(client, run_id, "summarize") == 1
@@ -65,7 +68,7 @@ def test_sequential_redelivery_of_a_committed_step_calls_no_model(client: Client
 def test_concurrent_duplicate_deliveries_run_the_step_once(client: Client, worker: Worker) -> None:
     run_id = client.submit("t_linear", {"text": "slow 1.5 concurrent duplicates"})
     for _ in range(3):  # three more copies while the first one is running
-        client.engine.enqueuer.enqueue(run_id, "summarize")
+        client.runtime.enqueuer.enqueue(run_id, "summarize")
     assert wait_settled(client, run_id).status.value == "succeeded"
     assert model_calls(client, run_id, "summarize") == 1
     assert commits(client, run_id, "summarize") == 1
@@ -77,34 +80,34 @@ def test_concurrent_duplicate_deliveries_run_the_step_once(client: Client, worke
 def test_stale_fencing_token_cannot_commit(client: Client) -> None:
     """Worker A's lease lapses, worker B takes the step over; A's late commit is rejected and recorded."""
     settings = client.settings
-    engine_a = Engine(settings, client.engine.client, client.engine.enqueuer, worker="A")
-    engine_b = Engine(settings, client.engine.client, client.engine.enqueuer, worker="B")
+    node_a = Runtime(settings, client.runtime.client, client.runtime.enqueuer, worker="A")
+    node_b = Runtime(settings, client.runtime.client, client.runtime.enqueuer, worker="B")
     # no worker consumes this prefix's queue in this test: create the run through the store directly
-    run_id, _ = engine_a.transitions.create_run(get_workflow("t_linear"), {"text": "fencing"}, None)
-    claim_a = engine_a.store.claim(run_id, "summarize", "A", lease_seconds=0.2)
+    run_id, _ = Transitions(node_a).create_run(get_workflow("t_linear"), {"text": "fencing"}, None)
+    claim_a = node_a.store.claim(run_id, "summarize", "A", lease_seconds=0.2)
     assert claim_a.kind == "claimed"
-    wait_until(lambda: engine_a.store.lease_holder(run_id, "summarize") is None, timeout=5)
-    claim_b = engine_b.store.claim(run_id, "summarize", "B", lease_seconds=30)
-    assert claim_b.kind == "claimed" and claim_b.token > claim_a.token and claim_b.previous == "running"
+    wait_until(lambda: node_a.store.lease_holder(run_id, "summarize") is None, timeout=5)
+    claim_b = node_b.store.claim(run_id, "summarize", "B", lease_seconds=30)
+    assert claim_b.kind == "claimed" and claim_b.token > claim_a.token and claim_b.previous == StepStatus.RUNNING
 
     wf = get_workflow("t_linear")
-    run = engine_a.store.get_run(run_id)
-    record = engine_a.store.get_step(run_id, "summarize")
+    run = node_a.store.get_run(run_id)
+    record = node_a.store.get_step(run_id, "summarize")
     assert record is not None
-    late = engine_a.transitions.commit(run, wf, wf.steps["summarize"], record, claim_a.token,
-                                       Succeeded(output={"summary": "from A"}))
+    late = Transitions(node_a).commit(run, wf, wf.steps["summarize"], record, claim_a.token,
+                                      Succeeded(output={"summary": "from A"}))
     assert late.status == "stale"
-    rejected = engine_a.journal.read(run_id, types=["commit_rejected"])
+    rejected = node_a.journal.read(run_id, types=["commit_rejected"])
     assert rejected and rejected[-1].data["guard"] == "fence" and rejected[-1].data["token"] == claim_a.token
-    assert engine_a.store.get_step(run_id, "summarize").status == StepStatus.RUNNING  # untouched
+    assert node_a.store.get_step(run_id, "summarize").status == StepStatus.RUNNING  # untouched
 
-    ok = engine_b.transitions.commit(run, wf, wf.steps["summarize"], record, claim_b.token,
-                                     Succeeded(output={"summary": "from B"}))
+    ok = Transitions(node_b).commit(run, wf, wf.steps["summarize"], record, claim_b.token,
+                                    Succeeded(output={"summary": "from B"}))
     assert ok.status == "committed"
-    again = engine_b.transitions.commit(run, wf, wf.steps["summarize"], record, claim_b.token,
-                                        Succeeded(output={"summary": "twice"}))
+    again = Transitions(node_b).commit(run, wf, wf.steps["summarize"], record, claim_b.token,
+                                       Succeeded(output={"summary": "twice"}))
     assert again.status == "stale"  # a step committed once is never committed again
-    state = engine_b.store.get_run(run_id).state
+    state = node_b.store.get_run(run_id).state
     assert state["summarize"] == {"summary": "from B"}
     client.cancel(run_id, reason="test cleanup")
 
@@ -119,14 +122,15 @@ def test_sigkill_mid_step_is_recovered_by_another_worker_without_duplicate_side_
         kill_client = Client(settings)
         run_id = kill_client.submit("t_linear", {"text": "side-effect slow 3 then crash"})
         keys = Keys(settings.key_prefix)
-        redis = kill_client.engine.client
+        redis = kill_client.runtime.client
         # the tool has applied its side effect and the second model call (3 s) is in flight: kill now
-        wait_until(lambda: redis.hlen(keys.effects("applied")) and
-                   any(k.startswith(run_id) for k in redis.hkeys(keys.effects("applied"))), timeout=30)
+        applied = effects_key(keys.prefix, "applied")
+        wait_until(lambda: redis.hlen(applied) and any(k.startswith(run_id) for k in redis.hkeys(applied)),
+                   timeout=30)
         wait_until(lambda: model_calls(kill_client, run_id, "summarize") >= 2, timeout=10)
         victim.kill()
         survivor = Worker("survivor", concurrency=2, env=env).start()
-        watchdog = Watchdog(kill_client.engine)
+        watchdog = Watchdog(kill_client.runtime)
 
         def recovered() -> object:
             watchdog.scan()
@@ -135,12 +139,13 @@ def test_sigkill_mid_step_is_recovered_by_another_worker_without_duplicate_side_
 
         run = wait_until(recovered, timeout=60, interval=0.2)
         assert run.status.value == "succeeded"
-        record = kill_client.engine.store.get_step(run_id, "summarize")
+        record = kill_client.runtime.store.get_step(run_id, "summarize")
         assert record is not None and record.attempts == 2 and record.lease_expiries == 1
-        effect_keys = [k for k in redis.hkeys(keys.effects("applied")) if k.startswith(run_id)]
+        effect_keys = [k for k in redis.hkeys(effects_key(keys.prefix, "applied")) if k.startswith(run_id)]
         assert len(effect_keys) == 1
-        assert int(redis.hget(keys.effects("applied"), effect_keys[0])) == 1  # applied exactly once
-        assert int(redis.hget(keys.effects("attempts"), effect_keys[0])) == 2  # re-called, deduplicated by key
+        assert int(redis.hget(effects_key(keys.prefix, "applied"), effect_keys[0])) == 1  # applied exactly once
+        # re-called, deduplicated by its key
+        assert int(redis.hget(effects_key(keys.prefix, "attempts"), effect_keys[0])) == 2
         events = kill_client.journal(run_id, step="summarize")
         assert [e.type for e in events if e.type in ("lease_expired", "commit")] == ["lease_expired", "commit"]
         starts = [e for e in events if e.type == "step_start"]
@@ -162,13 +167,13 @@ def test_replay_reproduces_outputs_with_zero_model_calls(client: Client, worker:
     run_ids = [client.submit("ticket_triage", t) for t in SAMPLE_TICKETS]
     runs = [wait_settled(client, r) for r in run_ids]
     assert [r.status.value for r in runs].count("succeeded") == 8
-    before = client.engine.client.hgetall(client.engine.keys.scripted_calls)
+    before = client.runtime.client.hgetall(model_calls_key(client.settings.key_prefix))
     for run in runs:
         report = client.replay(run.run_id)
         assert report.identical, [s.differences for s in report.steps if not s.same]
         assert report.live_model_calls == 0
         assert report.steps and all(s.live_model_calls == 0 for s in report.steps)
-    assert client.engine.client.hgetall(client.engine.keys.scripted_calls) == before  # no model was called
+    assert client.runtime.client.hgetall(model_calls_key(client.settings.key_prefix)) == before  # no model was called
 
 
 def test_replay_reports_a_changed_prompt(client: Client, worker: Worker) -> None:
@@ -209,9 +214,9 @@ def test_journal_records_every_decision_and_redacts_secrets(client: Client, work
 
 def test_large_payloads_are_bounded_with_a_marker(client: Client) -> None:
     settings = load_settings(journal_payload_cap=1024)
-    engine = Engine(settings, client.engine.client, client.engine.enqueuer)
-    engine.journal.append("bounded-run", "tool_result", step="s", data={"content": "x" * 10_000})
-    event = engine.journal.read("bounded-run")[-1]
+    node = Runtime(settings, client.runtime.client, client.runtime.enqueuer)
+    node.journal.append("bounded-run", "tool_result", step="s", data={"content": "x" * 10_000})
+    event = node.journal.read("bounded-run")[-1]
     assert event.data["_truncated"] is True and event.data["_original_bytes"] > 10_000
     assert len(event.data["preview"]) < 1024
 
@@ -221,9 +226,9 @@ def test_finished_runs_expire_but_dead_lettered_runs_do_not(client: Client, work
     bad = client.submit("t_fanout", {"text": "x", "items": ["bad-item"]})
     assert wait_settled(client, ok).status.value == "succeeded"
     assert wait_settled(client, bad).status.value == "escalated"
-    redis = client.engine.client
-    ttl_ok = redis.ttl(client.engine.keys.journal(ok))
+    redis = client.runtime.client
+    ttl_ok = redis.ttl(client.runtime.keys.journal(ok))
     assert 0 < ttl_ok <= client.settings.finished_run_ttl_seconds
-    for key in client.engine.store.run_keys(bad):
+    for key in client.runtime.store.run_keys(bad):
         assert redis.ttl(key) in (-1, -2), key  # no expiry while the entry is unresolved
 

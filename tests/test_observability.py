@@ -22,7 +22,6 @@ import pytest
 from teamster.config.embedded import free_port
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
-from teamster.orchestrator.workflow import get_workflow
 from tests.harness import Worker, child_env, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
@@ -86,28 +85,19 @@ def test_spans_of_a_run_share_its_trace_and_strands_spans_nest_under_them(client
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from teamster.orchestrator.engine import Engine
+    from teamster.testing import WorkflowEnvironment
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)  # the global provider: strands' tracer uses it too
 
-    queue: list[tuple[str, str]] = []
-
-    class LocalQueue:
-        def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None:
-            queue.append((run_id, step_key))
-
-    settings = load_settings(workflow_modules=MODULES.split(","), steps_queue="in-process-only")
-    engine = Engine(settings, client.engine.client, LocalQueue(), worker="in-process")
-    run_id, _ = engine.transitions.create_run(get_workflow("t_linear"), {"text": "traced"}, None)
-    while queue:
-        engine.execute(*queue.pop(0))
-    assert engine.store.get_run(run_id).status.value == "succeeded"
+    with WorkflowEnvironment(MODULES.split(",")) as env:
+        run = env.run("t_linear", {"text": "traced"})
+    assert run.status.value == "succeeded"
     provider.force_flush()
     spans = exporter.get_finished_spans()
-    trace_id = int(engine.store.get_run(run_id).trace_id, 16)
+    trace_id = int(run.trace_id, 16)
     step_spans = [s for s in spans if s.name.startswith("step ")]
     assert {s.name for s in step_spans} == {"step summarize", "step label", "step report"}
     assert {s.context.trace_id for s in step_spans} == {trace_id}

@@ -93,7 +93,7 @@ def test_conditional_route_records_why_a_step_was_skipped(client: Client, worker
     assert wait_settled(client, normal).status.value == "succeeded"
     assert statuses(client, urgent) == {"label": "succeeded", "escalate": "succeeded", "queue": "skipped",
                                         "done": "succeeded"}
-    skipped = client.engine.store.get_step(normal, "escalate")
+    skipped = client.runtime.store.get_step(normal, "escalate")
     assert skipped is not None and skipped.status == StepStatus.SKIPPED
     assert skipped.reason == "condition 'is_urgent' is false"
     assert client.status(normal).output["text"] == "a question [queued] [done]"
@@ -131,7 +131,7 @@ def test_fan_out_with_a_failing_branch_escalates_and_nothing_downstream_runs(cli
 def test_retry_then_success(client: Client, worker: Worker) -> None:
     run_id = client.submit("t_linear", {"text": "throttle-once please"})
     assert wait_settled(client, run_id).status.value == "succeeded"
-    step = client.engine.store.get_step(run_id, "summarize")
+    step = client.runtime.store.get_step(run_id, "summarize")
     assert step is not None and step.attempts == 2
     retries = client.journal(run_id, step="summarize", types=["retry"])
     assert len(retries) == 1 and retries[0].data["error_type"] == "model_throttled"
@@ -141,7 +141,7 @@ def test_retries_are_bounded_then_dead_lettered(client: Client, worker: Worker) 
     run_id = client.submit("t_linear", {"text": "throttle-always"})
     run = wait_settled(client, run_id)
     assert run.status.value == "escalated"
-    step = client.engine.store.get_step(run_id, "summarize")
+    step = client.runtime.store.get_step(run_id, "summarize")
     assert step is not None and step.attempts == 3  # the agent's RetryPolicy(max_attempts=3)
     entry = client.dlq.get(run.error["dlq_entry"])
     assert entry.error_type == "model_throttled" and entry.retryable and entry.attempts == 3
@@ -198,7 +198,7 @@ def test_fallback_agent_then_human_review(client: Client, worker: Worker) -> Non
     entries = client.dlq.list(run_id=run_id, include_closed=True)
     assert [(e.status, e.escalation) for e in entries] == [
         (DeadLetterStatus.AUTO_RETRIED, "retry_with(agent=t_label_fallback)")]
-    step = client.engine.store.get_step(run_id, "label")
+    step = client.runtime.store.get_step(run_id, "label")
     assert step is not None and step.fallback == {"agent": "t_label_fallback", "model": None}
 
 
@@ -252,9 +252,9 @@ def test_submit_is_idempotent_and_validates_before_writing(client: Client, worke
                                                                       if r.workflow == "t_linear"})
     def run_keys() -> set[str]:
         prefix = client.settings.key_prefix
-        return set(client.engine.client.scan_iter(match=f"{prefix}:run:*", count=1000))
+        return set(client.runtime.client.scan_iter(match=f"{prefix}:run:*", count=1000))
 
-    runs_before, keys_before = client.engine.client.zcard(client.engine.keys.runs), run_keys()
+    runs_before, keys_before = client.runtime.client.zcard(client.runtime.keys.runs), run_keys()
     with pytest.raises(InvalidInput) as info:
         client.submit("t_linear", {"txt": "typo"})
     assert "text" in str(info.value)
@@ -262,7 +262,7 @@ def test_submit_is_idempotent_and_validates_before_writing(client: Client, worke
         client.submit("no_such_workflow", {})
     with pytest.raises(PayloadRejected):
         client.submit("t_linear", {"text": "x" * (client.settings.max_payload_bytes + 1)})
-    assert client.engine.client.zcard(client.engine.keys.runs) == runs_before  # nothing was written
+    assert client.runtime.client.zcard(client.runtime.keys.runs) == runs_before  # nothing was written
     assert run_keys() - keys_before == set()
 
 

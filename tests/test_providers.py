@@ -37,7 +37,7 @@ def installed(module: str) -> bool:
 
 @pytest.fixture()
 def settings() -> TeamsterSettings:
-    return load_settings(model="scripted", scripted_faults="", scripted_latency=0.0, model_base_url=None,
+    return load_settings(model="scripted", model_base_url=None,
                          aws_region="us-east-1")
 
 
@@ -207,24 +207,28 @@ def test_build_scripted_model_uses_the_registered_script(settings: TeamsterSetti
     assert other is not model, "a fresh model per step"
 
 
-def test_build_scripted_model_takes_faults_latency_and_seed_from_settings() -> None:
-    settings = load_settings(model="scripted", scripted_faults="throttle=0.25,refusal=0.1", scripted_seed=9,
-                             scripted_latency=0.5)
-    model = build_model("scripted", settings, agent=f"none_{uuid.uuid4().hex[:6]}")
+def test_build_scripted_model_takes_faults_latency_and_seed_from_the_scripted_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEAMSTER_SCRIPTED_FAULTS", "throttle=0.25,refusal=0.1")
+    monkeypatch.setenv("TEAMSTER_SCRIPTED_SEED", "9")
+    monkeypatch.setenv("TEAMSTER_SCRIPTED_LATENCY", "0.5")
+    model = build_model("scripted", load_settings(model="scripted"), agent=f"none_{uuid.uuid4().hex[:6]}")
     assert isinstance(model, ScriptedModel)
     assert model.script is None
     assert model.faults.rates == {"throttle": 0.25, "refusal": 0.1} and model.faults.seed == 9
     assert model.latency == 0.5
 
 
-def test_run_agent_uses_the_configured_scripted_provider(settings: TeamsterSettings) -> None:
+def test_run_agent_uses_the_configured_scripted_provider(settings: TeamsterSettings,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"prov_run_{uuid.uuid4().hex[:8]}"
     register_script(name, [finish({"text": "from the registered script"})])
     spec = AgentSpec(name=name, input_model=Question, output_model=Reply, instructions="Reply.")
     result = run_agent(spec, {"text": "hi"}, settings=settings)
     assert isinstance(result.outcome, Succeeded)
     assert result.output == Reply(text="from the registered script")
-    throttled = run_agent(spec, {"text": "hi"}, settings=load_settings(model="scripted", scripted_faults="throttle=1"))
+    monkeypatch.setenv("TEAMSTER_SCRIPTED_FAULTS", "throttle=1")
+    throttled = run_agent(spec, {"text": "hi"}, settings=load_settings(model="scripted"))
     assert isinstance(throttled.outcome, Failed) and throttled.outcome.error_type == "model_throttled"
 
 

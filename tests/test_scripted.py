@@ -97,7 +97,7 @@ def _reset() -> None:
 
 @pytest.fixture(scope="module")
 def settings() -> TeamsterSettings:
-    return load_settings(model="scripted", scripted_faults="", scripted_latency=0.0)
+    return load_settings(model="scripted")
 
 
 def ctx(call_index: int = 0, *, run_id: str = "run", step_id: str = "step", attempt: int = 1,

@@ -26,9 +26,17 @@ from teamster.agents.scripted import (
 from teamster.agents.tools import idempotency_key
 from teamster.config.settings import get_settings
 from teamster.orchestrator.connection import redis_client
-from teamster.orchestrator.keys import Keys
+from teamster.testing import record_model_calls
+
+# Workers count their scripted model calls in Redis (teamster.testing.model_calls_key): tests read them.
+record_model_calls()
 
 # ----------------------------------------------------------------------------- a tool with side effects
+
+
+def effects_key(prefix: str, name: str) -> str:
+    """The Redis hash of a test side-effect ledger (idempotency key -> value)."""
+    return f"{prefix}:effects:{name}"
 
 
 @tool
@@ -36,11 +44,11 @@ def record_effect(what: str, tool_context: ToolContext) -> dict[str, object]:
     """Apply a side effect once per idempotency key (counts attempts and applications in Redis)."""
     settings = get_settings()
     client = redis_client(settings)
-    keys = Keys(settings.key_prefix)
+    prefix = settings.key_prefix
     key = idempotency_key(tool_context)
-    client.hincrby(keys.effects("attempts"), key, 1)
-    if client.hsetnx(keys.effects("ledger"), key, what):
-        client.hincrby(keys.effects("applied"), key, 1)
+    client.hincrby(effects_key(prefix, "attempts"), key, 1)
+    if client.hsetnx(effects_key(prefix, "ledger"), key, what):
+        client.hincrby(effects_key(prefix, "applied"), key, 1)
         return {"applied": True, "key": key}
     return {"applied": False, "key": key, "note": "already applied"}
 

@@ -219,10 +219,10 @@ def example_output(model: type[BaseModel]) -> str:
     return json.dumps(value)
 
 
-def step_example_output(workflow: str, step_id: str) -> str | None:
+def step_example_output(workflow: str, step_id: str, module: str | None = None) -> str | None:
     """The ``--output`` skeleton of an agent step of ``workflow``, or None (unknown, or not an agent step)."""
     try:
-        step = get_workflow(workflow).steps[step_id.split("[", 1)[0]]
+        step = get_workflow(workflow, module).steps[step_id.split("[", 1)[0]]
         if step.kind not in ("agent", "fan_out"):
             return None
         return example_output(step.spec.output_model)
@@ -234,15 +234,15 @@ def entry_example_output(entry: DeadLetterEntry) -> str | None:
     """The ``--output`` skeleton for resolving ``entry`` by hand, or None when it cannot be resolved so."""
     if entry.kind == "deadline":
         return None
-    kind = _step_kind(entry.workflow, entry.step_id)
+    kind = _step_kind(entry.workflow, entry.step_id, entry.workflow_module)
     if kind == "agent" or (kind == "fan_out" and "[" in entry.step_key):
-        return step_example_output(entry.workflow, entry.step_id)
+        return step_example_output(entry.workflow, entry.step_id, entry.workflow_module)
     return None
 
 
-def _step_kind(workflow: str, step_id: str) -> str | None:
+def _step_kind(workflow: str, step_id: str, module: str | None = None) -> str | None:
     try:
-        return get_workflow(workflow).steps[step_id].kind
+        return get_workflow(workflow, module).steps[step_id].kind
     except Exception:  # noqa: BLE001
         return None
 
@@ -280,7 +280,7 @@ def run_next_steps(run: RunRecord) -> list[str]:
     out = [f"teamster runs show {run.run_id}"]
     if entry:
         out.append(f"teamster dlq show {entry}")
-        example = step_example_output(run.workflow, str(error.get("step") or ""))
+        example = step_example_output(run.workflow, str(error.get("step") or ""), run.workflow_module)
         if run.status == RunStatus.NEEDS_HUMAN and example:
             out.append(resolve_command(str(entry), example))
     out.append(f"teamster journal {run.run_id}")

@@ -131,7 +131,7 @@ class LocalStack:
             raise
         if self.watchdog:
             client = Client(self.settings, redis_url=self.redis_url, load_modules=False)
-            dog = Watchdog(client.engine)
+            dog = Watchdog(client.runtime)
             self._thread = threading.Thread(target=dog.run_forever, name="teamster-local-watchdog", daemon=True,
                                             args=(self._stop, self.watchdog_interval, self._report))
             self._thread.start()

@@ -1,0 +1,234 @@
+"""The path of one step, top to bottom: claim -> run -> commit, retry or dead-letter -> enqueue what is ready.
+
+The step task is a thin wrapper around :meth:`StepExecutor.execute` (DESIGN.md, "the path of one job", 3-7):
+
+1. Claim the lease with a new fencing token; the claim returns the step and run records. A step already
+   terminal returns its recorded result and calls no model (I3); a step whose lease another live worker holds
+   is a duplicate delivery and is dropped.
+2. Decide: a step whose condition is false (or whose upstream steps were all skipped) is skipped with its reason.
+3. Run it (agent, function, fan-out or join) while the process's :class:`~teamster.orchestrator.leases.LeaseKeeper`
+   renews the lease; a step recovered from a dead worker reuses the model answers that worker recorded.
+4. Succeeded: commit the output, the new state version and the newly ready steps in one transaction guarded by the
+   fencing token (I4) and the state version; the commit sends the ready steps.
+5. Retryable failure with attempts left: record the retry (the task schedules it with backoff + jitter).
+6. Anything else: dead-letter it with full context and run the step's escalation policy (I1, I6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from teamster.agents.guard import StepControl
+from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
+from teamster.agents.runner import AgentRun, StepContext, run_agent, validate_input
+from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent
+from teamster.errors import InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
+from teamster.orchestrator import metrics
+from teamster.orchestrator.leases import LeaseKeeper
+from teamster.orchestrator.models import (
+    Delivery,
+    RunRecord,
+    StepExecution,
+    StepRecord,
+    StepStatus,
+)
+from teamster.orchestrator.planner import skip_reason, step_input
+from teamster.orchestrator.runtime import Runtime
+from teamster.orchestrator.store import RunStore
+from teamster.orchestrator.tracing import step_span
+from teamster.orchestrator.transitions import Transitions
+from teamster.orchestrator.workflow import StepDef, Workflow, get_workflow
+
+__all__ = ["StepExecutor", "run_deterministic", "spec_for"]
+
+log = logging.getLogger(__name__)
+
+StepResult = Succeeded | CannotComplete | NeedsHuman | Failed
+
+LEASE_GRACE_SECONDS = 5.0
+"""How long past its deadline a step's lease is still renewed (then a stuck step is left to the watchdog)."""
+
+
+def spec_for(step: StepDef, record: StepRecord) -> AgentSpec[Any, Any]:
+    """The agent a step runs now: its own, or the fallback agent/model an escalation chose."""
+    spec = step.spec
+    fallback = record.fallback or {}
+    if fallback.get("agent"):
+        spec = get_agent(str(fallback["agent"]))
+    if fallback.get("model"):
+        spec = spec.with_model(str(fallback["model"]))
+    return spec
+
+
+def run_deterministic(store: RunStore, run: RunRecord, wf: Workflow, step: StepDef, state: BaseModel) -> StepResult:
+    """Function, fan-out and join steps: plain code over the state, no model (also what replay re-runs)."""
+    try:
+        if step.kind == "function":
+            assert step.fn is not None
+            output = step.fn(state)
+            data = output.model_dump(mode="json") if isinstance(output, BaseModel) else dict(output)
+            return Succeeded(output=data)
+        if step.kind == "fan_out":
+            assert step.over is not None
+            items = [validate_input(step.spec.input_model, item, what=f"fan-out item {i} of {step.id!r}")
+                     for i, item in enumerate(step.over(state))]
+            return Succeeded(output={"items": [i.model_dump(mode="json") for i in items]})
+        # join: the outputs of every branch, in order
+        fan_out = step.fan_out or ""
+        count = run.branches.get(fan_out, 0)  # written by the fan-out's commit, before the join was queued
+        outputs = []
+        for index in range(count):
+            branch = store.get_step(run.run_id, f"{fan_out}[{index}]")
+            if branch is None or branch.status != StepStatus.SUCCEEDED:
+                raise TerminalError(f"join {step.id!r}: branch {index} of {fan_out!r} has not succeeded")
+            outputs.append(branch.output)
+        return Succeeded(output={"items": outputs})
+    except TeamsterError as exc:
+        return failed_from(exc)
+    except Exception as exc:  # noqa: BLE001 - user code: a typed terminal failure, never a crash
+        return Failed(error_type="function_error", message=f"{type(exc).__name__}: {exc}", retryable=False,
+                      details={"step": step.id})
+
+
+class StepExecutor:
+    """Executes step deliveries against the run store (one per worker process; stateless apart from leases).
+
+    Args:
+        runtime: The deployment.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
+        self.store = runtime.store
+        self.journal = runtime.journal
+        self.transitions = Transitions(runtime)
+        self.leases = LeaseKeeper(runtime.store, runtime.settings.lease_seconds)
+
+    def execute(self, run_id: str, step_key: str) -> StepExecution:
+        """Process one delivery of a step message (idempotent: safe to call any number of times)."""
+        claim = self.store.claim(run_id, step_key, self.rt.worker, self.settings.lease_seconds)
+        if claim.kind == "terminal":
+            record = self.store.get_step(run_id, step_key)
+            self.journal.append(run_id, "redelivery_ignored", step=step_key,
+                                data={"reason": "step already ended", "status": claim.step_status})
+            return StepExecution(Delivery.ALREADY_DONE, run_id, step_key, step_status=claim.step_status,
+                                 outcome=record.outcome if record else None)
+        if claim.kind == "busy":
+            self.journal.append(run_id, "redelivery_ignored", step=step_key,
+                                data={"reason": "another worker holds the lease", "token": claim.holder})
+            return StepExecution(Delivery.DUPLICATE, run_id, step_key)
+        if claim.kind == "run_final":
+            self.transitions.cancel_step_if_open(run_id, step_key, f"run is {claim.run_status}")
+            return StepExecution(Delivery.RUN_FINAL, run_id, step_key, detail={"run_status": claim.run_status})
+        if claim.kind != "claimed" or claim.run is None or claim.step is None:
+            log.warning("step message for unknown step %s of run %s (expired or never created)", step_key, run_id)
+            return StepExecution(Delivery.MISSING, run_id, step_key)
+
+        run, record, token = claim.run, claim.step, claim.token
+        wf = get_workflow(run.workflow, run.workflow_module)
+        step = wf.steps[record.step_id]
+        takeover = claim.previous == StepStatus.RUNNING
+        start: dict[str, Any] = {"token": token, "worker": self.rt.worker, "takeover": takeover, "kind": record.kind,
+                                 "state_version": run.state_version}
+        with step_span(run.trace_id, f"step {step_key}", {"teamster.run_id": run_id, "teamster.step": step_key,
+                                                          "teamster.attempt": record.attempts}):
+            if takeover:
+                metrics.LEASE_EXPIRIES.inc()
+                if record.lease_expiries >= self.settings.max_lease_expiries:
+                    self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+                    error = LeaseExpiredRepeatedly(
+                        f"the step's lease expired {record.lease_expiries} times (workers killed or hung mid-step)",
+                        lease_expiries=record.lease_expiries)
+                    return self.transitions.fail(run, wf, step, record, token, failed_from(error), None)
+
+            # -- decide: skip or run
+            state = wf.state_model.model_validate(run.state)
+            try:
+                reason = None if record.branch_index is not None else \
+                    skip_reason(wf, step, self.store.step_statuses(run_id), state)
+            except Exception as exc:  # noqa: BLE001 - a user condition that raises is the step's failure
+                self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+                broken = TerminalError(f"condition of step {step.id!r} raised {type(exc).__name__}: {exc}")
+                return self.transitions.fail(run, wf, step, record, token, failed_from(broken), None)
+            if reason is not None:
+                start.update(state=state.model_dump(mode="json"), skip=reason)
+                self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+                return self.transitions.commit(run, wf, step, record, token, None, skipped=reason)
+
+            # -- run, holding the lease
+            control = StepControl()
+            started = time.monotonic()
+            agent_run: AgentRun | None = None
+            budget = self._budget_seconds(step, record)
+            with self.leases.hold(run_id, step_key, token, control, renew_for=budget + LEASE_GRACE_SECONDS):
+                if record.kind in ("agent", "branch"):
+                    result, agent_run = self._run_agent(run, wf, step, record, token, state, start, takeover, control)
+                else:
+                    start["state"] = state.model_dump(mode="json")
+                    self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+                    result = run_deterministic(self.store, run, wf, step, state)
+                    self.journal.append(run_id, "outcome", step=step_key, attempt=record.attempts,
+                                        data={"outcome": result.model_dump(mode="json")})
+            metrics.STEP_SECONDS.labels(run.workflow, step.id).observe(time.monotonic() - started)
+
+            # -- end: commit, retry or dead-letter
+            if control.reason == "lease_lost" or (isinstance(result, Failed) and result.error_type == "lease_lost"):
+                self.journal.append(run_id, "lease_lost", step=step_key, attempt=record.attempts,
+                                    data={"token": token, "detail": "another worker owns the step; result dropped"})
+                return StepExecution(Delivery.LEASE_LOST, run_id, step_key, attempt=record.attempts)
+            if isinstance(result, Succeeded):
+                return self.transitions.commit(run, wf, step, record, token, result, agent_run=agent_run)
+            policy = self._retry_policy(step, record).resolved(self.settings)
+            if isinstance(result, Failed) and result.retryable and \
+                    record.attempts - record.attempt_base < int(policy.max_attempts or 1):
+                return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, agent_run)
+            return self.transitions.fail(run, wf, step, record, token, result, agent_run)
+
+    # ------------------------------------------------------------------ internals
+    def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
+                   state: BaseModel, start: dict[str, Any], takeover: bool,
+                   control: StepControl) -> tuple[StepResult, AgentRun | None]:
+        run_id, step_key = run.run_id, record.step_key
+        spec = spec_for(step, record)
+        recorded = self.journal.reusable_exchanges(run_id, step_key, record.attempts - 1) if takeover else []
+        start.update(agent=spec.name, agent_version=spec.version, model=spec.model, reused_responses=len(recorded))
+        try:
+            agent_input = step_input(wf, step, state, record)
+        except Exception as exc:  # noqa: BLE001 - a broken inputs() mapping is the step's failure
+            start["input_error"] = f"{type(exc).__name__}: {exc}"
+            self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+            error = InvalidInput(f"could not build the input of step {step.id!r}: {start['input_error']}")
+            return failed_from(error), None
+        start["input"] = agent_input.model_dump(mode="json") if isinstance(agent_input, BaseModel) else agent_input
+        self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            if kind == "model_call":
+                usage = data.get("usage") or {}
+                metrics.MODEL_SECONDS.labels(spec.name).observe(float(data.get("latency_ms", 0)) / 1000.0)
+                for token_kind in ("inputTokens", "outputTokens"):
+                    if usage.get(token_kind):
+                        metrics.TOKENS.labels(spec.name, token_kind).inc(int(usage[token_kind]))
+            self.journal.append(run_id, kind, step=step_key, attempt=record.attempts, data=data)
+
+        agent_run = run_agent(spec, agent_input, settings=self.settings, on_event=on_event, recorded=recorded,
+                              control=control, context=StepContext(run_id=run_id, step_id=step_key,
+                                                                   attempt=record.attempts, trace_id=run.trace_id))
+        return agent_run.outcome, agent_run
+
+    def _budget_seconds(self, step: StepDef, record: StepRecord) -> float:
+        if record.kind in ("agent", "branch"):
+            return spec_for(step, record).budget.timeout_seconds or self.settings.step_timeout_seconds
+        return self.settings.step_timeout_seconds
+
+    def _retry_policy(self, step: StepDef, record: StepRecord) -> RetryPolicy:
+        if step.retry is not None:
+            return step.retry
+        if record.kind in ("agent", "branch"):
+            return spec_for(step, record).retry
+        return RetryPolicy()

@@ -141,9 +141,9 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
     factory = _OVERRIDES.get(agent) or _OVERRIDES.get("*")
     if factory is not None:
         return factory()
-    ref = check_provider(value, settings)
-    if _BLOCKED and ref.kind != "scripted":
+    if _BLOCKED and parse_provider(value).kind != "scripted":
         raise ModelRequestBlocked(f"agent {agent!r} asked for model {value!r}: {_BLOCKED[-1]}")
+    ref = check_provider(value, settings)
     if ref.kind == "scripted":
         scripted = ScriptedSettings()
         return ScriptedModel(get_script(agent), agent=agent, latency=scripted.latency,

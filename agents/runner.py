@@ -42,6 +42,7 @@ from teamster.errors import (
     CriterionFailed,
     InvalidInput,
     LeaseLost,
+    StepCancelled,
     StructuredOutputError,
     TeamsterError,
 )
@@ -264,7 +265,7 @@ def _failure(spec: AgentSpec[Any, Any], guard: StepGuard, control: StepControl, 
     if control.reason == "lease_lost":
         return failed_from(LeaseLost("the step's lease was lost while it ran; another worker owns it"))
     if control.reason and control.reason.startswith("cancelled"):
-        return Failed(error_type="cancelled", message=control.reason, retryable=False)
+        return failed_from(StepCancelled(control.reason))
     if guard.breach == "tool_calls":
         return failed_from(BudgetExceeded(f"step exceeded its budget of {budget.max_tool_calls} tool calls",
                                           budget="tool_calls", limit=budget.max_tool_calls))

@@ -26,7 +26,7 @@ from teamster.agents.guard import StepControl
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
 from teamster.agents.runner import AgentRun, StepContext, run_agent, validate_input
 from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent
-from teamster.errors import InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
+from teamster.errors import FunctionError, InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
 from teamster.orchestrator import metrics
 from teamster.orchestrator.leases import LeaseKeeper
 from teamster.orchestrator.models import (
@@ -90,8 +90,7 @@ def run_deterministic(store: RunStore, run: RunRecord, wf: Workflow, step: StepD
     except TeamsterError as exc:
         return failed_from(exc)
     except Exception as exc:  # noqa: BLE001 - user code: a typed terminal failure, never a crash
-        return Failed(error_type="function_error", message=f"{type(exc).__name__}: {exc}", retryable=False,
-                      details={"step": step.id})
+        return failed_from(FunctionError(f"{type(exc).__name__}: {exc}", step=step.id))
 
 
 class StepExecutor:

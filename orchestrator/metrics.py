@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.store import RunStore
 
 __all__ = [
     "STEPS",
@@ -55,9 +55,10 @@ COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected 
 class StoreCollector(Collector):
     """Gauges read from Redis at scrape time: runs by status (recent), open dead-letter entries, in flight."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, sample: int = 1000) -> None:
-        self.client = client
-        self.keys = keys
+    def __init__(self, store: RunStore, sample: int = 1000) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
         self.sample = sample
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -68,16 +69,12 @@ class StoreCollector(Collector):
             dlq.add_metric([], float(self.client.zcard(self.keys.dlq_open)))  # type: ignore[arg-type]
             inflight.add_metric([], float(self.client.zcard(self.keys.inflight)))  # type: ignore[arg-type]
             ids = self.client.zrevrange(self.keys.runs, 0, self.sample - 1)
-            pipe = self.client.pipeline(transaction=False)
-            for run_id in ids:  # type: ignore[union-attr]
-                pipe.hget(self.keys.run(run_id), "status")
             counts: dict[str, int] = {}
-            for status in pipe.execute():
-                if status:
-                    key = str(status).strip('"')
-                    counts[key] = counts.get(key, 0) + 1
-            for status, count in sorted(counts.items()):
-                runs.add_metric([status], float(count))
+            for status in self.store.run_statuses(ids).values():  # type: ignore[arg-type]
+                if status is not None:
+                    counts[status.value] = counts.get(status.value, 0) + 1
+            for name, count in sorted(counts.items()):
+                runs.add_metric([name], float(count))
         except redis.RedisError as exc:
             log.warning("metrics: cannot read Redis: %s", exc)
         yield dlq
@@ -85,9 +82,9 @@ class StoreCollector(Collector):
         yield runs
 
 
-def serve_metrics(port: int, client: redis.Redis, keys: Keys, registry: CollectorRegistry = REGISTRY) -> Any:
+def serve_metrics(port: int, store: RunStore, registry: CollectorRegistry = REGISTRY) -> Any:
     """Start the Prometheus HTTP endpoint on ``port`` (0 picks a free one) with the store gauges."""
-    registry.register(StoreCollector(client, keys))
+    registry.register(StoreCollector(store))
     server, _thread = start_http_server(port, registry=registry)
     log.info("teamster metrics on :%s/metrics", server.server_port)
     return server

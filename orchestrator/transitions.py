@@ -28,6 +28,8 @@ from teamster.errors import (
     InvalidOperation,
     InvalidOutput,
     PayloadRejected,
+    RunDeadlineExceeded,
+    StepCancelled,
     TeamsterError,
 )
 from teamster.orchestrator import metrics
@@ -483,7 +485,7 @@ class Transitions:
             entry_id=f"{run.run_id}:deadline:{run.state_version}", run_id=run.run_id, workflow=run.workflow,
             workflow_module=run.workflow_module,
             step_key=key, step_id=first_open.step_id if first_open else "-", kind="deadline",
-            error_type="run_deadline_exceeded",
+            error_type=RunDeadlineExceeded.code,
             message=f"no progress for {idle_seconds:.0f}s (deadline); waiting steps: {[s.step_key for s in steps]}",
             attempts=first_open.attempts if first_open else 0, input=self.entry_input(run, wf, step_def, first_open),
             state_version=run.state_version, trace_id=run.trace_id, escalation="escalate", created_at=t,
@@ -537,7 +539,7 @@ class Transitions:
             tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
             tx.hset(self.keys.run(run_id), {"status": RunStatus.CANCELLED, "finished_at": t, "updated_at": t,
                                             "state_version": run.state_version + 1,
-                                            "error": {"error_type": "cancelled", "message": text}})
+                                            "error": {"error_type": StepCancelled.code, "message": text}})
             for key in open_steps:
                 tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED, "reason": text, "finished_at": t})
                 tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))

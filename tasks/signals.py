@@ -20,6 +20,7 @@ from teamster.orchestrator.client import load_workflow_modules
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.metrics import serve_metrics
+from teamster.orchestrator.store import RunStore
 from teamster.orchestrator.tracing import configure_tracing
 
 __all__: list[str] = []
@@ -59,6 +60,6 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     url = app.conf.broker_url if app is not None else None
     try:
-        serve_metrics(settings.metrics_port, redis_client(settings, url), Keys(settings.key_prefix))
+        serve_metrics(settings.metrics_port, RunStore(redis_client(settings, url), Keys(settings.key_prefix)))
     except OSError as exc:  # another worker on this host has the port: one endpoint per host is enough
         log.warning("metrics port %s unavailable (%s); this worker serves no /metrics", settings.metrics_port, exc)

@@ -1,16 +1,19 @@
-"""The one exception hierarchy of teamster.
+"""Every error teamster raises, in one module, grouped by who handles it.
 
-Every error a user or operator can meet is defined here, split into three families:
+* **Errors a client handles** (:class:`ClientError`): what ``submit``, ``status``, ``result``, ``cancel`` and the
+  operator calls raise -- :class:`InvalidInput` (nothing was written), :class:`PayloadRejected`,
+  :class:`IdempotencyConflict`, :class:`RunNotFound`, :class:`RunFailed` (with the dead-letter reason),
+  :class:`RunTimeout`, :class:`StoreUnavailable`, :class:`DeadLetterNotFound`, :class:`InvalidOperation`.
+* **Errors a step ends with** (:class:`StepError`): the typed reason of a failed attempt, recorded in the journal,
+  the dead-letter queue and metrics. :class:`RetryableError` (throttling, timeouts, provider 5xx, Redis briefly
+  unreachable) retries with backoff up to the step's policy; :class:`TerminalError` (invalid output, budget
+  breach, failed criterion, cannot complete, ...) goes to the dead-letter queue.
+* **Configuration errors** (:class:`ConfigurationError`): the deployment or the code is wrong (missing
+  credentials, unknown workflow, invalid settings). Retrying will not help; fix the configuration.
 
-* :class:`ConfigurationError` -- the deployment or the code is wrong (missing credentials, unknown
-  workflow, invalid settings). Retrying will not help; fix the configuration.
-* :class:`RetryableError` -- a transient condition (throttling, timeouts, provider 5xx, Redis briefly
-  unreachable). The step task retries it with backoff, up to the step's policy.
-* :class:`TerminalError` -- the work itself cannot succeed as asked (invalid input or output, budget
-  breach, failed success criterion, stale fencing token). It goes to the dead-letter queue.
-
-Every class has a stable ``code`` (``snake_case``) that is what crosses process boundaries and what the
-dead-letter queue, the journal and metrics record. :func:`error_from_code` maps a code back to its class.
+Every class has a stable, registered ``code`` (``snake_case``): what crosses process boundaries and what the
+dead-letter queue, the journal and metrics record. :func:`error_from_code` maps a code back to its class, and
+:data:`ERROR_CODES` lists them all.
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from typing import Any, ClassVar
 
 __all__ = [
     "TeamsterError",
-    "ConfigurationError",
-    "InvalidSettings",
-    "MissingCredentials",
-    "MissingExtra",
-    "UnknownWorkflow",
-    "UnknownAgent",
-    "UnknownTool",
-    "WorkflowDefinitionError",
-    "ModelRequestBlocked",
+    # errors a client handles
+    "ClientError",
+    "InvalidInput",
+    "PayloadRejected",
+    "IdempotencyConflict",
+    "RunNotFound",
+    "RunFailed",
+    "RunTimeout",
+    "StoreUnavailable",
+    "DeadLetterNotFound",
+    "InvalidOperation",
+    # errors a step ends with
+    "StepError",
     "RetryableError",
     "ModelThrottled",
     "ModelTimeout",
     "ProviderUnavailable",
-    "StoreUnavailable",
     "LeaseBusy",
     "TerminalError",
-    "InvalidInput",
     "InvalidOutput",
     "StructuredOutputError",
     "MaxTokensReached",
@@ -46,18 +51,26 @@ __all__ = [
     "ToolNotAllowed",
     "ToolFailed",
     "ProviderRejected",
+    "FunctionError",
+    "StepCannotComplete",
+    "StepNeedsHuman",
+    "StepCancelled",
+    "RunDeadlineExceeded",
     "UnexpectedError",
     "LeaseLost",
     "LeaseExpiredRepeatedly",
     "StaleFencingToken",
     "AlreadyCommitted",
-    "PayloadRejected",
-    "IdempotencyConflict",
-    "RunNotFound",
-    "DeadLetterNotFound",
-    "InvalidOperation",
-    "RunFailed",
-    "RunTimeout",
+    # configuration errors
+    "ConfigurationError",
+    "InvalidSettings",
+    "MissingCredentials",
+    "MissingExtra",
+    "UnknownWorkflow",
+    "UnknownAgent",
+    "UnknownTool",
+    "WorkflowDefinitionError",
+    "ModelRequestBlocked",
     "error_from_code",
     "ERROR_CODES",
 ]
@@ -96,70 +109,91 @@ class TeamsterError(Exception):
         return self.message
 
 
-# --------------------------------------------------------------------------- configuration
+# --------------------------------------------------------------------------- errors a client handles
 
 
-class ConfigurationError(TeamsterError):
-    """The deployment or the code is misconfigured; fix it, do not retry."""
+class ClientError(TeamsterError):
+    """Raised to an application or operator by the client API and the CLI."""
 
-    code = "configuration_error"
-
-
-class InvalidSettings(ConfigurationError):
-    """A ``TEAMSTER_*`` setting has an invalid value or settings contradict each other."""
-
-    code = "invalid_settings"
-    default_hint = "Check the TEAMSTER_* environment variables (`teamster doctor` lists them)."
+    code = "client_error"
 
 
-class MissingCredentials(ConfigurationError):
-    """A model provider needs credentials that are not configured."""
+class InvalidInput(ClientError):
+    """An input failed validation against its pydantic model, or cannot be stored. Nothing was written or
+    enqueued. (A step whose own input fails validation ends with this code too.)"""
 
-    code = "missing_credentials"
-
-
-class MissingExtra(ConfigurationError):
-    """A model provider needs an optional dependency that is not installed."""
-
-    code = "missing_extra"
+    code = "invalid_input"
 
 
-class UnknownWorkflow(ConfigurationError):
-    """No workflow is registered under that name."""
+class PayloadRejected(ClientError):
+    """A message crossing a process boundary was refused (not JSON, pickle, oversized, malformed)."""
 
-    code = "unknown_workflow"
-    default_hint = "Is the module defining it listed in TEAMSTER_WORKFLOW_MODULES?"
-
-
-class UnknownAgent(ConfigurationError):
-    """No agent spec is registered under that name."""
-
-    code = "unknown_agent"
+    code = "payload_rejected"
 
 
-class UnknownTool(ConfigurationError):
-    """An agent's allow-list names a tool that is not in the tool registry."""
+class IdempotencyConflict(ClientError):
+    """An idempotency key was reused with a different input; the existing run was left alone."""
 
-    code = "unknown_tool"
-
-
-class ModelRequestBlocked(ConfigurationError):
-    """A step asked for a real model provider while real model requests are blocked (``teamster.testing``)."""
-
-    code = "model_request_blocked"
-    default_hint = "Give the agent a script or model in the test (env.override(...)), or allow real requests."
+    code = "idempotency_conflict"
+    default_hint = "Use a new idempotency key for a different input."
 
 
-class WorkflowDefinitionError(ConfigurationError):
-    """A workflow is invalid (cycle, unknown step, missing join, ...); raised when it is registered."""
+class RunNotFound(ClientError):
+    """No run has that id."""
 
-    code = "workflow_definition_error"
-
-
-# --------------------------------------------------------------------------- retryable
+    code = "run_not_found"
+    default_hint = "List runs with `teamster runs list`."
 
 
-class RetryableError(TeamsterError):
+class RunFailed(ClientError):
+    """A run ended without succeeding; carries its status and the dead-letter reason.
+
+    Attributes:
+        run_id: The run.
+        status: Its terminal status (``failed``, ``escalated``, ``needs_human``, ``cancelled``).
+        reason: The typed reason, usually the dead-letter entry's error.
+    """
+
+    code = "run_failed"
+
+    def __init__(self, message: str, *, run_id: str, status: str, reason: dict[str, Any] | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, run_id=run_id, status=status, reason=reason)
+        self.run_id = run_id
+        self.status = status
+        self.reason = reason or {}
+
+
+class RunTimeout(ClientError):
+    """Waiting for a run's result timed out; the run itself goes on."""
+
+    code = "run_timeout"
+    retryable = True
+
+
+class DeadLetterNotFound(ClientError):
+    """No dead-letter entry has that id."""
+
+    code = "dead_letter_not_found"
+    default_hint = "List entries with `teamster dlq list --all`."
+
+
+class InvalidOperation(ClientError):
+    """The operation does not apply to the object in its current state (e.g. resolving a resolved entry)."""
+
+    code = "invalid_operation"
+
+
+# --------------------------------------------------------------------------- errors a step ends with
+
+
+class StepError(TeamsterError):
+    """The typed reason a step attempt ended without success."""
+
+    code = "step_error"
+
+
+class RetryableError(StepError):
     """A transient failure: retrying the same work with backoff may succeed."""
 
     code = "retryable_error"
@@ -173,7 +207,7 @@ class ModelThrottled(RetryableError):
 
 
 class ModelTimeout(RetryableError):
-    """The model provider did not answer in time (connect or read timeout)."""
+    """The model provider did not answer in time (connect or read timeout), or the step's deadline passed."""
 
     code = "model_timeout"
 
@@ -184,7 +218,7 @@ class ProviderUnavailable(RetryableError):
     code = "provider_unavailable"
 
 
-class StoreUnavailable(RetryableError):
+class StoreUnavailable(RetryableError, ClientError):
     """Redis (broker and run store) could not be reached."""
 
     code = "store_unavailable"
@@ -197,19 +231,10 @@ class LeaseBusy(RetryableError):
     code = "lease_busy"
 
 
-# --------------------------------------------------------------------------- terminal
-
-
-class TerminalError(TeamsterError):
+class TerminalError(StepError):
     """The work cannot succeed as asked; it goes to the dead-letter queue."""
 
     code = "terminal_error"
-
-
-class InvalidInput(TerminalError):
-    """An input failed validation against its pydantic model. Nothing was written or enqueued."""
-
-    code = "invalid_input"
 
 
 class InvalidOutput(TerminalError):
@@ -272,6 +297,36 @@ class ProviderRejected(TerminalError):
     code = "provider_rejected"
 
 
+class FunctionError(TerminalError):
+    """A function, fan-out or join step (plain code over the state) raised."""
+
+    code = "function_error"
+
+
+class StepCannotComplete(TerminalError):
+    """The agent said explicitly that it cannot complete the step (its reason is the message)."""
+
+    code = "cannot_complete"
+
+
+class StepNeedsHuman(TerminalError):
+    """The agent asked a question only a person can answer (the question is the message)."""
+
+    code = "needs_human"
+
+
+class StepCancelled(TerminalError):
+    """The step was stopped because its run was cancelled."""
+
+    code = "cancelled"
+
+
+class RunDeadlineExceeded(TerminalError):
+    """The run made no progress past its deadline; the watchdog escalated it."""
+
+    code = "run_deadline_exceeded"
+
+
 class UnexpectedError(TerminalError):
     """An exception teamster does not know how to classify (terminal, so it is dead-lettered and seen)."""
 
@@ -302,62 +357,64 @@ class AlreadyCommitted(TerminalError):
     code = "already_committed"
 
 
-class PayloadRejected(TerminalError):
-    """A message crossing a process boundary was refused (not JSON, pickle, oversized, malformed)."""
-
-    code = "payload_rejected"
+# --------------------------------------------------------------------------- configuration errors
 
 
-class IdempotencyConflict(TerminalError):
-    """An idempotency key was reused with a different input; the existing run was left alone."""
+class ConfigurationError(TeamsterError):
+    """The deployment or the code is misconfigured; fix it, do not retry."""
 
-    code = "idempotency_conflict"
-    default_hint = "Use a new idempotency key for a different input."
-
-
-class RunNotFound(TerminalError):
-    """No run has that id."""
-
-    code = "run_not_found"
-    default_hint = "List runs with `teamster runs list`."
+    code = "configuration_error"
 
 
-class DeadLetterNotFound(TerminalError):
-    """No dead-letter entry has that id."""
+class InvalidSettings(ConfigurationError):
+    """A ``TEAMSTER_*`` setting has an invalid value or settings contradict each other."""
 
-    code = "dead_letter_not_found"
-    default_hint = "List entries with `teamster dlq list --all`."
-
-
-class InvalidOperation(TerminalError):
-    """The operation does not apply to the object in its current state (e.g. resolving a resolved entry)."""
-
-    code = "invalid_operation"
+    code = "invalid_settings"
+    default_hint = "Check the TEAMSTER_* environment variables (`teamster doctor` lists them)."
 
 
-class RunFailed(TerminalError):
-    """A run ended without succeeding; carries its status and the dead-letter reason.
+class MissingCredentials(ConfigurationError):
+    """A model provider needs credentials that are not configured."""
 
-    Attributes:
-        run_id: The run.
-        status: Its terminal status (``failed``, ``escalated``, ``needs_human``, ``cancelled``).
-        reason: The typed reason, usually the dead-letter entry's error.
-    """
-
-    code = "run_failed"
-
-    def __init__(self, message: str, *, run_id: str, status: str, reason: dict[str, Any] | None = None,
-                 hint: str | None = None) -> None:
-        super().__init__(message, hint=hint, run_id=run_id, status=status, reason=reason)
-        self.run_id = run_id
-        self.status = status
-        self.reason = reason or {}
+    code = "missing_credentials"
 
 
-class RunTimeout(RetryableError):
-    """Waiting for a run's result timed out; the run itself goes on."""
+class MissingExtra(ConfigurationError):
+    """A model provider needs an optional dependency that is not installed."""
 
-    code = "run_timeout"
+    code = "missing_extra"
+
+
+class UnknownWorkflow(ConfigurationError):
+    """No workflow is registered under that name."""
+
+    code = "unknown_workflow"
+    default_hint = "Is the module defining it listed in TEAMSTER_WORKFLOW_MODULES?"
+
+
+class UnknownAgent(ConfigurationError):
+    """No agent spec is registered under that name."""
+
+    code = "unknown_agent"
+
+
+class UnknownTool(ConfigurationError):
+    """An agent's allow-list names a tool that is not in the tool registry."""
+
+    code = "unknown_tool"
+
+
+class ModelRequestBlocked(ConfigurationError):
+    """A step asked for a real model provider while real model requests are blocked (``teamster.testing``)."""
+
+    code = "model_request_blocked"
+    default_hint = "Give the agent a script or model in the test (env.override(...)), or allow real requests."
+
+
+class WorkflowDefinitionError(ConfigurationError):
+    """A workflow is invalid (cycle, unknown step, missing join, ...); raised when it is registered."""
+
+    code = "workflow_definition_error"
 
 
 def _all_subclasses(cls: type[TeamsterError]) -> list[type[TeamsterError]]:
@@ -372,7 +429,7 @@ ERROR_CODES: dict[str, type[TeamsterError]] = {c.code: c for c in _all_subclasse
 
 def error_from_code(code: str, message: str, **details: Any) -> TeamsterError:
     """Rebuild a typed error from its stable code (unknown codes become a plain :class:`TerminalError`)."""
-    cls = ERROR_CODES.get(code) or {c.code: c for c in _all_subclasses(TeamsterError)}.get(code, TerminalError)
+    cls = ERROR_CODES.get(code, TerminalError)
     if cls is RunFailed:
         return TerminalError(message, **details)
     return cls(message, **details)

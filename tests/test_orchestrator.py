@@ -1,8 +1,11 @@
-"""The orchestrator against a real Redis and real worker processes.
+"""The orchestrator's paths: linear pipeline, conditional route, fan-out/fan-in with a failing branch, retry then
+success, human review -> resolve -> resume, fallback escalation, fail_run with a webhook alert, the watchdog's
+deadline escalation, cancel, the client API's typed errors, and runs started by a plain Celery client.
 
-Linear pipeline, conditional route, fan-out/fan-in with a failing branch, retry then success, human review ->
-resolve -> resume, fallback escalation, fail_run with a webhook alert, the watchdog's deadline escalation,
-cancel, the client API's typed errors, and runs started by a plain Celery client.
+Most run in-process on :class:`teamster.testing.WorkflowEnvironment` (a real Redis, the real executor, step
+messages drained in the test's thread: deterministic, no polling). The paths that are about worker processes --
+a plain Celery client's ``start_run``, cancelling a step while a worker runs it, waiting on a run that goes on --
+use a real worker.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from teamster.errors import (
 )
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import DeadLetterStatus, StepStatus
-from tests.harness import Worker, wait_settled, wait_until
+from teamster.testing import WorkflowEnvironment
+from tests.harness import Worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +62,19 @@ def webhook() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.fixture()
+def env() -> Iterator[WorkflowEnvironment]:
+    with WorkflowEnvironment(MODULES.split(",")) as environment:
+        yield environment
+
+
 @pytest.fixture(scope="module")
 def client() -> Client:
     return Client(load_settings(workflow_modules=MODULES.split(",")))
 
 
 @pytest.fixture(scope="module")
-def worker(webhook: str) -> Iterator[Worker]:
-    import os
-
-    os.environ["TEAMSTER_TEST_ALERT_URL"] = webhook  # the worker's fail_run policy posts here
+def worker() -> Iterator[Worker]:
     with Worker("orch", concurrency=6, env={"workflow_modules": MODULES}) as w:
         yield w
 
@@ -76,9 +83,10 @@ def statuses(client: Client, run_id: str) -> dict[str, str]:
     return {s.step_key: s.status.value for s in client.steps(run_id)}
 
 
-def test_linear_pipeline_returns_the_typed_output(client: Client, worker: Worker) -> None:
+def test_linear_pipeline_returns_the_typed_output(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_linear", {"text": "hello world"})
-    out = client.result(run_id, timeout=30)
+    out = env.result(run_id)
     assert type(out).__name__ == "LinearOut"
     assert out.model_dump() == {"summary": "hello world", "label": "normal", "report": "normal: hello world"}
     assert statuses(client, run_id) == {"summarize": "succeeded", "label": "succeeded", "report": "succeeded"}
@@ -86,11 +94,12 @@ def test_linear_pipeline_returns_the_typed_output(client: Client, worker: Worker
     assert run.state_version == 3 and run.trace_id and run.finished_at
 
 
-def test_conditional_route_records_why_a_step_was_skipped(client: Client, worker: Worker) -> None:
+def test_conditional_route_records_why_a_step_was_skipped(env: WorkflowEnvironment) -> None:
+    client = env.client
     urgent = client.submit("t_routed", {"text": "urgent: server down"})
     normal = client.submit("t_routed", {"text": "a question"})
-    assert wait_settled(client, urgent).status.value == "succeeded"
-    assert wait_settled(client, normal).status.value == "succeeded"
+    assert env_settled(env, urgent).status.value == "succeeded"
+    assert env_settled(env, normal).status.value == "succeeded"
     assert statuses(client, urgent) == {"label": "succeeded", "escalate": "succeeded", "queue": "skipped",
                                         "done": "succeeded"}
     skipped = client.runtime.store.get_step(normal, "escalate")
@@ -99,17 +108,19 @@ def test_conditional_route_records_why_a_step_was_skipped(client: Client, worker
     assert client.status(normal).output["text"] == "a question [queued] [done]"
 
 
-def test_fan_out_fan_in_waits_for_every_branch(client: Client, worker: Worker) -> None:
+def test_fan_out_fan_in_waits_for_every_branch(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_fanout", {"text": "x", "items": ["a", "talk-b", "c", "d"]})
-    assert wait_settled(client, run_id).status.value == "succeeded"
+    assert env_settled(env, run_id).status.value == "succeeded"
     out = client.status(run_id).output
     assert out["text"] == "4 checked"
     assert [c["item"] for c in out["checks"]] == ["a", "talk-b", "c", "d"]  # in branch order
 
 
-def test_fan_out_with_a_failing_branch_escalates_and_nothing_downstream_runs(client: Client, worker: Worker) -> None:
+def test_fan_out_with_a_failing_branch_escalates_and_nothing_downstream_runs(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_fanout", {"text": "x", "items": ["a", "bad-1", "c"]})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "escalated"
     steps = statuses(client, run_id)
     assert steps["check[1]"] == "cannot_complete"
@@ -128,18 +139,20 @@ def test_fan_out_with_a_failing_branch_escalates_and_nothing_downstream_runs(cli
     assert info.value.status == "escalated" and info.value.reason["dlq_entry"] == entry.entry_id
 
 
-def test_retry_then_success(client: Client, worker: Worker) -> None:
+def test_retry_then_success(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_linear", {"text": "throttle-once please"})
-    assert wait_settled(client, run_id).status.value == "succeeded"
+    assert env_settled(env, run_id).status.value == "succeeded"
     step = client.runtime.store.get_step(run_id, "summarize")
     assert step is not None and step.attempts == 2
     retries = client.journal(run_id, step="summarize", types=["retry"])
     assert len(retries) == 1 and retries[0].data["error_type"] == "model_throttled"
 
 
-def test_retries_are_bounded_then_dead_lettered(client: Client, worker: Worker) -> None:
+def test_retries_are_bounded_then_dead_lettered(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_linear", {"text": "throttle-always"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "escalated"
     step = client.runtime.store.get_step(run_id, "summarize")
     assert step is not None and step.attempts == 3  # the agent's RetryPolicy(max_attempts=3)
@@ -147,9 +160,10 @@ def test_retries_are_bounded_then_dead_lettered(client: Client, worker: Worker) 
     assert entry.error_type == "model_throttled" and entry.retryable and entry.attempts == 3
 
 
-def test_human_review_then_resolve_resumes_the_run(client: Client, worker: Worker) -> None:
+def test_human_review_then_resolve_resumes_the_run(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_human", {"text": "ask someone"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "needs_human"
     entry = client.dlq.get(run.error["dlq_entry"])
     assert entry.kind == "needs_human" and entry.question == "Which customer is this about?"
@@ -157,7 +171,7 @@ def test_human_review_then_resolve_resumes_the_run(client: Client, worker: Worke
         client.dlq.resolve(entry.entry_id, {"wrong": 1}, by="alice")
     assert client.dlq.get(entry.entry_id).status == DeadLetterStatus.OPEN
     client.dlq.resolve(entry.entry_id, {"summary": "customer is ACME"}, by="alice", reason="checked CRM")
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "succeeded"
     assert run.output["summarize"] == {"summary": "customer is ACME"}
     closed = client.dlq.get(entry.entry_id)
@@ -168,22 +182,24 @@ def test_human_review_then_resolve_resumes_the_run(client: Client, worker: Worke
         client.dlq.resolve(entry.entry_id, {"summary": "again"}, by="bob")
 
 
-def test_dlq_retry_with_an_edited_state(client: Client, worker: Worker) -> None:
+def test_dlq_retry_with_an_edited_state(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_linear", {"text": "unsure about this"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "escalated"
     entry_id = run.error["dlq_entry"]
     with pytest.raises(InvalidInput):
         client.dlq.retry(entry_id, by="ops", state_patch={"text": 42})
     client.dlq.retry(entry_id, by="ops", reason="clarified the text", state_patch={"text": "now it is clear"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "succeeded" and run.output["summary"] == "now it is clear"
     assert client.dlq.get(entry_id).status == DeadLetterStatus.RETRIED
 
 
-def test_discard_fails_the_run_with_the_reason(client: Client, worker: Worker) -> None:
+def test_discard_fails_the_run_with_the_reason(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_linear", {"text": "unsure again"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     client.dlq.discard(run.error["dlq_entry"], by="ops", reason="duplicate ticket")
     run = client.status(run_id)
     assert run.status.value == "failed" and "discarded by ops: duplicate ticket" in run.error["message"]
@@ -191,9 +207,10 @@ def test_discard_fails_the_run_with_the_reason(client: Client, worker: Worker) -
     assert journal[0].data == {"entry_id": run.error["dlq_entry"], "by": "ops", "reason": "duplicate ticket"}
 
 
-def test_fallback_agent_then_human_review(client: Client, worker: Worker) -> None:
+def test_fallback_agent_then_human_review(env: WorkflowEnvironment) -> None:
+    client = env.client
     run_id = client.submit("t_fallback", {"text": "fallback-needed"})
-    run = wait_settled(client, run_id)
+    run = env_settled(env, run_id)
     assert run.status.value == "succeeded" and run.output["label"] == {"label": "fallback"}
     entries = client.dlq.list(run_id=run_id, include_closed=True)
     assert [(e.status, e.escalation) for e in entries] == [
@@ -202,29 +219,32 @@ def test_fallback_agent_then_human_review(client: Client, worker: Worker) -> Non
     assert step is not None and step.fallback == {"agent": "t_label_fallback", "model": None}
 
 
-def test_fail_run_policy_fails_the_run_and_alerts(client: Client, worker: Worker, webhook: str) -> None:
+def test_fail_run_policy_fails_the_run_and_alerts_a_webhook(env: WorkflowEnvironment, webhook: str) -> None:
+    from teamster import Workflow, fail_run
+    from tests.workflows import Doc, summarize
+
+    hooked = Workflow("t_failing_hook", input_model=Doc)
+    hooked.step("summarize", summarize, escalate=[fail_run(alert=webhook)])
+    hooked.register()
     _Hook.received.clear()
-    run_id = client.submit("t_failing", {"text": "unsure what this is"})
-    run = wait_settled(client, run_id)
+    client = env.client
+    run_id = client.submit("t_failing_hook", {"text": "unsure what this is"})
+    run = env_settled(env, run_id)
     assert run.status.value == "failed" and run.error["escalation"] == "fail_run()"
-    alert = wait_until(lambda: _Hook.received, timeout=10)[0]
+    alert = _Hook.received[0]  # posted by the process that dead-lettered the step, before it moved on
     assert alert["event"] == "teamster.run_failed" and alert["entry"]["run_id"] == run_id
     assert alert["entry"]["error_type"] == "cannot_complete"
 
 
-def test_watchdog_escalates_a_run_without_progress(client: Client) -> None:
-    # no worker consumes this queue: the run cannot progress and passes its 1 s deadline
-    settings = load_settings(workflow_modules=MODULES.split(","), steps_queue="nobody-listens")
-    idle = Client(settings)
+def test_watchdog_escalates_a_run_without_progress(env: WorkflowEnvironment) -> None:
+    # nothing drains the queue: the run cannot progress and passes its 1 s deadline
+    idle = env.client
     run_id = idle.submit("t_deadline", {"text": "stuck"})
-    watchdog = idle.watchdog()
-    wait_until(lambda: watchdog.scan().escalated_runs or idle.status(run_id).status.value == "escalated",
-               timeout=10, interval=0.2)
+    wait_until(lambda: env.watchdog_scan().escalated_runs, timeout=10, interval=0.2)
     run = idle.status(run_id)
     assert run.status.value == "escalated" and run.error["error_type"] == "run_deadline_exceeded"
     entry = idle.dlq.get(run.error["dlq_entry"])
     assert entry.kind == "deadline" and entry.step_key == "summarize"
-    idle.cancel(run_id, reason="cleanup")
 
 
 def test_cancel_stops_the_run_and_records_why(client: Client, worker: Worker) -> None:
@@ -243,7 +263,8 @@ def test_cancel_stops_the_run_and_records_why(client: Client, worker: Worker) ->
         client.cancel(run_id)
 
 
-def test_submit_is_idempotent_and_validates_before_writing(client: Client, worker: Worker) -> None:
+def test_submit_is_idempotent_and_validates_before_writing(env: WorkflowEnvironment) -> None:
+    client = env.client
     first = client.submit("t_linear", {"text": "same"}, idempotency_key="order-42")
     assert client.submit("t_linear", {"text": "same"}, idempotency_key="order-42") == first
     with pytest.raises(IdempotencyConflict):
@@ -298,3 +319,9 @@ def test_redis_down_is_a_typed_error() -> None:
         down.status("run_x")
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url("redis://127.0.0.1:1/0").ping()
+
+
+def env_settled(env: WorkflowEnvironment, run_id: str) -> Any:
+    """Drain the environment's queue; the run is then settled (final or waiting for an operator)."""
+    env.drain()
+    return env.client.status(run_id)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,16 @@ def test_workflow_and_submit_blocks_run_on_a_real_worker(tmp_path: Path, monkeyp
     printed = out.getvalue()
     assert "claim_id='C-1'" in printed and "decide=" in printed, printed
     assert "readme_claims" in sys.modules
+
+
+def test_testing_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Test your workflows" block, saved as a test module next to the workflow block, passes under pytest."""
+    (tmp_path / "readme_claims.py").write_text(block("workflow"))
+    (tmp_path / "test_readme_claims.py").write_text(block("testing"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_claims.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b3 passed\b", proc.stdout), proc.stdout

@@ -6,8 +6,6 @@ text, so a test picks the path a run takes by what it submits.
 
 from __future__ import annotations
 
-import os
-
 from pydantic import BaseModel, Field
 from strands.types.tools import ToolContext
 
@@ -193,11 +191,11 @@ fallback = Workflow("t_fallback", input_model=Doc)
 fallback.step("label", label, escalate=[retry_with(label_fallback), human_review()])
 fallback.register()
 
-# The alert goes to a webhook the test process serves (TEAMSTER_TEST_ALERT_URL), else to a list in memory.
+# The alert goes to a list in memory (tests/test_orchestrator.py checks a webhook alert with its own workflow).
 ALERTS: list[dict[str, object]] = []
 failing = Workflow("t_failing", input_model=Doc)
 failing.step("summarize", summarize,
-             escalate=[fail_run(alert=os.environ.get("TEAMSTER_TEST_ALERT_URL") or ALERTS.append)])
+             escalate=[fail_run(alert=ALERTS.append)])
 failing.register()
 
 slow_deadline = Workflow("t_deadline", input_model=Doc, deadline_seconds=1.0)

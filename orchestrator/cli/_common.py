@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -48,13 +47,18 @@ def handle_errors(func: F) -> F:
             raise
         except TeamsterError as exc:
             _fail(f"{exc.code}: {exc.message}", exc.hint or _FALLBACK_HINTS.get(exc.code, _DEFAULT_HINT), exc)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            _fail(f"store_unavailable: cannot reach Redis ({exc})",
-                  "Is Redis running and TEAMSTER_REDIS_URL right? `teamster doctor` checks it.", exc)
         except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback with --debug
+            if _redis_unreachable(exc):
+                _fail(f"store_unavailable: cannot reach Redis ({exc})",
+                      "Is Redis running and TEAMSTER_REDIS_URL right? `teamster doctor` checks it.", exc)
             _fail(f"{type(exc).__name__}: {exc}", "Re-run with --debug for the traceback.", exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _redis_unreachable(exc: BaseException) -> bool:
+    redis = sys.modules.get("redis")  # not imported: then it cannot be a Redis error (and --help stays fast)
+    return redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
 def _fail(line: str, hint: str, exc: BaseException) -> None:

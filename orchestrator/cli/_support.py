@@ -7,7 +7,8 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
 from rich import box
@@ -17,9 +18,11 @@ from rich.table import Table
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import InvalidInput
 from teamster.orchestrator.cli._common import console
-from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import RUN_TERMINAL, RUN_WAITING, DeadLetterEntry, RunRecord, RunStatus
 from teamster.orchestrator.workflow import get_workflow
+
+if TYPE_CHECKING:
+    from teamster.orchestrator.client import Client
 
 __all__ = [
     "make_client",
@@ -43,6 +46,7 @@ __all__ = [
     "print_run_outcome",
     "require_by",
     "STATUS_STYLE",
+    "mask_url",
 ]
 
 STATUS_STYLE: dict[str, str] = {
@@ -65,6 +69,15 @@ STATUS_STYLE: dict[str, str] = {
 }
 
 
+def mask_url(url: str) -> str:
+    """A Redis URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
 def make_client(settings: TeamsterSettings | None = None, *, load_modules: bool = True) -> Client:
     """A client built from fresh settings (the environment as it is now, not a cached copy).
 
@@ -76,6 +89,8 @@ def make_client(settings: TeamsterSettings | None = None, *, load_modules: bool 
         InvalidSettings: a ``TEAMSTER_*`` variable is invalid.
         ConfigurationError: a workflow module cannot be imported.
     """
+    from teamster.orchestrator.client import Client  # noqa: PLC0415 - keeps `teamster --help` fast
+
     return Client(settings or load_settings(), load_modules=load_modules)
 
 

@@ -10,30 +10,29 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from teamster.agents.providers import check_provider
-from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import load_settings
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
 from teamster.orchestrator.cli._support import (
     entry_example_output,
     fmt_duration,
     is_settled,
+    mask_url,
     new_table,
     resolve_command,
     styled_status,
 )
-from teamster.orchestrator.cli.doctor import mask_url
-from teamster.orchestrator.cli.local import LocalStack, ping_workers
-from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import RunRecord, RunStatus
-from teamster.orchestrator.watchdog import WatchdogReport
+
+if TYPE_CHECKING:
+    from teamster.orchestrator.client import Client
+    from teamster.orchestrator.watchdog import WatchdogReport
 
 __all__ = ["demo", "TRIAGE_MODULE", "demo_tickets"]
 
@@ -221,6 +220,11 @@ def demo(
     teamster demo --model bedrock:global.anthropic.claude-sonnet-4-6
     ```
     """
+    from teamster.agents.providers import check_provider  # noqa: PLC0415 - keeps `teamster --help` fast
+    from teamster.config.embedded import resolve_redis_url  # noqa: PLC0415
+    from teamster.orchestrator.cli.local import LocalStack, ping_workers  # noqa: PLC0415
+    from teamster.orchestrator.client import Client  # noqa: PLC0415
+
     base = load_settings()
     modules = list(base.workflow_modules) + ([] if TRIAGE_MODULE in base.workflow_modules else [TRIAGE_MODULE])
     settings = load_settings(model=model or "scripted", workflow_modules=modules)

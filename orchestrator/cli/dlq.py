@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -24,9 +24,10 @@ from teamster.orchestrator.cli._support import (
     short_json,
     styled_status,
 )
-from teamster.orchestrator.cli.local import await_run
-from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus
+
+if TYPE_CHECKING:
+    from teamster.orchestrator.client import Client
 
 __all__ = ["dlq_app"]
 
@@ -160,6 +161,8 @@ def _after(client: Client, entry: DeadLetterEntry, action: str, wait: bool, time
     if not wait:
         console.print(f"[dim]follow it with[/] teamster runs show {escape(run.run_id)}", highlight=False)
         return
+    from teamster.orchestrator.cli.local import await_run  # noqa: PLC0415 - keeps `teamster --help` fast
+
     run = await_run(client, run.run_id, timeout)
     if not print_run_outcome(run):
         raise typer.Exit(1)

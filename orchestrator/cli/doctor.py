@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
-import redis
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from teamster.agents.providers import check_provider
-from teamster.agents.spec import registered_agents
-from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import ConfigurationError, InvalidSettings
 from teamster.orchestrator.cli._common import console, handle_errors
-from teamster.orchestrator.cli._support import new_table
-from teamster.orchestrator.cli.local import ping_workers
-from teamster.orchestrator.client import Client, load_workflow_modules
-from teamster.orchestrator.workflow import registered_workflows
+from teamster.orchestrator.cli._support import mask_url, new_table
 
-__all__ = ["doctor", "Check", "run_checks", "mask_url"]
+__all__ = ["doctor", "Check", "run_checks"]
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
 _STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
@@ -38,16 +30,11 @@ class Check:
     fix: str = ""
 
 
-def mask_url(url: str) -> str:
-    """A Redis URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
+    import redis  # noqa: PLC0415 - commands import what they use: `teamster --help` stays fast
+
+    from teamster.config.embedded import resolve_redis_url  # noqa: PLC0415
+
     checks: list[Check] = []
     try:
         url = resolve_redis_url(settings)
@@ -93,6 +80,14 @@ def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
 
 def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
     """Run every check; returns the report and the settings (None when they are invalid)."""
+    import redis  # noqa: PLC0415 - commands import what they use: `teamster --help` stays fast
+
+    from teamster.agents.providers import check_provider  # noqa: PLC0415
+    from teamster.agents.spec import registered_agents  # noqa: PLC0415
+    from teamster.orchestrator.cli.local import ping_workers  # noqa: PLC0415
+    from teamster.orchestrator.client import Client, load_workflow_modules  # noqa: PLC0415
+    from teamster.orchestrator.workflow import registered_workflows  # noqa: PLC0415
+
     checks: list[Check] = []
     try:
         settings = load_settings()

@@ -8,7 +8,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -17,7 +17,9 @@ from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import InvalidInput
 from teamster.orchestrator.cli._common import console, handle_errors
 from teamster.orchestrator.cli._support import make_client
-from teamster.orchestrator.watchdog import WatchdogReport
+
+if TYPE_CHECKING:
+    from teamster.orchestrator.watchdog import WatchdogReport
 
 __all__ = ["worker", "flower", "watchdog", "worker_argv", "flower_argv"]
 

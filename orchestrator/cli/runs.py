@@ -26,7 +26,6 @@ from teamster.orchestrator.cli._support import (
     short_json,
     styled_status,
 )
-from teamster.orchestrator.cli.local import await_run
 from teamster.orchestrator.models import RunStatus, StepRecord
 from teamster.orchestrator.workflow import get_workflow
 
@@ -80,6 +79,8 @@ def submit(
     if not wait:
         err_console.print(f"[dim]follow it with[/] teamster runs show {escape(run_id)}", highlight=False)
         return
+    from teamster.orchestrator.cli.local import await_run  # noqa: PLC0415 - keeps `teamster --help` fast
+
     run = await_run(client, run_id, timeout)
     if not print_run_outcome(run):
         raise typer.Exit(1)
@@ -229,6 +230,8 @@ def wait_run(
     ```
     """
     client = make_client()
+    from teamster.orchestrator.cli.local import await_run  # noqa: PLC0415 - keeps `teamster --help` fast
+
     if not print_run_outcome(await_run(client, run_id, timeout)):
         raise typer.Exit(1)
 

@@ -36,22 +36,37 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class StepControl:
-    """Stops a running step from outside the agent: wall-clock timeout, lost lease, cancelled run.
+    """Stops a running step from outside the agent: wall-clock deadline, lost lease, cancelled run, budget breach.
 
-    The first reason given wins; the agent observes :attr:`event` as its ``cancel_signal``.
+    The first reason given wins. The agent observes :attr:`event` as its ``cancel_signal`` (strands checks it
+    between stream chunks), and listeners registered with :meth:`on_abort` run at once -- the runner cancels the
+    step's task with one, so even a model call that sends nothing stops immediately.
     """
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reason: str | None = None
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     def abort(self, reason: str) -> None:
         """Ask the step to stop as soon as possible, for ``reason``."""
         with self._lock:
-            if self.reason is None:
+            first = self.reason is None
+            if first:
                 self.reason = reason
+            listeners = list(self._listeners) if first else []
         self.event.set()
+        for listener in listeners:
+            listener()
+
+    def on_abort(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when the step is aborted (at once if it already was)."""
+        with self._lock:
+            if self.reason is None:
+                self._listeners.append(listener)
+                return
+        listener()
 
 
 class StepGuard(HookProvider):
@@ -80,6 +95,8 @@ class StepGuard(HookProvider):
         self.outcome_rejections: list[str] = []
         self.tool_errors: list[str] = []
         self._ordinals: dict[str, int] = {}
+        self.running_tools: dict[str, str] = {}
+        """Tools started and not yet finished (toolUseId -> name): abandoned if the step is stopped now."""
         self.recorded_tools = recorded_tools
         self._lock = threading.Lock()
 
@@ -132,11 +149,15 @@ class StepGuard(HookProvider):
         state = event.invocation_state.setdefault(TEAMSTER_STATE_KEY, {})
         state.setdefault("tool_keys", {})[str(use.get("toolUseId", ""))] = key
         self.on_event("tool_call", {"tool": name, "input": use.get("input"), "idempotency_key": key})
+        with self._lock:
+            self.running_tools[str(use.get("toolUseId", ""))] = name
         if self.recorded_tools is not None:  # replay: serve the recorded result, never run the tool
             event.selected_tool = RecordedTool(name, event.selected_tool, self.recorded_tools.get(key))
 
     def after_tool_call(self, event: AfterToolCallEvent) -> None:
         name = str(event.tool_use.get("name", ""))
+        with self._lock:
+            self.running_tools.pop(str(event.tool_use.get("toolUseId", "")), None)
         if event.cancel_message is not None:
             return
         result = event.result

@@ -9,10 +9,12 @@ turned off: teamster's step retry policy is the one layer that retries.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,8 +133,57 @@ def block_real_models(reason: str = "real model requests are blocked in this tes
             _BLOCKED.remove(reason)
 
 
-def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
+# --------------------------------------------------------------------------- shared clients
+
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]] = \
+    weakref.WeakKeyDictionary()
+_PROCESS_SHARED: dict[tuple[Any, ...], Any] = {}
+
+
+def _shared(key: tuple[Any, ...], factory: Callable[[], Any], *, per_loop: bool = True) -> Any:
+    """One object per ``key`` -- per event loop for async clients (their pools are bound to a loop), per process
+    for thread-safe synchronous ones. Outside a running loop an async client is built unshared."""
+    if not per_loop:
+        with _HOOK_LOCK:
+            if key not in _PROCESS_SHARED:
+                _PROCESS_SHARED[key] = factory()
+            return _PROCESS_SHARED[key]
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return factory()
+    with _HOOK_LOCK:
+        cache = _SHARED.setdefault(loop, {})
+        if key not in cache:
+            cache[key] = factory()
+        return cache[key]
+
+
+def _openai_client(settings: TeamsterSettings) -> Any:
+    import httpx  # noqa: PLC0415 - the openai extra
+    import openai  # noqa: PLC0415
+
+    api_key = os.environ.get("OPENAI_API_KEY", "unused")
+    size = settings.model_pool_size
+
+    def make() -> Any:
+        return openai.AsyncOpenAI(
+            api_key=api_key, base_url=settings.model_base_url or None,
+            max_retries=0,  # the step retry policy is the single retry layer
+            timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0),
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size)))
+
+    return _shared(("openai", settings.model_base_url, api_key, size), make)
+
+
+def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: float | None = None) -> Model:
     """A model instance for one step of ``agent``.
+
+    Provider clients and their connection pools (sized to the worker's concurrency) are built once per process --
+    per event loop for async ones -- and shared by every step: strands would otherwise build a new HTTP client, with
+    a new TLS context, for every request. The provider's own timeouts are set from the step's budget
+    (``timeout``); teamster's deadline cancels the call anyway.
 
     Raises:
         ConfigurationError: see :func:`check_provider`.
@@ -144,38 +195,50 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str) -> Model:
     if _BLOCKED and parse_provider(value).kind != "scripted":
         raise ModelRequestBlocked(f"agent {agent!r} asked for model {value!r}: {_BLOCKED[-1]}")
     ref = check_provider(value, settings)
+    step_timeout = timeout or settings.step_timeout_seconds
     if ref.kind == "scripted":
         scripted = ScriptedSettings()
         return ScriptedModel(get_script(agent), agent=agent, latency=scripted.latency,
                              faults=FaultPlan.parse(scripted.faults, scripted.seed))
     if ref.kind == "bedrock":
-        from botocore.config import Config  # noqa: PLC0415
-        from strands.models.bedrock import BedrockModel  # noqa: PLC0415
-
-        kwargs: dict[str, Any] = {"model_id": ref.model_id} if ref.model_id else {}
-        return BedrockModel(
-            region_name=settings.aws_region,
-            # botocore's own retries off: the step retry policy is the single retry layer.
-            boto_client_config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                                      read_timeout=settings.step_timeout_seconds, connect_timeout=10,
-                                      user_agent_extra="teamster"),
-            max_tokens=settings.model_max_tokens,
-            **kwargs,
-        )
+        shared: Model = _shared(("bedrock", ref.model_id, settings.aws_region, settings.model_max_tokens,
+                                 settings.model_pool_size), lambda: _bedrock(ref, settings), per_loop=False)
+        return shared
     if ref.kind == "openai":
         from strands.models.openai import OpenAIModel  # noqa: PLC0415
 
-        client_args: dict[str, object] = {"max_retries": 0, "api_key": os.environ.get("OPENAI_API_KEY", "unused")}
-        if settings.model_base_url:
-            client_args["base_url"] = settings.model_base_url
-        return OpenAIModel(client_args=client_args, model_id=ref.model_id,
-                           params={"max_tokens": settings.model_max_tokens})
+        return OpenAIModel(client=_openai_client(settings), model_id=ref.model_id,
+                           params={"max_tokens": settings.model_max_tokens, "timeout": step_timeout})
     if ref.kind == "anthropic":
         from strands.models.anthropic import AnthropicModel  # noqa: PLC0415
 
-        return AnthropicModel(client_args={"max_retries": 0}, model_id=ref.model_id,
-                              max_tokens=settings.model_max_tokens)
+        def anthropic_model() -> Model:
+            return AnthropicModel(client_args={"max_retries": 0, "timeout": settings.step_timeout_seconds},
+                                  model_id=ref.model_id, max_tokens=settings.model_max_tokens)
+
+        # strands' AnthropicModel builds its AsyncAnthropic client in __init__: share the model (it keeps no
+        # per-call state) so the client and its pool are built once per loop.
+        shared_anthropic: Model = _shared(("anthropic", ref.model_id, settings.model_max_tokens), anthropic_model)
+        return shared_anthropic
     from strands.models.ollama import OllamaModel  # noqa: PLC0415
 
+    # strands' OllamaModel opens an ollama.AsyncClient per request (plain HTTP to a local server, no TLS)
     return OllamaModel(settings.model_base_url or "http://localhost:11434", model_id=ref.model_id,
                        max_tokens=settings.model_max_tokens)
+
+
+def _bedrock(ref: ProviderRef, settings: TeamsterSettings) -> Model:
+    from botocore.config import Config  # noqa: PLC0415
+    from strands.models.bedrock import BedrockModel  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {"model_id": ref.model_id} if ref.model_id else {}
+    return BedrockModel(
+        region_name=settings.aws_region,
+        # botocore's own retries off: the step retry policy is the single retry layer. The boto3 client is
+        # thread-safe and shared by every step of the process, its pool sized to the worker's concurrency.
+        boto_client_config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                                  read_timeout=settings.step_timeout_seconds, connect_timeout=10,
+                                  max_pool_connections=settings.model_pool_size, user_agent_extra="teamster"),
+        max_tokens=settings.model_max_tokens,
+        **kwargs,
+    )

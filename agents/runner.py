@@ -4,13 +4,15 @@
 one explicit :data:`~agents.outcomes.Outcome`. A fresh ``Agent`` is built per call (strands agents are not
 picklable and refuse concurrent calls), with ``callback_handler=None``, strands' own retry strategy off (the
 step's retry policy is the only retry layer), ``limits`` always passed (strands' structured-output re-ask
-loop is unbounded otherwise), the :class:`~agents.guard.StepGuard` hook and a wall-clock timeout.
+loop is unbounded otherwise), the :class:`~agents.guard.StepGuard` hook and a hard wall-clock deadline. Steps run
+with ``invoke_async`` on the process's long-lived event loop (:class:`~teamster.agents.loop.AgentLoop`), where the
+model provider clients and their connection pools are shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from strands.models.model import Model
 
 from teamster.agents.classify import classify_exception, classify_stop_reason
 from teamster.agents.guard import EventSink, StepControl, StepGuard
+from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import (
     CannotComplete,
     EnvelopeBase,
@@ -43,11 +46,12 @@ from teamster.errors import (
     InvalidInput,
     LeaseLost,
     StepCancelled,
+    StepTimeout,
     StructuredOutputError,
     TeamsterError,
 )
 
-__all__ = ["run_agent", "AgentRun", "StepContext", "validate_input", "format_validation_error", "LeaseLost"]
+__all__ = ["run_agent", "run_agent_async", "AgentRun", "StepContext", "validate_input", "format_validation_error"]
 
 StepOutcome = Succeeded | CannotComplete | NeedsHuman | Failed
 
@@ -120,7 +124,46 @@ def _noop(_event: str, _payload: dict[str, Any]) -> None:
     return None
 
 
+HARD_GRACE_SECONDS = 5.0
+"""How long after its deadline a step's call may take to unwind before the caller stops waiting for it."""
+
+
 def run_agent(
+    spec: AgentSpec[Any, Any],
+    input: Any,  # noqa: A002 - the natural name in this API
+    *,
+    model: Model | str | None = None,
+    settings: TeamsterSettings | None = None,
+    context: StepContext | None = None,
+    on_event: EventSink | None = None,
+    recorded: Sequence[ModelExchange] = (),
+    control: StepControl | None = None,
+    recorded_tools: Mapping[str, dict[str, Any]] | None = None,
+) -> AgentRun:
+    """Run ``spec`` once on ``input`` and return its explicit outcome (blocking; see :func:`run_agent_async`).
+
+    The step runs on this process's :class:`~teamster.agents.loop.AgentLoop`; the calling thread only waits. Call
+    :func:`run_agent_async` instead from async code.
+    """
+    settings = settings or get_settings()
+    control = control or StepControl()
+    loop = AgentLoop.shared()
+    timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
+    started = time.monotonic()
+    try:
+        return loop.run(run_agent_async(spec, input, model=model, settings=settings, context=context,
+                                        on_event=on_event, recorded=recorded, control=control,
+                                        recorded_tools=recorded_tools),
+                        timeout=timeout + 2 * HARD_GRACE_SECONDS)
+    except TimeoutError:  # the coroutine did not even unwind: it is cancelled and abandoned
+        control.abort("timeout")
+        outcome = failed_from(StepTimeout(f"step ran past its deadline of {timeout:g}s and did not stop; abandoned",
+                                          limit=timeout, abandoned=True))
+        (on_event or _noop)("outcome", {"outcome": outcome.model_dump(mode="json"), "abandoned": True})
+        return AgentRun(outcome=outcome, duration_seconds=time.monotonic() - started)
+
+
+async def run_agent_async(
     spec: AgentSpec[Any, Any],
     input: Any,  # noqa: A002 - the natural name in this API
     *,
@@ -134,11 +177,16 @@ def run_agent(
 ) -> AgentRun:
     """Run ``spec`` once on ``input`` and return its explicit outcome.
 
+    The step's wall-clock budget bounds the whole call -- model requests and tools included, for every provider:
+    when it passes (or the step is stopped through ``control``), the agent's task is cancelled at once; a
+    synchronous tool that cannot be cancelled is abandoned (its thread finishes on its own, its result is
+    discarded, its effects stay guarded by its idempotency key) and journaled as ``tool_abandoned``.
+
     Args:
         spec: The agent.
         input: Its input (dict, JSON text or input-model instance); validated first.
-        model: A strands model instance (e.g. :class:`~agents.scripted.ScriptedModel`) or a provider string;
-            default: ``spec.model`` or ``TEAMSTER_MODEL``.
+        model: A strands model instance (e.g. :class:`~teamster.agents.scripted.ScriptedModel`) or a provider
+            string; default: ``spec.model`` or ``TEAMSTER_MODEL``.
         settings: Settings (default: from the environment).
         context: Run/step ids and attempt (default: a local run).
         on_event: Receives every decision (model exchanges, tool calls, validation, outcome).
@@ -152,6 +200,7 @@ def run_agent(
     control = control or StepControl()
     started = time.monotonic()
     exchanges: list[ModelExchange] = []
+    timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
 
     def finish(outcome: StepOutcome, **extra: Any) -> AgentRun:
         usage: dict[str, int] = {}
@@ -172,7 +221,7 @@ def run_agent(
 
     try:
         inner = model if isinstance(model, Model) else build_model(model or spec.model or settings.model, settings,
-                                                                     agent=spec.name)
+                                                                     agent=spec.name, timeout=timeout)
         tools = [get_tool(name) for name in spec.tools]
     except TeamsterError as exc:
         return finish(failed_from(exc))
@@ -206,33 +255,43 @@ def run_agent(
     invocation_state: dict[str, Any] = {TEAMSTER_STATE_KEY: {
         "run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt, "agent": spec.name, "tool_keys": {},
     }}
-    timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
-    timer = threading.Timer(timeout, control.abort, args=("timeout",))
-    timer.daemon = True
     emit("agent_start", {"agent": spec.name, "version": spec.version, "model": _model_name(inner),
                          "budget": spec.budget.model_dump(mode="json"), "recorded_responses": len(recorded)})
     prompt = f"Input ({spec.input_model.__name__}, JSON):\n{validated.model_dump_json()}"
     error: BaseException | None = None
     result = None
-    timer.start()
-    try:
-        result = agent(
-            prompt,
-            invocation_state=invocation_state,
-            limits={"turns": spec.budget.max_model_calls, "total_tokens": spec.budget.max_total_tokens},
-            cancel_signal=control.event,
-        )
-    except Exception as exc:  # classified below: every failure becomes a typed outcome
-        error = exc
-    finally:
-        timer.cancel()
+    task = asyncio.ensure_future(agent.invoke_async(
+        prompt,
+        invocation_state=invocation_state,
+        limits={"turns": spec.budget.max_model_calls, "total_tokens": spec.budget.max_total_tokens},
+        cancel_signal=control.event,
+    ))
+    running = asyncio.get_running_loop()
+    control.on_abort(lambda: _cancel_soon(running, task))
+    remaining = timeout - (time.monotonic() - started)
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, remaining))
+    if not done:
+        control.abort("timeout")  # cancels the task (the listener above)
+        done, _ = await asyncio.wait({task}, timeout=HARD_GRACE_SECONDS)
+    if done and not task.cancelled():
+        try:
+            result = task.result()
+        except Exception as exc:  # classified below: every failure becomes a typed outcome
+            error = exc
+    elif not done:  # it ignored its cancellation: leave it behind (its result is discarded)
+        task.add_done_callback(_discard)
+    if control.reason is not None:
+        for tool_use_id, tool_name in list(guard.running_tools.items()):
+            emit("tool_abandoned", {"tool": tool_name, "tool_use_id": tool_use_id, "reason": control.reason})
 
     stats = {"model_calls": recording.calls, "live_model_calls": recording.live_calls,
              "tool_calls": guard.tool_calls, "blocked_tools": list(guard.blocked)}
     failure = _failure(spec, guard, control, error, result, timeout)
     if failure is not None:
         return finish(failure, **stats)
-    assert result is not None
+    if result is None:  # cancelled without a recorded reason: treat as the deadline
+        return finish(failed_from(StepTimeout(f"step stopped before its deadline of {timeout:g}s",
+                                              limit=timeout)), **stats)
     structured = result.structured_output
     if not isinstance(structured, EnvelopeBase):
         return finish(failed_from(StructuredOutputError("the model finished without a structured outcome",
@@ -255,13 +314,23 @@ def run_agent(
     return finish(outcome, output=output, **stats)
 
 
+def _cancel_soon(loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]) -> None:
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(task.cancel)
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning for an abandoned step
+
+
 def _failure(spec: AgentSpec[Any, Any], guard: StepGuard, control: StepControl, error: BaseException | None,
              result: Any, timeout: float) -> Failed | None:
     """The failed outcome of an invocation, if it failed (budget, timeout, lease, exception, stop reason)."""
     budget = spec.budget
     if control.reason == "timeout":
-        return failed_from(BudgetExceeded(f"step exceeded its wall-clock budget of {timeout:g}s",
-                                          budget="wall_time", limit=timeout))
+        return failed_from(StepTimeout(f"step ran past its deadline of {timeout:g}s and was stopped",
+                                       limit=timeout))
     if control.reason == "lease_lost":
         return failed_from(LeaseLost("the step's lease was lost while it ran; another worker owns it"))
     if control.reason and control.reason.startswith("cancelled"):

@@ -154,7 +154,25 @@ class TeamsterSettings(BaseSettings):
         description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound). gevent and "
         "eventlet are refused: strands runs each agent call with asyncio.run, which fails under green threads.",
     )
-    worker_concurrency: int = Field(default=8, ge=1, description="Concurrent steps per worker (default 8).")
+    worker_concurrency: int = Field(
+        default=8, ge=1,
+        description="Concurrent steps per worker process (default 8; `teamster worker -c` sets it). Agent steps "
+        "wait on the model almost all the time: raise it to the number of model calls one process should keep in "
+        "flight (hundreds are fine; see the README). Redis and model-provider connection pools are sized from it.")
+    tool_threads: int = Field(
+        default=64, ge=1,
+        description="Threads running synchronous tools (and Bedrock's streaming calls) per worker process "
+        "(default 64). A tool still running when its step's deadline passes is abandoned and keeps its thread "
+        "until it returns.")
+    redis_max_connections: int | None = Field(
+        default=None, ge=2,
+        description="Redis connections per process (default: worker_concurrency + 16). When all are busy, a "
+        "command waits for a free one (up to redis_pool_timeout) instead of failing.")
+    redis_pool_timeout: float = Field(
+        default=20.0, gt=0, description="Seconds a Redis command waits for a free pooled connection (default 20).")
+    model_max_connections: int | None = Field(
+        default=None, ge=1,
+        description="HTTP connections per model provider client and process (default: worker_concurrency).")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Port of the Prometheus endpoint on workers (default None: off).",
@@ -190,6 +208,16 @@ class TeamsterSettings(BaseSettings):
         if self.lease_seconds * 2 >= self.visibility_timeout:
             raise ValueError("visibility_timeout must exceed twice lease_seconds")
         return self
+
+    @property
+    def redis_pool_size(self) -> int:
+        """Redis connections per process (``redis_max_connections`` or worker concurrency + 16)."""
+        return self.redis_max_connections or self.worker_concurrency + 16
+
+    @property
+    def model_pool_size(self) -> int:
+        """HTTP connections per model provider client (``model_max_connections`` or worker concurrency)."""
+        return self.model_max_connections or self.worker_concurrency
 
     @property
     def lease_renew_seconds(self) -> float:

@@ -17,16 +17,25 @@ The step task is a thin wrapper around :meth:`StepExecutor.execute` (DESIGN.md, 
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from typing import Any
 
 from pydantic import BaseModel
 
 from teamster.agents.guard import StepControl
+from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
-from teamster.agents.runner import AgentRun, StepContext, run_agent, validate_input
+from teamster.agents.runner import HARD_GRACE_SECONDS, AgentRun, StepContext, run_agent_async, validate_input
 from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent
-from teamster.errors import FunctionError, InvalidInput, LeaseExpiredRepeatedly, TeamsterError, TerminalError
+from teamster.errors import (
+    FunctionError,
+    InvalidInput,
+    LeaseExpiredRepeatedly,
+    StepTimeout,
+    TeamsterError,
+    TerminalError,
+)
 from teamster.orchestrator import metrics
 from teamster.orchestrator.leases import LeaseKeeper
 from teamster.orchestrator.models import (
@@ -204,21 +213,80 @@ class StepExecutor:
             error = InvalidInput(f"could not build the input of step {step.id!r}: {start['input_error']}")
             return failed_from(error), None
         start["input"] = agent_input.model_dump(mode="json") if isinstance(agent_input, BaseModel) else agent_input
-        self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
+        context = StepContext(run_id=run_id, step_id=step_key, attempt=record.attempts, trace_id=run.trace_id)
+        return self._await_agent(spec, agent_input, context, start, recorded, control)
 
-        def on_event(kind: str, data: dict[str, Any]) -> None:
+    def _await_agent(self, spec: AgentSpec[Any, Any], agent_input: Any, context: StepContext, start: dict[str, Any],
+                     recorded: list[Any], control: StepControl) -> tuple[StepResult, AgentRun | None]:
+        """Run the agent on the process's event loop; this thread writes its journal events meanwhile.
+
+        The agent's events (model calls, tool calls, validation, outcome) arrive from the loop through a queue:
+        the loop never waits for Redis, and this thread -- which would otherwise only wait -- appends them in
+        order, pipelined. ``step_start`` goes out with the first batch.
+        """
+        run_id, step_key, attempt = context.run_id, context.step_id, context.attempt
+        events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
+        budget = spec.budget.timeout_seconds or self.settings.step_timeout_seconds
+        future = AgentLoop.shared().submit(run_agent_async(
+            spec, agent_input, settings=self.settings, on_event=lambda kind, data: events.put((kind, data)),
+            recorded=recorded, control=control, context=context))
+        future.add_done_callback(lambda _: events.put(None))
+        pending: list[tuple[str, dict[str, Any]]] = [("step_start", start)]
+        deadline = time.monotonic() + budget + 2 * HARD_GRACE_SECONDS
+        finished = False
+        while not finished:
+            try:
+                item = events.get(timeout=max(0.0, deadline - time.monotonic())) if not pending else \
+                    events.get_nowait()
+            except queue.Empty:
+                if pending:
+                    self._journal_batch(run_id, step_key, attempt, spec, pending)
+                    pending = []
+                    continue
+                break  # the loop did not return in time: abandon the step (below)
+            if item is None:
+                finished = True
+            else:
+                pending.append(item)
+            if finished or len(pending) >= 64:
+                self._journal_batch(run_id, step_key, attempt, spec, pending)
+                pending = []
+        if finished:
+            while (item := self._next(events)) is not None:
+                pending.append(item)
+            self._journal_batch(run_id, step_key, attempt, spec, pending)
+            agent_run = future.result()
+            return agent_run.outcome, agent_run
+        control.abort("timeout")
+        future.cancel()
+        outcome = failed_from(StepTimeout(f"step ran past its deadline of {budget:g}s and did not stop; abandoned",
+                                          limit=budget, abandoned=True))
+        self.journal.append(run_id, "outcome", step=step_key, attempt=attempt,
+                            data={"outcome": outcome.model_dump(mode="json"), "abandoned": True})
+        return outcome, None
+
+    @staticmethod
+    def _next(events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> tuple[str, dict[str, Any]] | None:
+        try:
+            return events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _journal_batch(self, run_id: str, step_key: str, attempt: int, spec: AgentSpec[Any, Any],
+                       batch: list[tuple[str, dict[str, Any]]]) -> None:
+        for kind, data in batch:
             if kind == "model_call":
                 usage = data.get("usage") or {}
                 metrics.MODEL_SECONDS.labels(spec.name).observe(float(data.get("latency_ms", 0)) / 1000.0)
                 for token_kind in ("inputTokens", "outputTokens"):
                     if usage.get(token_kind):
                         metrics.TOKENS.labels(spec.name, token_kind).inc(int(usage[token_kind]))
-            self.journal.append(run_id, kind, step=step_key, attempt=record.attempts, data=data)
-
-        agent_run = run_agent(spec, agent_input, settings=self.settings, on_event=on_event, recorded=recorded,
-                              control=control, context=StepContext(run_id=run_id, step_id=step_key,
-                                                                   attempt=record.attempts, trace_id=run.trace_id))
-        return agent_run.outcome, agent_run
+            elif kind == "tool_abandoned":
+                metrics.TOOLS_ABANDONED.labels(spec.name, str(data.get("tool"))).inc()
+        if len(batch) == 1:
+            self.journal.append(run_id, batch[0][0], step=step_key, attempt=attempt, data=batch[0][1])
+        elif batch:
+            self.journal.append_many(run_id, batch, step=step_key, attempt=attempt)
 
     def _budget_seconds(self, step: StepDef, record: StepRecord) -> float:
         if record.kind in ("agent", "branch"):

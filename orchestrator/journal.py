@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,8 +92,10 @@ class Journal:
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, payload_cap: int = 16 * 1024,
-                 model_response_cap: int = 256 * 1024, redact_patterns: Iterable[str] = ()) -> None:
+                 model_response_cap: int = 256 * 1024, redact_patterns: Iterable[str] = (),
+                 retry_seconds: float = 10.0) -> None:
         self.client = client
+        self.retry_seconds = retry_seconds
         self.keys = keys
         self.payload_cap = payload_cap
         self.model_response_cap = model_response_cap
@@ -114,9 +117,19 @@ class Journal:
 
     def append(self, run_id: str, event_type: str, *, step: str | None = None, attempt: int | None = None,
                data: dict[str, Any] | None = None) -> str:
-        """Append one event; returns its stream id."""
+        """Append one event; returns its stream id. Transient Redis errors are retried for a few seconds (an
+        event appended twice after a lost reply is harmless; a lost one is not)."""
         fields = self.fields(event_type, step=step, attempt=attempt, data=data)
-        return str(self.client.xadd(self.keys.journal(run_id), fields))  # type: ignore[arg-type]
+        delay = 0.05
+        deadline = time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                return str(self.client.xadd(self.keys.journal(run_id), fields))  # type: ignore[arg-type]
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def append_many(self, run_id: str, events: Iterable[tuple[str, dict[str, Any]]], *, step: str | None = None,
                     attempt: int | None = None) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "DEAD_LETTERS",
     "COMMITS_REJECTED",
     "LEASES_ABANDONED",
+    "TOOLS_ABANDONED",
     "StoreCollector",
     "serve_metrics",
 ]
@@ -47,6 +48,9 @@ RUNS_FINISHED = Counter("teamster_runs_finished_total", "Runs reaching a final o
                         ["workflow", "status"])
 LEASE_EXPIRIES = Counter("teamster_lease_expiries_total", "Step leases that expired (worker died or hung)")
 DEAD_LETTERS = Counter("teamster_dead_letters_total", "Dead-letter entries created", ["workflow", "error_type"])
+TOOLS_ABANDONED = Counter("teamster_tools_abandoned_total",
+                          "Blocking tool calls left running when their step's deadline passed (result discarded)",
+                          ["agent", "tool"])
 LEASES_ABANDONED = Counter("teamster_leases_abandoned_total",
                            "Leases no longer renewed because their step ran past its deadline plus grace")
 COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")

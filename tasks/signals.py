@@ -7,6 +7,7 @@ instead of failing every step later.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -30,14 +31,19 @@ log = logging.getLogger("teamster.worker")
 
 @worker_init.connect
 def _check_configuration(sender: Any = None, **_: Any) -> None:
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        # the pools (Redis, model providers) are sized from the concurrency this worker really runs with
+        os.environ["TEAMSTER_WORKER_CONCURRENCY"] = str(concurrency)
+        get_settings.cache_clear()
     settings = get_settings()
     try:
         pool_cls = getattr(sender, "pool_cls", "")
         pool = str(getattr(pool_cls, "__module__", pool_cls)).rsplit(".", 1)[-1].split(":")[0]
         if pool in ("gevent", "eventlet"):
             raise ConfigurationError(
-                f"the {pool} pool cannot run agent steps (strands runs each agent call "
-                "with asyncio.run, which fails when green threads share an event loop)",
+                f"the {pool} pool cannot run agent steps (they run on the worker's own asyncio event loop "
+                "thread, which green threads cannot share)",
                 hint="Use -P threads (the default of `teamster worker`): agent steps are I/O bound.")
         load_workflow_modules(settings)
         providers = {settings.model} | {spec.model for spec in registered_agents().values() if spec.model}

@@ -39,6 +39,7 @@ __all__ = [
     "ModelThrottled",
     "ModelTimeout",
     "ProviderUnavailable",
+    "StepTimeout",
     "LeaseBusy",
     "TerminalError",
     "InvalidOutput",
@@ -210,6 +211,13 @@ class ModelTimeout(RetryableError):
     """The model provider did not answer in time (connect or read timeout), or the step's deadline passed."""
 
     code = "model_timeout"
+
+
+class StepTimeout(RetryableError):
+    """The step ran past its wall-clock deadline (``Budget.timeout_seconds``) and was stopped: its model call or
+    tool was cancelled (or, for a blocking tool, abandoned). Retried like any timeout, up to the step's policy."""
+
+    code = "step_timeout"
 
 
 class ProviderUnavailable(RetryableError):

@@ -1,0 +1,99 @@
+"""One long-lived event loop per process, on which every agent step runs.
+
+strands' synchronous ``Agent.__call__`` starts a thread and a new event loop for every call; with hundreds of
+steps in flight that is hundreds of loops, and no async client can be shared between them. Instead, each worker
+process runs one event loop in a daemon thread: the step task (a Celery thread) hands the step's coroutine to it
+and waits for the result. HTTP clients and their connection pools are bound to this loop and shared by every step
+(see :mod:`teamster.agents.providers`).
+
+Synchronous tools run in the loop's default executor (strands uses ``asyncio.to_thread``), sized with
+``tool_threads``: a step that times out abandons a tool thread that cannot be cancelled, and its late result is
+discarded.
+
+The loop is created on first use in each process (a forked child gets its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["AgentLoop"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AgentLoop:
+    """An event loop running in a daemon thread.
+
+    Args:
+        tool_threads: Size of the loop's default executor (synchronous tools, Bedrock's streaming calls).
+        name: Thread name.
+    """
+
+    _shared: AgentLoop | None = None
+    _shared_pid = 0
+    _lock = threading.Lock()
+
+    def __init__(self, tool_threads: int = 64, name: str = "teamster-agents") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=tool_threads,
+                                                              thread_name_prefix=f"{name}-tool")
+        self.loop.set_default_executor(self.executor)
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    @classmethod
+    def shared(cls, tool_threads: int | None = None) -> AgentLoop:
+        """The process's loop (created on first use, and again in a forked child).
+
+        Args:
+            tool_threads: Executor size when the loop is created now (default ``TEAMSTER_TOOL_THREADS``).
+        """
+        with cls._lock:
+            if cls._shared is None or cls._shared_pid != os.getpid() or not cls._shared.thread.is_alive():
+                if tool_threads is None:
+                    from teamster.config.settings import get_settings  # noqa: PLC0415
+
+                    tool_threads = get_settings().tool_threads
+                cls._shared = AgentLoop(tool_threads)
+                cls._shared_pid = os.getpid()
+            return cls._shared
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop; returns a thread-safe future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (at most ``timeout`` seconds, then cancel it).
+
+        Raises:
+            TimeoutError: not done within ``timeout`` (the coroutine is cancelled).
+            RuntimeError: called from the loop's own thread (it would wait for itself).
+        """
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("AgentLoop.run() called from the agent loop itself; await the coroutine instead")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"not done within {timeout}s") from None
+
+    def in_loop(self) -> bool:
+        """True when called from the loop's thread."""
+        return threading.current_thread() is self.thread

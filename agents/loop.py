@@ -19,15 +19,80 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["AgentLoop"]
+__all__ = ["AgentLoop", "DaemonExecutor"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose threads are daemons and are not joined at interpreter exit.
+
+    The standard ``ThreadPoolExecutor`` joins its threads when the interpreter exits: one tool that never returns
+    would then keep a worker from ever shutting down. A tool abandoned at its step's deadline must not do that.
+    (It subclasses ``ThreadPoolExecutor`` only because asyncio accepts nothing else as a default executor; the
+    scheduling is its own.)
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "teamster-tool") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self.max_workers = max_workers
+        self.prefix = thread_name_prefix
+        self._work: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...],
+                                            dict[str, Any]] | None] = queue.SimpleQueue()
+        self._pool_threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:  # type: ignore[override]
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            self._work.put((future, fn, args, kwargs))
+            if self._idle == 0 and len(self._pool_threads) < self.max_workers:
+                thread = threading.Thread(target=self._serve, name=f"{self.prefix}-{len(self._pool_threads)}", daemon=True)
+                self._pool_threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1 if self._idle else 0
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+                    future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+    def busy(self) -> int:
+        """Threads running work right now (abandoned tools included)."""
+        with self._lock:
+            return len(self._pool_threads) - self._idle
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._pool_threads)
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join(timeout=1.0)
 
 
 class AgentLoop:
@@ -44,8 +109,7 @@ class AgentLoop:
 
     def __init__(self, tool_threads: int = 64, name: str = "teamster-agents") -> None:
         self.loop = asyncio.new_event_loop()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=tool_threads,
-                                                              thread_name_prefix=f"{name}-tool")
+        self.executor = DaemonExecutor(tool_threads, thread_name_prefix=f"{name}-tool")
         self.loop.set_default_executor(self.executor)
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)

@@ -58,7 +58,8 @@ class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
                 raise RuntimeError("cannot schedule new work after shutdown")
             self._work.put((future, fn, args, kwargs))
             if self._idle == 0 and len(self._pool_threads) < self.max_workers:
-                thread = threading.Thread(target=self._serve, name=f"{self.prefix}-{len(self._pool_threads)}", daemon=True)
+                name = f"{self.prefix}-{len(self._pool_threads)}"
+                thread = threading.Thread(target=self._serve, name=name, daemon=True)
                 self._pool_threads.append(thread)
                 thread.start()
             else:

@@ -18,6 +18,7 @@ producer app that sends the chains. Importing this module therefore never builds
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -71,8 +72,10 @@ def _script(ctx: ScriptContext) -> Turn:
 
 
 register_script(BENCH_AGENT, _script)
-# Workers count their scripted model calls in Redis (teamster.testing.model_calls_key): the benchmarks read them.
-record_model_calls()
+if os.environ.get("TEAMSTER_BENCH_COUNT_MODEL_CALLS"):
+    # recovery and scaling read how many model calls workers made (teamster.testing.model_calls_key); the others
+    # leave it off, so its Redis command is not counted as teamster's
+    record_model_calls()
 
 bench_agent: AgentSpec[BenchInput, Tick] = AgentSpec(
     name=BENCH_AGENT,

@@ -6,7 +6,8 @@ while the "model" answers after a set latency with a tool call whose arguments a
 schema (:func:`teamster.agents.scripted.sample_output`).
 
 * ``POST /v1/chat/completions``, streamed (SSE) or not, in OpenAI's shapes. Model ``latency-<seconds>`` answers
-  after that long, ``hang`` never answers (until the client disconnects), any other name after ``latency``.
+  after that long, ``hang`` never answers (until the client disconnects), any other name after ``latency``. The
+  conversation can ask for the same per request: a message containing ``[hang]`` or ``[latency=<seconds>]``.
   With ``tools`` it calls the tool ``tool_choice`` forces; else, while the conversation holds fewer than
   ``tool_calls`` tool results, the first tool not named ``final_outcome``; else ``final_outcome`` if offered,
   or the last tool. Without tools it says "ok" (or a sample for a ``json_schema`` response format).
@@ -27,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import select
 import signal
@@ -45,6 +47,8 @@ from typing import Any, Self, TypeVar, cast
 from teamster.agents.scripted import sample_output
 
 __all__ = ["ModelServer", "ModelServerProcess", "FINAL_TOOL", "main"]
+
+_LATENCY_DIRECTIVE = re.compile(r"\[latency=([0-9.]+)\]")
 
 FINAL_TOOL = "final_outcome"
 """The tool called last (teamster's structured-output tool), once ``tool_calls`` other calls were made."""
@@ -214,7 +218,7 @@ class _Core:
             self.counters["throttled"] += 1
             extra = f"retry-after: {max(1, math.ceil(wait))}\r\nretry-after-ms: {max(1, math.ceil(wait * 1000))}\r\n"
             return await self._reply(writer, 429, _RATE_LIMITED, keep, extra)
-        model = str(request.get("model", ""))
+        model = self._directive(request) or str(request.get("model", ""))
         self._flight(1)
         try:
             if model == "hang":
@@ -234,6 +238,21 @@ class _Core:
             return keep
         finally:
             self._flight(-1)
+
+    @staticmethod
+    def _directive(request: dict[str, Any]) -> str | None:
+        """``hang`` or ``latency-<s>`` when the first user message asks for it (``[hang]``, ``[latency=<s>]``)."""
+        for message in request.get("messages") or ():
+            if not isinstance(message, dict) or message.get("role") != "user":
+                continue
+            content = message.get("content")
+            text = content if isinstance(content, str) else " ".join(
+                str(part.get("text", "")) for part in content or () if isinstance(part, dict))
+            if "[hang]" in text:
+                return "hang"
+            found = _LATENCY_DIRECTIVE.search(text)
+            return f"latency-{found.group(1)}" if found else None
+        return None
 
     def _latency(self, model: str) -> float:
         if model.startswith("latency-"):

@@ -66,7 +66,8 @@ class WorkerPool:
     def __init__(self, env: BenchEnv, prefix: str, lease: float, args: argparse.Namespace) -> None:
         self.env = env
         self.prefix = prefix
-        self.worker_env = {"scripted_latency": args.step_seconds, "lease_seconds": lease}
+        self.worker_env = {"scripted_latency": args.step_seconds, "lease_seconds": lease,
+                           "bench_count_model_calls": 1}
         self.concurrency = args.concurrency
         self.serial = 0
         self.workers = [self._new() for _ in range(args.workers)]

@@ -73,7 +73,8 @@ def measure(env: BenchEnv, count: int, repeat: int, args: argparse.Namespace) ->
     keys = Keys(prefix)
     client = Client(settings, redis_url=env.redis_url)
     workers = [env.worker(f"scale{count}-{i}-r{repeat}", prefix=prefix, pool="threads",
-                          concurrency=args.concurrency, env={"scripted_latency": args.latency})
+                          concurrency=args.concurrency,
+                          env={"scripted_latency": args.latency, "bench_count_model_calls": 1})
                for i in range(count)]
     console.print(f"[bold]{count} worker(s)[/] (repeat {repeat + 1}/{args.repeats}): starting ...")
     env.start_workers(workers)

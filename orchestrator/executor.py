@@ -141,6 +141,7 @@ class StepExecutor:
         wf = get_workflow(run.workflow, run.workflow_module)
         step = wf.steps[record.step_id]
         takeover = claim.previous == StepStatus.RUNNING
+        statuses = claim.statuses or {}
         start: dict[str, Any] = {"token": token, "worker": self.rt.worker, "takeover": takeover, "kind": record.kind,
                                  "state_version": run.state_version}
         with step_span(run.trace_id, f"step {step_key}", {"teamster.run_id": run_id, "teamster.step": step_key,
@@ -157,8 +158,7 @@ class StepExecutor:
             # -- decide: skip or run
             state = wf.state_model.model_validate(run.state)
             try:
-                reason = None if record.branch_index is not None else \
-                    skip_reason(wf, step, self.store.step_statuses(run_id), state)
+                reason = None if record.branch_index is not None else skip_reason(wf, step, statuses, state)
             except Exception as exc:  # noqa: BLE001 - a user condition that raises is the step's failure
                 self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
                 broken = TerminalError(f"condition of step {step.id!r} raised {type(exc).__name__}: {exc}")
@@ -166,7 +166,7 @@ class StepExecutor:
             if reason is not None:
                 start.update(state=state.model_dump(mode="json"), skip=reason)
                 self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
-                return self.transitions.commit(run, wf, step, record, token, None, skipped=reason)
+                return self.transitions.commit(run, wf, step, record, token, None, skipped=reason, statuses=statuses)
 
             # -- run, holding the lease
             control = StepControl()
@@ -175,32 +175,35 @@ class StepExecutor:
             budget = self._budget_seconds(step, record)
             with self.leases.hold(run_id, step_key, token, control, renew_for=budget + LEASE_GRACE_SECONDS):
                 if record.kind in ("agent", "branch"):
-                    result, agent_run = self._run_agent(run, wf, step, record, token, state, start, takeover, control)
+                    result, agent_run, tail = self._run_agent(run, wf, step, record, state, start, takeover, control)
                 else:
                     start["state"] = state.model_dump(mode="json")
                     self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
                     result = run_deterministic(self.store, run, wf, step, state)
-                    self.journal.append(run_id, "outcome", step=step_key, attempt=record.attempts,
-                                        data={"outcome": result.model_dump(mode="json")})
+                    tail = [("outcome", {"outcome": result.model_dump(mode="json")})]
             metrics.STEP_SECONDS.labels(run.workflow, step.id).observe(time.monotonic() - started)
 
             # -- end: commit, retry or dead-letter
             if control.reason == "lease_lost" or (isinstance(result, Failed) and result.error_type == "lease_lost"):
-                self.journal.append(run_id, "lease_lost", step=step_key, attempt=record.attempts,
-                                    data={"token": token, "detail": "another worker owns the step; result dropped"})
+                tail.append(("lease_lost", {"token": token, "detail": "another worker owns the step; result dropped"}))
+                self.journal.append_many(run_id, tail, step=step_key, attempt=record.attempts)
                 return StepExecution(Delivery.LEASE_LOST, run_id, step_key, attempt=record.attempts)
             if isinstance(result, Succeeded):
-                return self.transitions.commit(run, wf, step, record, token, result, agent_run=agent_run)
+                return self.transitions.commit(run, wf, step, record, token, result, agent_run=agent_run,
+                                               statuses=statuses, events=tail)
             policy = self._retry_policy(step, record).resolved(self.settings)
             if isinstance(result, Failed) and result.retryable and \
                     record.attempts - record.attempt_base < int(policy.max_attempts or 1):
-                return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, agent_run)
-            return self.transitions.fail(run, wf, step, record, token, result, agent_run)
+                return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, agent_run,
+                                                       events=tail)
+            return self.transitions.fail(run, wf, step, record, token, result, agent_run, events=tail)
 
     # ------------------------------------------------------------------ internals
-    def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
-                   state: BaseModel, start: dict[str, Any], takeover: bool,
-                   control: StepControl) -> tuple[StepResult, AgentRun | None]:
+    def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, state: BaseModel,
+                   start: dict[str, Any], takeover: bool,
+                   control: StepControl) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
+        """Run an agent step; returns its result, what it cost, and its last journal events (not yet written:
+        they go out with the commit, retry or dead-letter transaction)."""
         run_id, step_key = run.run_id, record.step_key
         spec = spec_for(step, record)
         recorded = self.journal.reusable_exchanges(run_id, step_key, record.attempts - 1) if takeover else []
@@ -211,13 +214,14 @@ class StepExecutor:
             start["input_error"] = f"{type(exc).__name__}: {exc}"
             self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
             error = InvalidInput(f"could not build the input of step {step.id!r}: {start['input_error']}")
-            return failed_from(error), None
+            return failed_from(error), None, []
         start["input"] = agent_input.model_dump(mode="json") if isinstance(agent_input, BaseModel) else agent_input
         context = StepContext(run_id=run_id, step_id=step_key, attempt=record.attempts, trace_id=run.trace_id)
         return self._await_agent(spec, agent_input, context, start, recorded, control)
 
     def _await_agent(self, spec: AgentSpec[Any, Any], agent_input: Any, context: StepContext, start: dict[str, Any],
-                     recorded: list[Any], control: StepControl) -> tuple[StepResult, AgentRun | None]:
+                     recorded: list[Any], control: StepControl
+                     ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
         """Run the agent on the process's event loop; this thread writes its journal events meanwhile.
 
         The agent's events (model calls, tool calls, validation, outcome) arrive from the loop through a queue:
@@ -254,16 +258,17 @@ class StepExecutor:
         if finished:
             while (item := self._next(events)) is not None:
                 pending.append(item)
-            self._journal_batch(run_id, step_key, attempt, spec, pending)
+            # what follows the last model call (validation, criteria, outcome) goes out with the step's end
+            cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind == "model_call"), default=0)
+            self._journal_batch(run_id, step_key, attempt, spec, pending[:cut])
+            self._journal_batch(run_id, step_key, attempt, spec, pending[cut:], write=False)
             agent_run = future.result()
-            return agent_run.outcome, agent_run
+            return agent_run.outcome, agent_run, pending[cut:]
         control.abort("timeout")
         future.cancel()
         outcome = failed_from(StepTimeout(f"step ran past its deadline of {budget:g}s and did not stop; abandoned",
                                           limit=budget, abandoned=True))
-        self.journal.append(run_id, "outcome", step=step_key, attempt=attempt,
-                            data={"outcome": outcome.model_dump(mode="json"), "abandoned": True})
-        return outcome, None
+        return outcome, None, [("outcome", {"outcome": outcome.model_dump(mode="json"), "abandoned": True})]
 
     @staticmethod
     def _next(events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> tuple[str, dict[str, Any]] | None:
@@ -273,7 +278,7 @@ class StepExecutor:
             return None
 
     def _journal_batch(self, run_id: str, step_key: str, attempt: int, spec: AgentSpec[Any, Any],
-                       batch: list[tuple[str, dict[str, Any]]]) -> None:
+                       batch: list[tuple[str, dict[str, Any]]], *, write: bool = True) -> None:
         for kind, data in batch:
             if kind == "model_call":
                 usage = data.get("usage") or {}
@@ -283,6 +288,8 @@ class StepExecutor:
                         metrics.TOKENS.labels(spec.name, token_kind).inc(int(usage[token_kind]))
             elif kind == "tool_abandoned":
                 metrics.TOOLS_ABANDONED.labels(spec.name, str(data.get("tool"))).inc()
+        if not write:
+            return
         if len(batch) == 1:
             self.journal.append(run_id, batch[0][0], step=step_key, attempt=attempt, data=batch[0][1])
         elif batch:

@@ -18,7 +18,9 @@ class Keys:
         return f"{self.prefix}:run:{run_id}"
 
     def steps(self, run_id: str) -> str:
-        """Hash: step_key -> status, for every step record of the run (the run's step index)."""
+        """Hash: step_key -> status, for every step record of the run (the run's step index). It records a step's
+        status when it is queued and when it ends: an open step (running, retrying) reads ``queued`` here; its
+        record has the live status."""
         return f"{self.prefix}:run:{run_id}:steps"
 
     def step(self, run_id: str, step_key: str) -> str:

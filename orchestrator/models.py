@@ -110,6 +110,8 @@ class RunRecord(BaseModel):
     error: dict[str, Any] | None = None
     trace_id: str = ""
     idempotency_key: str | None = None
+    dead_letters: int = 0
+    """Dead-letter entries ever written for the run (open or closed)."""
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
     finished_at: float | None = None

@@ -28,6 +28,7 @@ from teamster.errors import RunNotFound, StoreUnavailable, TeamsterError
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import (
     RUN_TERMINAL,
+    STEP_OPEN,
     DeadLetterEntry,
     DeadLetterStatus,
     RunRecord,
@@ -66,34 +67,37 @@ def _lua_list(values: Iterable[Any]) -> str:
     return "{" + ", ".join(f"[{literal(v)!r}]=true" for v in values) + "}"
 
 
-# A claim reads the step and its run and writes the lease in one round trip. It returns the step record and the
-# run record, so the worker needs no further read before running the step.
+# A claim reads the step, its run and the run's step index and takes the lease in one round trip, so the worker
+# needs no further read before running the step. The lease is taken with SET NX: a live holder makes it "busy".
 _CLAIM = f"""
-local holder = redis.call('GET', KEYS[1])
-if holder then return {{'busy', holder}} end
 local step = redis.call('HGETALL', KEYS[2])
 if #step == 0 then return {{'missing', ''}} end
 local fields = {{}}
 for i = 1, #step, 2 do fields[step[i]] = step[i + 1] end
 local status = fields['status']
-local open = {_lua_list((StepStatus.QUEUED, StepStatus.RETRYING, StepStatus.RUNNING))}
+local open = {_lua_list(STEP_OPEN)}
 if not open[status] then return {{'terminal', status}} end
+local token = tonumber(fields['fence'] or '0') + 1
+if not redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[1]) then
+  return {{'busy', redis.call('GET', KEYS[1]) or ''}}
+end
 local run = redis.call('HGETALL', KEYS[5])
-if #run == 0 then return {{'missing', ''}} end
 local run_status = ''
 for i = 1, #run, 2 do if run[i] == 'status' then run_status = run[i + 1] end end
 local final = {_lua_list(RUN_TERMINAL)}
-if final[run_status] then return {{'run_final', run_status}} end
+if #run == 0 or final[run_status] then
+  redis.call('DEL', KEYS[1])
+  if #run == 0 then return {{'missing', ''}} end
+  return {{'run_final', run_status}}
+end
 local expiries = tonumber(fields['lease_expiries'] or '0')
 if status == {literal(StepStatus.RUNNING)!r} then expiries = expiries + 1 end
-local token = tonumber(fields['fence'] or '0') + 1
 local attempts = tonumber(fields['attempts'] or '0') + 1
-redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 redis.call('HSET', KEYS[2], 'status', {literal(StepStatus.RUNNING)!r}, 'started_at', ARGV[2], 'worker', ARGV[3],
            'next_retry_at', 'null', 'fence', token, 'attempts', attempts, 'lease_expiries', expiries)
-redis.call('HSET', KEYS[3], ARGV[6], {literal(StepStatus.RUNNING)!r})
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
-return {{'claimed', tostring(token), status, step, run, tostring(attempts), tostring(expiries)}}
+return {{'claimed', tostring(token), status, step, run, tostring(attempts), tostring(expiries),
+        redis.call('HGETALL', KEYS[3])}}
 """
 
 # Renews every lease a worker holds in one round trip: a lease is extended while its token still holds it (or
@@ -122,11 +126,25 @@ end
 return out
 """
 
+# Guards on the same hash are read with one HMGET; then every write runs. All or nothing.
 _TX = """
 local spec = cjson.decode(ARGV[1])
+local wanted = {}
+local order = {}
+for _, g in ipairs(spec.g) do
+  if g.f then
+    if not wanted[g.k] then wanted[g.k] = {}; order[#order + 1] = g.k end
+    table.insert(wanted[g.k], g.f)
+  end
+end
+local found = {}
+for _, k in ipairs(order) do
+  local values = redis.call('HMGET', KEYS[k], unpack(wanted[k]))
+  for j, f in ipairs(wanted[k]) do found[k .. '|' .. f] = values[j] end
+end
 for i, g in ipairs(spec.g) do
   local v
-  if g.f then v = redis.call('HGET', KEYS[g.k], g.f) else v = redis.call('GET', KEYS[g.k]) end
+  if g.f then v = found[g.k .. '|' .. g.f] else v = redis.call('GET', KEYS[g.k]) end
   if v == false then v = nil end
   local ok
   if g.op == 'eq' then ok = (v == g.v)
@@ -266,6 +284,8 @@ class Claim:
     step_status: StepStatus | None = None
     run_status: RunStatus | None = None
     holder: str = ""
+    statuses: dict[str, StepStatus] | None = None
+    """The run's step index as it was at the claim (``claimed`` only)."""
 
 
 class RunStore:
@@ -435,8 +455,11 @@ class RunStore:
             step = decode_fields(result[3])
             step.update(status=StepStatus.RUNNING, started_at=t, worker=worker, next_retry_at=None,
                         fence=int(result[1]), attempts=int(result[5]), lease_expiries=int(result[6]))
+            index = result[7]
+            statuses = {k: StepStatus(json.loads(v)) for k, v in zip(index[::2], index[1::2], strict=True)}
             return Claim("claimed", int(result[1]), StepStatus(json.loads(result[2])),
-                         step=StepRecord.model_validate(step), run=RunRecord.model_validate(decode_fields(result[4])))
+                         step=StepRecord.model_validate(step), run=RunRecord.model_validate(decode_fields(result[4])),
+                         statuses=statuses)
         if kind == "terminal":
             return Claim(kind, step_status=StepStatus(json.loads(result[1])))
         if kind == "run_final":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,14 +104,15 @@ class Transitions:
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not enqueue %s:%s (%s); the watchdog will re-send it", run_id, key, exc)
 
-    def _new_step_ops(self, tx: Tx, run_id: str, new: list[NewStep], t: float) -> None:
+    def _new_step_ops(self, tx: Tx, run_id: str, new: list[NewStep], t: float, *, journal: bool = True) -> None:
         for item in new:
             record = StepRecord(run_id=run_id, step_key=item.key, step_id=item.step_id, kind=item.kind,
                                 branch_index=item.branch_index, input=item.input, queued_at=t)
             tx.hset(self.keys.step(run_id, item.key), record.model_dump(mode="json"))
             tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, Keys.member(run_id, item.key))
-            tx.xadd(self.keys.journal(run_id), self.journal.fields("step_queued", step=item.key,
-                                                                    data={"kind": item.kind}))
+            if journal:
+                tx.xadd(self.keys.journal(run_id), self.journal.fields("step_queued", step=item.key,
+                                                                        data={"kind": item.kind}))
 
     def _ending_step_tx(self, run_id: str, key: str, token: int | None, expected: frozenset[StepStatus],
                         state_version: int) -> Tx:
@@ -158,8 +160,15 @@ class Transitions:
             return {"_unavailable": f"{type(exc).__name__}: {exc}"}
         return value if isinstance(value, dict) else {"value": value}
 
-    def _rejected(self, run_id: str, key: str, record: StepRecord, token: int | None,
-                  rejected: TxRejected) -> StepExecution:
+    def _journal_ops(self, tx: Tx, run_id: str, key: str, attempt: int,
+                     events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        for event_type, data in events:
+            tx.xadd(self.keys.journal(run_id), self.journal.fields(event_type, step=key, attempt=attempt, data=data))
+
+    def _rejected(self, run_id: str, key: str, record: StepRecord, token: int | None, rejected: TxRejected,
+                  events: Sequence[tuple[str, dict[str, Any]]] = ()) -> StepExecution:
+        if events:  # the attempt's last events are kept even though its result is not
+            self.journal.append_many(run_id, events, step=key, attempt=record.attempts)
         metrics.COMMITS_REJECTED.inc()
         self.journal.append(run_id, "commit_rejected", step=key, attempt=record.attempts,
                             data={"guard": rejected.guard, "found": rejected.actual, "token": token})
@@ -219,10 +228,12 @@ class Transitions:
     # ------------------------------------------------------------------ commit
     def commit(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int | None,
                result: Succeeded | None, *, skipped: str | None = None, agent_run: AgentRun | None = None,
-               resolution: Resolution | None = None) -> StepExecution:
+               resolution: Resolution | None = None, statuses: dict[str, StepStatus] | None = None,
+               events: Sequence[tuple[str, dict[str, Any]]] = ()) -> StepExecution:
         """Commit a succeeded (or skipped, or operator-resolved) step with the new state and the newly ready
-        steps, then send those. ``run`` is the run as the caller last read it; on a version conflict it is read
-        again and the commit planned again."""
+        steps, then send those. ``run`` (and ``statuses``, the run's step index) are what the caller last read; on
+        a version conflict they are read again and the commit planned again. ``events`` are the step's last
+        journal events, written in the same transaction."""
         run_id, key = run.run_id, record.step_key
         status = StepStatus.SKIPPED if skipped is not None else StepStatus.SUCCEEDED
         expected = frozenset({StepStatus.FAILED, StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN}) \
@@ -232,10 +243,13 @@ class Transitions:
 
         def attempt() -> StepExecution:
             nonlocal current, first
-            if not first:
-                current = self.store.get_run(run_id)
+            if first and statuses is not None:
+                index = statuses  # what the claim read: a conflict below means it changed, then read again
+            else:
+                if not first:
+                    current = self.store.get_run(run_id)
+                index = self.store.step_statuses(run_id)
             first = False
-            statuses = self.store.step_statuses(run_id)
             state = wf.state_model.model_validate(current.state)
             branches = dict(current.branches)
             new: list[NewStep] = []
@@ -256,7 +270,7 @@ class Transitions:
                 if resolution is not None:  # the operator's output does not fit: say so, change nothing
                     raise InvalidInput(f"the output cannot be applied to the run's state: {exc.message}") from None
                 return self.fail(current, wf, step, record, token, failed_from(exc), agent_run)
-            after = {**statuses, key: status, **{n.key: StepStatus.QUEUED for n in new}}
+            after = {**index, key: status, **{n.key: StepStatus.QUEUED for n in new}}
             ready = [n for n in ready_steps(wf, after, branches) if n.key not in after]
             new += ready
             after.update({n.key: StepStatus.QUEUED for n in ready})
@@ -298,14 +312,19 @@ class Transitions:
             tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
             if resolution is not None:
                 self.close_entry(tx, resolution.entry_id, DeadLetterStatus.RESOLVED, resolution.by, resolution.reason)
+            self._journal_ops(tx, run_id, key, record.attempts, events)
             tx.xadd(self.keys.journal(run_id), self.journal.fields(
                 "commit" if skipped is None else "step_skipped", step=key, attempt=record.attempts,
                 data={"state_version": current.state_version + 1, "token": token, "reason": skipped,
                       "by": resolution.by if resolution else None, "queued": [n.key for n in new]}))
-            self._new_step_ops(tx, run_id, new, t)
+            self._new_step_ops(tx, run_id, new, t, journal=False)  # the commit event lists them
             if complete:
                 tx.call("ZREM", self.keys.active_runs, run_id)
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
+                # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
+                for run_key in (self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id),
+                                self.keys.run_dlq(run_id), *(self.keys.step(run_id, k) for k in after)):
+                    tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             else:
                 tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
             try:
@@ -313,12 +332,13 @@ class Transitions:
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
                     raise
-                return self._rejected(run_id, key, record, token, rejected)
+                return self._rejected(run_id, key, record, token, rejected, events)
             metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
             self.enqueue(run_id, [n.key for n in new])
             if complete:
                 metrics.RUNS_FINISHED.labels(current.workflow, RunStatus.SUCCEEDED.value).inc()
-                self._settle_retention(run_id)
+                if current.dead_letters:
+                    self._settle_retention(run_id)
             return StepExecution(Delivery.COMMITTED if skipped is None else Delivery.SKIPPED, run_id, key,
                                  step_status=status, attempt=record.attempts, outcome=step_fields.get("outcome"),
                                  detail={"queued": [n.key for n in new], "run_complete": complete})
@@ -327,7 +347,8 @@ class Transitions:
 
     # ------------------------------------------------------------------ retry
     def schedule_retry(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
-                       result: Failed, policy: RetryPolicy, agent_run: AgentRun | None) -> StepExecution:
+                       result: Failed, policy: RetryPolicy, agent_run: AgentRun | None,
+                       events: Sequence[tuple[str, dict[str, Any]]] = ()) -> StepExecution:
         """Record a retryable failure and the time of the next attempt (the step task schedules the message)."""
         delay = min(policy.delay(record.attempts - record.attempt_base), self.settings.retry_backoff_max)
         t = now()
@@ -338,10 +359,10 @@ class Transitions:
         tx.hset(self.keys.step(run.run_id, key), {
             "status": StepStatus.RETRYING, "next_retry_at": t + delay, "outcome": result.model_dump(mode="json"),
             **agent_stats(agent_run)})
-        tx.hset(self.keys.steps(run.run_id), {key: StepStatus.RETRYING})
         tx.call("DEL", self.keys.lease(run.run_id, key))
         tx.call("ZADD", self.keys.inflight, t + delay + self.settings.stuck_queued_seconds,
                 Keys.member(run.run_id, key))
+        self._journal_ops(tx, run.run_id, key, record.attempts, events)
         tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
             "retry", step=key, attempt=record.attempts,
             data={"error_type": result.error_type, "message": result.message, "delay_seconds": round(delay, 3),
@@ -349,7 +370,7 @@ class Transitions:
         try:
             self.store.apply(tx)
         except TxRejected as rejected:
-            return self._rejected(run.run_id, key, record, token, rejected)
+            return self._rejected(run.run_id, key, record, token, rejected, events)
         metrics.RETRIES.labels(run.workflow, step.id, result.error_type).inc()
         return StepExecution(Delivery.RETRY, run.run_id, key, step_status=StepStatus.RETRYING, retry_in=delay,
                              attempt=record.attempts, outcome=result.model_dump(mode="json"))
@@ -358,6 +379,7 @@ class Transitions:
     def write_entry(self, tx: Tx, entry: DeadLetterEntry) -> None:
         """The one way a dead-letter entry is written: the entry, its indexes and its journal event."""
         tx.hset(self.keys.dlq_entry(entry.entry_id), entry.model_dump(mode="json"))
+        tx.call("HINCRBY", self.keys.run(entry.run_id), "dead_letters", 1)
         tx.call("ZADD", self.keys.dlq_all, entry.created_at, entry.entry_id)
         if entry.status == DeadLetterStatus.OPEN:
             tx.call("ZADD", self.keys.dlq_open, entry.created_at, entry.entry_id)
@@ -375,7 +397,8 @@ class Transitions:
         tx.call("ZREM", self.keys.dlq_open, entry_id)
 
     def fail(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int | None,
-             result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None) -> StepExecution:
+             result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None,
+             events: Sequence[tuple[str, dict[str, Any]]] = ()) -> StepExecution:
         """Dead-letter a step's failure and run its escalation policy."""
         run_id, key = run.run_id, record.step_key
         if isinstance(result, Failed):
@@ -394,6 +417,8 @@ class Transitions:
         else:
             policy = step.escalate[record.escalations_used] if record.escalations_used < len(step.escalate) else None
         entry_id = f"{run_id}:{key}:{record.fence or token or 0}"
+        if events:  # the excerpt below reads the journal: write the step's last events first
+            self.journal.append_many(run_id, events, step=key, attempt=record.attempts)
         entry_input = self.entry_input(run, wf, step, record)
         excerpt = self.journal.excerpt(run_id, key)
         current = run

@@ -19,11 +19,11 @@ from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import STEP_TERMINAL, StepStatus
 from tests.harness import Worker, wait_settled, wait_until
-from tests.production_flows import BUDGET_SECONDS
 
 pytestmark = pytest.mark.integration
 
-MODULES = "tests.production_flows"
+MODULES = "tests.production_flows"  # imported by the workers only (its agents name real providers)
+BUDGET_SECONDS = 2.0  # the budget of prod_hang and prod_blocking (tests/production_flows.py)
 GRACE = 5.0  # the guarantee: no attempt runs past its budget plus 5 s
 
 
@@ -40,7 +40,8 @@ def client(model_server: ModelServer) -> Client:
 
 @pytest.fixture(scope="module")
 def worker(model_server: ModelServer) -> Iterator[Worker]:
-    with Worker("prod", concurrency=8, env={"workflow_modules": MODULES, "model_base_url": model_server.url}) as w:
+    env = {"workflow_modules": MODULES, "model": "openai:default", "model_base_url": model_server.url}
+    with Worker("prod", concurrency=8, env=env) as w:
         yield w
 
 
@@ -56,7 +57,7 @@ def test_real_provider_path_answers_over_http(client: Client, worker: Worker, mo
 
 def test_a_model_call_that_never_answers_ends_by_the_deadline_typed_and_retried(
         client: Client, worker: Worker, model_server: ModelServer) -> None:
-    run = wait_settled(client, client.submit("prod_hang", {"text": "anyone there?"}), timeout=90)
+    run = wait_settled(client, client.submit("prod_hang", {"text": "anyone there? [hang]"}), timeout=90)
     assert run.status.value == "escalated"
     assert run.error["error_type"] == "step_timeout"
     step = client.steps(run.run_id)[0]

@@ -1,0 +1,313 @@
+"""The real provider path at production concurrency: teamster workers vs the bare SDK, same requests, same run.
+
+    python -m bench.provider                       # 1 s latency at 500 in flight, 30 s latency at 1000
+    python -m bench.provider --scenarios 1:256 --window 20
+
+Every model call goes over real HTTP, through strands' ``OpenAIModel`` and the ``openai`` SDK, to the local
+OpenAI-compatible server of :mod:`bench.model_server` (its own process; it answers after ``latency`` seconds with
+the structured-output tool call strands asks for). For each scenario (``latency:concurrency``):
+
+* **floor** -- one asyncio process, one shared ``AsyncOpenAI`` client, the very requests strands sends (built with
+  strands' own ``OpenAIModel.format_request``), ``concurrency`` of them in flight, for the window;
+* **one worker** -- one ``teamster worker`` (threads pool, ``-c concurrency``) on a backlog of one-step runs;
+* **one worker per core** -- ``cpu_count`` workers sharing the same total concurrency.
+
+Reported: steps (or requests) per second in the window and as a ratio of the floor; steps in flight (max and
+time-average, from the step records) and model calls in flight (max and mean, from the server); worker CPU ms per
+step; the workers' total RSS; p50/p99 of claim -> commit (floor: request -> last byte); Redis connection-pool errors
+in the worker logs; steps left running after the backlog drained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._common import (
+    REPO_ROOT,
+    BenchEnv,
+    BenchError,
+    BenchWorker,
+    Ticker,
+    add_common_args,
+    bench_env,
+    console,
+    cpu_count,
+    cpu_seconds,
+    fmt,
+    machine_info,
+    percentile,
+    print_table,
+    ratio,
+    run_main,
+    write_results,
+)
+from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
+from bench.concurrency import sweep
+from bench.model_server import ModelServerProcess
+from teamster.config.settings import load_settings
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import StepStatus
+from teamster.orchestrator.store import decode_fields
+
+__all__ = ["main", "build_parser", "floor_requests", "parse_scenarios"]
+
+NAME = "provider"
+POOL_ERRORS = re.compile(r"Too many connections|MaxConnectionsError|ConnectionError|No connection available")
+
+
+def parse_scenarios(text: str) -> list[tuple[float, int]]:
+    """``"1:500,30:1000"`` -> ``[(1.0, 500), (30.0, 1000)]`` (latency seconds, concurrency)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        latency, _, concurrency = part.partition(":")
+        out.append((float(latency), int(concurrency or 256)))
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MB (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+# --------------------------------------------------------------------------- the floor
+
+
+def floor_requests(model_id: str) -> dict[str, Any]:
+    """The request strands' ``OpenAIModel`` sends for one step of the benchmark agent (same tools, same prompt)."""
+    from strands.models.openai import OpenAIModel  # noqa: PLC0415
+    from strands.tools.structured_output.structured_output_utils import convert_pydantic_to_tool_spec  # noqa: PLC0415
+
+    from teamster.agents.outcomes import outcome_envelope  # noqa: PLC0415
+
+    model = OpenAIModel(client_args={"api_key": "unused"}, model_id=model_id, params={"max_tokens": 4096})
+    spec = convert_pydantic_to_tool_spec(outcome_envelope(bench_agent.output_model))
+    prompt = f"Input ({BenchInput.__name__}, JSON):\n{BenchInput(text='bench').model_dump_json()}"
+    request = model.format_request([{"role": "user", "content": [{"text": prompt}]}], [spec],
+                                   bench_agent.instructions)
+    return dict(request)
+
+
+async def _floor(url: str, model_id: str, concurrency: int, duration: float) -> dict[str, Any]:
+    import httpx  # noqa: PLC0415
+    import openai  # noqa: PLC0415
+
+    client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
+                                http_client=openai.DefaultAsyncHttpxClient(
+                                    limits=httpx.Limits(max_connections=concurrency,
+                                                        max_keepalive_connections=concurrency)))
+    request = floor_requests(model_id)
+    latencies: list[float] = []
+    done_at: list[float] = []
+    errors = 0
+    stop = time.monotonic() + duration
+
+    async def one() -> None:
+        nonlocal errors
+        while time.monotonic() < stop:
+            started = time.monotonic()
+            try:
+                stream = await client.chat.completions.create(**request)
+                async for _chunk in stream:
+                    pass
+            except Exception:  # noqa: BLE001 - counted; the floor keeps going
+                errors += 1
+                continue
+            latencies.append(time.monotonic() - started)
+            done_at.append(time.monotonic())
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    await client.close()
+    return {"latencies": latencies, "done_at": [t - started for t in done_at], "errors": errors}
+
+
+def _floor_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.provider floor")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--duration", type=float, required=True)
+    args = parser.parse_args(argv)
+    result = asyncio.run(_floor(args.url, args.model, args.concurrency, args.duration))
+    print(json.dumps(result))
+
+
+def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, warmup: float,
+                  window: float) -> dict[str, Any]:
+    """The bare SDK in its own process: requests/s in the window, CPU per request, latencies."""
+    server.reset()
+    duration = warmup + window
+    proc = subprocess.Popen([sys.executable, "-m", "bench.provider", "floor", "--url", server.url,
+                             "--model", f"latency-{latency:g}", "--concurrency", str(concurrency),
+                             "--duration", str(duration)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    time.sleep(warmup)
+    cpu_start = cpu_seconds(proc.pid)
+    server_start = server.cpu_seconds()
+    time.sleep(window)
+    cpu_end = cpu_seconds(proc.pid)
+    server_end = server.cpu_seconds()
+    rss = rss_mb(proc.pid)
+    out, _ = proc.communicate(timeout=duration + latency * 3 + 120)
+    if proc.returncode:
+        raise BenchError(f"the floor process failed (exit {proc.returncode})")
+    data = json.loads(out.strip().splitlines()[-1])
+    in_window = [t for t in data["done_at"] if warmup <= t <= warmup + window]
+    per_second = len(in_window) / window
+    stats = server.stats()
+    return {"label": "floor (1 asyncio process, shared AsyncOpenAI)", "steps_per_second": per_second,
+            "in_flight_max": stats["in_flight_max"], "in_flight_mean": stats["in_flight_mean"],
+            "model_calls_in_flight_max": stats["in_flight_max"], "model_calls_in_flight_mean": stats["in_flight_mean"],
+            "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
+            "latency_p50_ms": percentile(data["latencies"], 50) * 1000,
+            "latency_p99_ms": percentile(data["latencies"], 99) * 1000, "errors": data["errors"],
+            "pool_errors": 0, "left_running": 0, "server_cpu_ms_per_call": (server_end - server_start) * 1000
+            / max(1, len(in_window))}
+
+
+# --------------------------------------------------------------------------- teamster
+
+
+def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, concurrency: int, workers: int,
+                    warmup: float, window: float, label: str) -> dict[str, Any]:
+    """``workers`` teamster workers sharing ``concurrency`` on a backlog of one-step runs over real HTTP."""
+    prefix = env.prefix(f"l{latency:g}-w{workers}")
+    model = f"openai:latency-{latency:g}"
+    settings = load_settings(key_prefix=prefix, stuck_queued_seconds=86_400, model=model,
+                             model_base_url=server.url)
+    client = Client(settings, redis_url=env.redis_url)
+    span = warmup + window
+    backlog = math.ceil(concurrency * span / latency * 1.25) + 2 * concurrency
+    console.print(f"[bold]{label}[/]: submitting a backlog of {backlog} runs ...")
+    ticker = Ticker("submitted", backlog)
+    run_ids = []
+    for i in range(backlog):
+        run_ids.append(client.submit(SINGLE_WORKFLOW, {"text": f"p{i}"}))
+        ticker.update(i + 1)
+    per_worker = math.ceil(concurrency / workers)
+    server.reset()
+    procs: list[BenchWorker] = [
+        env.worker(f"{prefix}-{i}", prefix=prefix, concurrency=per_worker,
+                   env={"model": model, "model_base_url": server.url, "stuck_queued_seconds": 86_400})
+        for i in range(workers)]
+    env.start_workers(procs)
+    t_ready = time.time()
+    w_start, w_end = t_ready + warmup, t_ready + span
+    cpu_start = server_start = 0.0
+    progress = Ticker("runs done", backlog)
+    while time.time() < w_end:
+        if not cpu_start and time.time() >= w_start:
+            cpu_start = sum(cpu_seconds(w.pid) for w in procs)
+            server_start = server.cpu_seconds()
+        for w in procs:
+            if not w.alive():
+                raise BenchError(f"worker {w.name} died (log {w.log_path}):\n{w.log_tail()}")
+        progress.update(backlog - int(env.client.zcard(client.runtime.keys.active_runs)))
+        time.sleep(0.25)
+    cpu_end = sum(cpu_seconds(w.pid) for w in procs)
+    server_end = server.cpu_seconds()
+    rss = sum(rss_mb(w.pid) for w in procs)
+    stats = server.stats()
+    logs = "".join(w.log() for w in procs)
+    for w in procs:  # a warm stop: running steps finish and commit (nothing is left running)
+        w.stop(timeout=latency + 60)
+    steps = _read_steps(env, client, run_ids)
+    in_window = [s for s in steps if s.get("finished_at") and w_start <= s["finished_at"] <= w_end
+                 and s["status"] == StepStatus.SUCCEEDED]
+    intervals = [(s["started_at"], s["finished_at"] or w_end) for s in steps if s.get("started_at")]
+    peak, mean = sweep(intervals, w_start, w_end)
+    durations = [s["finished_at"] - s["started_at"] for s in in_window]
+    left_running = sum(1 for s in steps if s["status"] == StepStatus.RUNNING)
+    failed = sum(1 for s in steps if s["status"] == StepStatus.FAILED)
+    return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
+            "steps_per_second": len(in_window) / window, "in_flight_max": peak, "in_flight_mean": mean,
+            "model_calls_in_flight_max": stats["in_flight_max"],
+            "model_calls_in_flight_mean": stats["in_flight_mean"],
+            "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
+            "latency_p50_ms": percentile(durations, 50) * 1000, "latency_p99_ms": percentile(durations, 99) * 1000,
+            "errors": failed, "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": left_running,
+            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window))}
+
+
+def _read_steps(env: BenchEnv, client: Client, run_ids: list[str]) -> list[dict[str, Any]]:
+    keys = client.runtime.keys
+    out = []
+    for i in range(0, len(run_ids), 500):
+        pipe = env.client.pipeline(transaction=False)
+        for run_id in run_ids[i:i + 500]:
+            pipe.hgetall(keys.step(run_id, SINGLE_STEP))
+        out += [decode_fields(raw) for raw in pipe.execute() if raw]
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.provider", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="1:500,30:1000",
+                        help="latency:concurrency pairs (default 1:500,30:1000).")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="Seconds before the window starts (default: 2 x latency + 5).")
+    parser.add_argument("--window", type=float, default=None,
+                        help="Measurement window in seconds (default: max(20, 3 x latency)).")
+    parser.add_argument("--skip-per-core", action="store_true", help="Only the floor and one worker.")
+    add_common_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["floor"]:
+        _floor_main(argv[1:])
+        return {}
+    args = build_parser().parse_args(argv)
+    scenarios = parse_scenarios(args.scenarios)
+    results: dict[str, Any] = {"benchmark": NAME, "scenarios": []}
+    with bench_env(NAME, args) as env, ModelServerProcess(latency=1.0) as server:
+        results["machine"] = machine_info(env.client)
+        for latency, concurrency in scenarios:
+            warmup = args.warmup if args.warmup is not None else 2 * latency + 5
+            window = args.window if args.window is not None else max(20.0, 3 * latency)
+            console.print(f"\n[bold]latency {latency:g}s, {concurrency} in flight[/]: warm-up {warmup:g}s, "
+                          f"window {window:g}s")
+            rows = [measure_floor(server, latency, concurrency, warmup, window)]
+            rows.append(measure_workers(env, server, latency, concurrency, 1, warmup, window, "1 teamster worker"))
+            if not args.skip_per_core and cpu_count() > 1:
+                rows.append(measure_workers(env, server, latency, concurrency, cpu_count(), warmup, window,
+                                            f"{cpu_count()} teamster workers (one per core)"))
+            base = rows[0]["steps_per_second"]
+            for row in rows:
+                row["vs_floor"] = ratio(row["steps_per_second"], base)
+            results["scenarios"].append({"latency_seconds": latency, "concurrency": concurrency,
+                                         "warmup_seconds": warmup, "window_seconds": window, "rows": rows})
+            print_table(f"real provider path: {latency:g} s model latency, {concurrency} in flight",
+                        ["", "steps/s", "vs floor", "steps in flight max/mean", "model calls in flight max/mean",
+                         "CPU ms/step", "RSS MB", "p50 / p99 ms", "pool errors", "left running", "failed"],
+                        [[r["label"], fmt(r["steps_per_second"], 1), fmt(r["vs_floor"], 2, "x"),
+                          f"{fmt(r['in_flight_max'], 0)} / {fmt(r['in_flight_mean'], 0)}",
+                          f"{fmt(r['model_calls_in_flight_max'], 0)} / {fmt(r['model_calls_in_flight_mean'], 0)}",
+                          fmt(r["cpu_ms_per_step"], 2), fmt(r["rss_mb"], 0),
+                          f"{fmt(r['latency_p50_ms'], 0)} / {fmt(r['latency_p99_ms'], 0)}",
+                          fmt(r["pool_errors"]), fmt(r["left_running"]), fmt(r["errors"])] for r in rows])
+    write_results(NAME, results, args.output)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

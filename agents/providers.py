@@ -21,7 +21,7 @@ from typing import Any
 
 from strands.models.model import Model
 
-from teamster.agents.scripted import FaultPlan, ScriptedModel, ScriptedSettings, get_script
+from teamster.agents.scripted import FaultPlan, ScriptedModel, get_script, scripted_settings
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra, ModelRequestBlocked
 
@@ -197,7 +197,7 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: 
     ref = check_provider(value, settings)
     step_timeout = timeout or settings.step_timeout_seconds
     if ref.kind == "scripted":
-        scripted = ScriptedSettings()
+        scripted = scripted_settings()
         return ScriptedModel(get_script(agent), agent=agent, latency=scripted.latency,
                              faults=FaultPlan.parse(scripted.faults, scripted.seed))
     if ref.kind == "bedrock":

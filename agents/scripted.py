@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import threading
@@ -57,6 +58,7 @@ __all__ = [
     "get_script",
     "sample_output",
     "ScriptedSettings",
+    "scripted_settings",
     "set_call_observer",
 ]
 
@@ -342,6 +344,12 @@ class ScriptedSettings(BaseSettings):
         + ", ".join(FAULT_KINDS) + ".")
     latency: float = Field(default=0.0, ge=0, description="Seconds of latency per model call (default 0).")
     seed: int = Field(default=0, description="Seed of the fault injection (default 0).")
+
+
+@functools.lru_cache(maxsize=1)
+def scripted_settings() -> ScriptedSettings:
+    """This process's scripted-model settings (read once; ``scripted_settings.cache_clear()`` to reload)."""
+    return ScriptedSettings()
 
 
 _SCRIPTS: dict[str, Script] = {}

@@ -22,9 +22,10 @@ from bench._common import REPO_ROOT, RESULTS_DIR, console, fmt, write_results
 
 __all__ = ["main", "build_parser", "markdown", "BENCHMARKS"]
 
-BENCHMARKS = ("overhead", "concurrency", "recovery", "scaling")
+BENCHMARKS = ("overhead", "provider", "concurrency", "recovery", "scaling")
 WHAT = {
     "overhead": "per-step cost vs raw Celery chains (1 worker, threads x8, scripted model at 0 s)",
+    "provider": "the real provider path over HTTP (strands OpenAIModel + openai SDK) vs the bare SDK",
     "concurrency": "I/O-bound steps (1 s model latency) on one worker: pools and concurrency vs prefork",
     "recovery": "SIGKILL mid-step until another worker commits it (lease + watchdog)",
     "scaling": "1, 2, 4 worker processes on one host (threads x8, 0.2 s model latency)",
@@ -46,10 +47,27 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                     f"{fmt(ts['latency_unloaded_ms']['p50'], 1)} / {fmt(ts['latency_unloaded_ms']['p99'], 1)}",
                     f"{fmt(raw['latency_unloaded_ms']['p50'], 1)} / {fmt(raw['latency_unloaded_ms']['p99'], 1)}",
                     f"{_x(q['latency_p50'])} / {_x(q['latency_p99'])}"])
-        out.append(["overhead", "Redis commands per step", fmt(ts["redis_per_step"]["total"], 1),
-                    fmt(raw["redis_per_step"]["total"], 1), _x(q["redis_commands_per_step"])])
+        out.append(["overhead", "Redis commands per step (inside Lua scripts included)",
+                    fmt(ts["redis_per_step"]["total"], 1), fmt(raw["redis_per_step"]["total"], 1),
+                    _x(q["redis_commands_per_step"])])
+        trips_ts, trips_raw = ts.get("monitor_per_step"), raw.get("monitor_per_step")
+        if trips_ts and trips_raw:
+            out.append(["overhead", "Redis commands sent over the network per step (MONITOR)",
+                        fmt(trips_ts["round_trips"], 1), fmt(trips_raw["round_trips"], 1),
+                        _x(trips_ts["round_trips"] / trips_raw["round_trips"] if trips_raw["round_trips"] else None)])
         out.append(["overhead", "worker CPU per step, ms", fmt(ts["worker_cpu_ms_per_step"], 2),
                     fmt(raw["worker_cpu_ms_per_step"], 2), _x(q["worker_cpu_per_step"])])
+    elif name == "provider":
+        for scenario in r["scenarios"]:
+            floor = scenario["rows"][0]
+            for row in scenario["rows"][1:]:
+                out.append(["provider", f"{scenario['latency_seconds']:g} s model latency, "
+                                        f"{scenario['concurrency']} in flight: {row['label']}",
+                            f"{fmt(row['steps_per_second'], 1)} steps/s, {fmt(row['in_flight_max'], 0)} steps in "
+                            f"flight, {fmt(row['cpu_ms_per_step'], 1)} ms CPU/step, {fmt(row['rss_mb'], 0)} MB, "
+                            f"{row['pool_errors']} pool errors, {row['left_running']} left running",
+                            f"bare SDK: {fmt(floor['steps_per_second'], 1)} req/s, "
+                            f"{fmt(floor['cpu_ms_per_step'], 1)} ms CPU/req", _x(row["vs_floor"])])
     elif name == "concurrency":
         base = r.get("baseline") or "?"
         base_row = next((c for c in r["configs"] if c["label"] == base), None)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import Celery, chain
 
 from bench._common import (
@@ -309,6 +311,46 @@ def idle_rates(env: BenchEnv, seconds: float) -> dict[str, float]:
     return rates
 
 
+def round_trips(env: BenchEnv, side: Side, runs: int, timeout: float) -> dict[str, float]:
+    """Commands per step as the network sees them, from Redis MONITOR over ``runs`` runs one at a time.
+
+    MONITOR tags the commands a Lua script runs (client type ``lua``), so this separates round trips (commands a
+    client sent; a pipeline counts once per command it carries) from work inside scripts. The benchmark's own
+    connections (submitting, polling) are left out, identified by their local ports. Slow (MONITOR copies every
+    command), so it runs apart from the timed phases.
+    """
+    import psutil  # noqa: PLC0415 - a dev dependency of the benchmarks
+
+    seen: Counter[str] = Counter()
+    stop = threading.Event()
+    monitor_client = redis.Redis.from_url(env.redis_url, decode_responses=True)
+    ready = threading.Event()
+
+    def watch() -> None:
+        with monitor_client.monitor() as monitor:
+            ready.set()
+            for entry in monitor.listen():
+                if stop.is_set() and entry.get("command", "").upper().startswith("ECHO TEAMSTER-BENCH-END"):
+                    return
+                origin = "lua" if entry.get("client_type") == "lua" else str(entry.get("client_port", ""))
+                seen[f"{origin}|{str(entry.get('command', '')).split(' ', 1)[0].strip(chr(34)).lower()}"] += 1
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(10)
+    for _ in range(runs):
+        side.run_one(timeout)
+    own = {str(c.laddr.port) for c in psutil.Process().net_connections(kind="tcp") if c.laddr}
+    stop.set()
+    env.client.echo("TEAMSTER-BENCH-END")
+    thread.join(30)
+    monitor_client.close()
+    steps = runs * STEPS
+    network = sum(n for key, n in seen.items() if key.split("|")[0] not in own and not key.startswith("lua|"))
+    scripted = sum(n for key, n in seen.items() if key.startswith("lua|"))
+    return {"round_trips": network / steps, "in_scripts": scripted / steps, "total": (network + scripted) / steps}
+
+
 def subscriptions(env: BenchEnv) -> list[dict[str, str]]:
     """Redis clients holding channel subscriptions (e.g. result consumers never drained), from CLIENT LIST."""
     out = []
@@ -343,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle-seconds", type=float, default=3.0,
                         help="How long idle Redis traffic is sampled (subtracted from command counts).")
     parser.add_argument("--timeout", type=float, default=900.0, help="Give up on a block after this many seconds.")
+    parser.add_argument("--monitor-runs", type=int, default=20,
+                        help="Runs per side counted under Redis MONITOR (round trips vs commands in scripts).")
     add_common_args(parser)
     return parser
 
@@ -387,7 +431,12 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         handles[side.name] = done
         unloaded[side.name] = side.latencies(done)
     breakdown = teamster.breakdown(handles[teamster.name])
-    return summarize(args, blocks, unloaded, breakdown, idle, subs, env, worker)
+    console.print(f"round trips: {args.monitor_runs} runs per side under Redis MONITOR ...")
+    trips = {side.name: round_trips(env, side, args.monitor_runs, args.timeout) for side in sides}
+    results = summarize(args, blocks, unloaded, breakdown, idle, subs, env, worker)
+    results["raw_celery"]["monitor_per_step"] = trips[raw.name]
+    results["teamster"]["monitor_per_step"] = trips[teamster.name]
+    return results
 
 
 def _side_summary(blocks: list[Block], unloaded: list[float], idle: dict[str, float]) -> dict[str, Any]:
@@ -481,6 +530,11 @@ def report(results: dict[str, Any]) -> None:
              fmt(ts["redis_per_step"]["total"], 1), fmt(r["redis_commands_per_step"], 2)],
             ["  of which EVALSHA (Lua scripts)", fmt(raw["redis_per_step"]["evalsha"], 2),
              fmt(ts["redis_per_step"]["evalsha"], 2), "—"],
+            ["  sent over the network (MONITOR)", fmt(raw["monitor_per_step"]["round_trips"], 1),
+             fmt(ts["monitor_per_step"]["round_trips"], 1),
+             fmt(ratio(ts["monitor_per_step"]["round_trips"], raw["monitor_per_step"]["round_trips"]), 2)],
+            ["  run inside Lua scripts (MONITOR)", fmt(raw["monitor_per_step"]["in_scripts"], 1),
+             fmt(ts["monitor_per_step"]["in_scripts"], 1), "—"],
             ["bytes to Redis per step", fmt(raw["redis_per_step"]["net_in_bytes"], 0),
              fmt(ts["redis_per_step"]["net_in_bytes"], 0), "—"],
             ["bytes from Redis per step", fmt(raw["redis_per_step"]["net_out_bytes"], 0),

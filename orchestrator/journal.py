@@ -50,6 +50,9 @@ class Redactor:
 
     def __init__(self, extra_patterns: Iterable[str] = ()) -> None:
         self.patterns = [re.compile(p) for p in (*_DEFAULT_PATTERNS, *extra_patterns)]
+        # one pass per string: every pattern in one alternation (each keeps its own inline flags)
+        self._combined = re.compile("|".join(f"(?:{p.pattern})" if not p.pattern.startswith("(?i)") else
+                                             f"(?i:{p.pattern[4:]})" for p in self.patterns))
 
     def __call__(self, value: Any) -> Any:
         value = self._walk(value)
@@ -59,9 +62,7 @@ class Redactor:
 
     def _walk(self, value: Any) -> Any:
         if isinstance(value, str):
-            for pattern in self.patterns:
-                value = pattern.sub(REDACTED, value)
-            return value
+            return self._combined.sub(REDACTED, value) if value else value
         if isinstance(value, dict):
             return {k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.match(k) and v else self._walk(v))
                     for k, v in value.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 from teamster.agents.outcomes import Failed, Succeeded
 from teamster.agents.providers import PROVIDERS, ProviderRef, build_model, check_provider, parse_provider
 from teamster.agents.runner import run_agent
-from teamster.agents.scripted import ScriptedModel, finish, register_script
+from teamster.agents.scripted import ScriptedModel, finish, register_script, scripted_settings
 from teamster.agents.spec import AgentSpec
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import ConfigurationError, MissingCredentials, MissingExtra
@@ -207,11 +208,18 @@ def test_build_scripted_model_uses_the_registered_script(settings: TeamsterSetti
     assert other is not model, "a fresh model per step"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_scripted_settings() -> Iterator[None]:
+    yield
+    scripted_settings.cache_clear()  # a test's TEAMSTER_SCRIPTED_* variables must not outlive it
+
+
 def test_build_scripted_model_takes_faults_latency_and_seed_from_the_scripted_settings(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEAMSTER_SCRIPTED_FAULTS", "throttle=0.25,refusal=0.1")
     monkeypatch.setenv("TEAMSTER_SCRIPTED_SEED", "9")
     monkeypatch.setenv("TEAMSTER_SCRIPTED_LATENCY", "0.5")
+    scripted_settings.cache_clear()  # read once per process: read again
     model = build_model("scripted", load_settings(model="scripted"), agent=f"none_{uuid.uuid4().hex[:6]}")
     assert isinstance(model, ScriptedModel)
     assert model.script is None
@@ -228,6 +236,7 @@ def test_run_agent_uses_the_configured_scripted_provider(settings: TeamsterSetti
     assert isinstance(result.outcome, Succeeded)
     assert result.output == Reply(text="from the registered script")
     monkeypatch.setenv("TEAMSTER_SCRIPTED_FAULTS", "throttle=1")
+    scripted_settings.cache_clear()
     throttled = run_agent(spec, {"text": "hi"}, settings=load_settings(model="scripted"))
     assert isinstance(throttled.outcome, Failed) and throttled.outcome.error_type == "model_throttled"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from teamster.agents.outcomes import (
     failed_from,
     outcome_envelope,
 )
+from teamster.agents.payload import check_payload
 from teamster.agents.providers import build_model
 from teamster.agents.recording import ModelExchange, RecordingModel
 from teamster.agents.spec import AgentSpec
@@ -44,11 +45,11 @@ from teamster.errors import (
     BudgetExceeded,
     CriterionFailed,
     InvalidInput,
+    InvalidOutput,
     LeaseLost,
     StepCancelled,
     StepTimeout,
     StructuredOutputError,
-    TeamsterError,
 )
 
 __all__ = ["run_agent", "run_agent_async", "AgentRun", "StepContext", "validate_input", "format_validation_error"]
@@ -215,17 +216,28 @@ async def run_agent_async(
 
     try:
         validated = validate_input(spec.input_model, input)
+        check_payload(validated, max_depth=settings.max_input_depth)
     except InvalidInput as exc:
         emit("validation", {"ok": False, "stage": "input", "errors": exc.message})
         return finish(failed_from(exc))
 
     try:
-        inner = model if isinstance(model, Model) else build_model(model or spec.model or settings.model, settings,
-                                                                     agent=spec.name, timeout=timeout)
-        tools = [get_tool(name) for name in spec.tools]
-    except TeamsterError as exc:
-        return finish(failed_from(exc))
+        return await _invoke(spec, validated, model, settings, ctx, emit, control, recorded, recorded_tools,
+                             timeout, exchanges, finish)
+    except Exception as exc:  # building the model, the agent or the prompt, a provider library's own bug
+        return finish(failed_from(classify_exception(exc)))
 
+
+async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model | str | None,
+                  settings: TeamsterSettings, ctx: StepContext, emit: EventSink, control: StepControl,
+                  recorded: Sequence[ModelExchange], recorded_tools: Mapping[str, dict[str, Any]] | None,
+                  timeout: float, exchanges: list[ModelExchange],
+                  finish: Callable[..., AgentRun]) -> AgentRun:
+    """Build the model and a fresh strands Agent, run it within the deadline, turn what happened into an outcome."""
+    started = time.monotonic()
+    inner = model if isinstance(model, Model) else build_model(model or spec.model or settings.model, settings,
+                                                                 agent=spec.name, timeout=timeout)
+    tools = [get_tool(name) for name in spec.tools]
     guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
                       recorded_tools=recorded_tools)
 
@@ -255,9 +267,9 @@ async def run_agent_async(
     invocation_state: dict[str, Any] = {TEAMSTER_STATE_KEY: {
         "run_id": ctx.run_id, "step_id": ctx.step_id, "attempt": ctx.attempt, "agent": spec.name, "tool_keys": {},
     }}
+    prompt = f"Input ({spec.input_model.__name__}, JSON):\n{validated.model_dump_json()}"
     emit("agent_start", {"agent": spec.name, "version": spec.version, "model": _model_name(inner),
                          "budget": spec.budget.model_dump(mode="json"), "recorded_responses": len(recorded)})
-    prompt = f"Input ({spec.input_model.__name__}, JSON):\n{validated.model_dump_json()}"
     error: BaseException | None = None
     result = None
     task = asyncio.ensure_future(agent.invoke_async(
@@ -299,6 +311,11 @@ async def run_agent_async(
     outcome = structured.to_outcome()
     if not isinstance(outcome, Succeeded):
         return finish(outcome, **stats)
+    try:  # valid for the schema, but can the store, the journal and the next prompt carry it?
+        check_payload(outcome.output, max_depth=settings.max_input_depth, what="output")
+    except InvalidInput as exc:
+        emit("validation", {"ok": False, "stage": "payload", "errors": exc.message})
+        return finish(failed_from(InvalidOutput(f"the model's {exc.message}", **exc.details)), **stats)
     output = spec.output_model.model_validate(outcome.output)
     emit("validation", {"ok": True, "stage": "schema"})
     for criterion in spec.criteria:

@@ -29,6 +29,9 @@ def build_celery_config(settings: TeamsterSettings, redis_url: str) -> dict[str,
     queue_prefix = f"{settings.key_prefix}:celery:"
     return {
         "broker_url": redis_url,
+        # kombu's Redis transport, but a queue item that is not a message envelope is logged, counted and dropped
+        # instead of ending the worker (see teamster/tasks/transport.py).
+        "broker_transport": "teamster.tasks.transport:Transport",
         "result_backend": redis_url,
         # JSON only, both ways: pickle lets whoever can write to Redis run code on workers (invariant I5).
         "task_serializer": "json",

@@ -127,6 +127,10 @@ class TeamsterSettings(BaseSettings):
     max_payload_bytes: int = Field(
         default=256 * 1024, gt=0, description="Largest accepted run input, in bytes of JSON (default 256 KiB)."
     )
+    max_input_depth: int = Field(
+        default=64, ge=1, le=1000,
+        description="Deepest nesting of objects and lists accepted in a run input (default 64); deeper input is "
+        "refused with InvalidInput naming the field.")
 
     # --- journal and retention ---------------------------------------------------------------
     journal_payload_cap: int = Field(

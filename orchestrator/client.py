@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import redis
@@ -28,7 +29,16 @@ from pydantic import BaseModel
 
 from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import TeamsterSettings, get_settings
-from teamster.errors import ConfigurationError, RunFailed, RunTimeout, StoreUnavailable
+from teamster.errors import (
+    ConfigurationError,
+    DeadLetterNotFound,
+    RunFailed,
+    RunNotFound,
+    RunTimeout,
+    StoreDataLost,
+    StoreUnavailable,
+    TeamsterError,
+)
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.dlq import DeadLetterQueue
 from teamster.orchestrator.enqueue import CeleryEnqueuer
@@ -44,6 +54,10 @@ __all__ = ["Client", "default_client", "submit", "status", "result", "cancel", "
 F = TypeVar("F", bound=Callable[..., Any])
 
 _LOADED: set[str] = set()
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "?"
 
 
 def load_workflow_modules(settings: TeamsterSettings, modules: list[str] | None = None) -> None:
@@ -73,11 +87,13 @@ def load_workflow_modules(settings: TeamsterSettings, modules: list[str] | None 
 
 def _store_errors(func: F) -> F:
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Client, *args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            return func(self, *args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+        except (RunNotFound, DeadLetterNotFound) as exc:
+            raise self.explain_missing(exc) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -99,6 +115,7 @@ class Client:
             load_workflow_modules(self.settings)
         self._enqueuer = enqueuer
         self._runtime: Runtime | None = None
+        self._seen_epoch: float | None = None
         self._lock = threading.Lock()
 
     @property
@@ -110,12 +127,35 @@ class Client:
                     CeleryEnqueuer.for_settings(self.settings, self.redis_url)
                 self._runtime = Runtime(self.settings, redis_client(self.settings, self.redis_url), enqueuer,
                                         worker="client")
+                try:
+                    self._seen_epoch = self._runtime.store.epoch()
+                except redis.RedisError:
+                    self._seen_epoch = None
             return self._runtime
+
+    def explain_missing(self, error: TeamsterError) -> TeamsterError:
+        """A "not found" said with what Redis knows: when the data teamster wrote is gone (Redis restarted without
+        persistence, or was flushed) that is :class:`StoreDataLost`, saying since when; otherwise ``error``, with
+        when this Redis's teamster data begins."""
+        epoch = self.runtime.store.epoch()
+        key = self.runtime.keys.epoch
+        if epoch is None:
+            return StoreDataLost(
+                f"{error.message}: this Redis holds no teamster data under prefix {self.settings.key_prefix!r} "
+                f"(its marker {key} is missing): Redis was restarted without persistence or flushed"
+                + (f" since this client saw it at {_when(self._seen_epoch)}" if self._seen_epoch else "")
+                + " -- or TEAMSTER_REDIS_URL / TEAMSTER_KEY_PREFIX point at another deployment", **error.details)
+        if self._seen_epoch is not None and abs(epoch - self._seen_epoch) > 1e-6:
+            return StoreDataLost(f"{error.message}: Redis lost teamster's data after {_when(self._seen_epoch)}; "
+                                 f"what it holds now begins at {_when(epoch)}", **error.details)
+        error.message = f"{error.message} (teamster's data in this Redis begins at {_when(epoch)})"
+        error.args = (error.message,)
+        return error
 
     @property
     def dlq(self) -> DeadLetterQueue:
         """The dead-letter queue."""
-        return DeadLetterQueue(self.runtime)
+        return DeadLetterQueue(self.runtime, self.explain_missing)
 
     def watchdog(self) -> Watchdog:
         """A watchdog bound to this deployment."""

@@ -12,11 +12,12 @@ version, typed error, attempts, trace id, escalation taken and a journal excerpt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from teamster.agents.outcomes import Succeeded
 from teamster.agents.runner import validate_input
-from teamster.errors import DeadLetterNotFound, InvalidInput, InvalidOperation
+from teamster.errors import DeadLetterNotFound, InvalidInput, InvalidOperation, TeamsterError
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, Delivery, RunStatus, StepStatus, now
 from teamster.orchestrator.runtime import Runtime
@@ -32,8 +33,10 @@ _WAITING_STEP = frozenset({StepStatus.FAILED, StepStatus.CANNOT_COMPLETE, StepSt
 class DeadLetterQueue:
     """Operator access to dead-letter entries."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime,
+                 explain_missing: Callable[[TeamsterError], TeamsterError] | None = None) -> None:
         self.rt = runtime
+        self._explain = explain_missing or (lambda error: error)
         self.client = runtime.client
         self.keys: Keys = runtime.keys
         self.store = runtime.store
@@ -69,7 +72,7 @@ class DeadLetterQueue:
         """
         entry = self.store.get_entry(entry_id)
         if entry is None:
-            raise DeadLetterNotFound(f"no dead-letter entry {entry_id!r}")
+            raise self._explain(DeadLetterNotFound(f"no dead-letter entry {entry_id!r}"))
         return entry
 
     def _open(self, entry_id: str) -> DeadLetterEntry:
@@ -114,6 +117,7 @@ class DeadLetterQueue:
                            sorted(_WAITING_STEP))
                 tx.hset(self.keys.step(run.run_id, entry.step_key), {
                     "status": StepStatus.QUEUED, "attempt_base": record.attempts, "escalations_used": 0,
+                    "lease_expiries": 0,
                     "fallback": None, "queued_at": t, "finished_at": None, "reason": f"retried by {by}: {reason}"})
                 tx.hset(self.keys.steps(run.run_id), {entry.step_key: StepStatus.QUEUED})
                 resend = True

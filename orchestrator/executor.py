@@ -21,8 +21,10 @@ import queue
 import time
 from typing import Any
 
+import redis
 from pydantic import BaseModel
 
+from teamster.agents.classify import classify_exception
 from teamster.agents.guard import StepControl
 from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
@@ -33,6 +35,7 @@ from teamster.errors import (
     InvalidInput,
     LeaseExpiredRepeatedly,
     StepTimeout,
+    StoreUnavailable,
     TeamsterError,
     TerminalError,
 )
@@ -47,7 +50,7 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import skip_reason, step_input
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.store import RunStore
+from teamster.orchestrator.store import Claim, RunStore
 from teamster.orchestrator.tracing import step_span
 from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.workflow import StepDef, Workflow, get_workflow
@@ -137,7 +140,40 @@ class StepExecutor:
             log.warning("step message for unknown step %s of run %s (expired or never created)", step_key, run_id)
             return StepExecution(Delivery.MISSING, run_id, step_key)
 
+        try:
+            return self._execute_claimed(claim)
+        except (redis.RedisError, StoreUnavailable):
+            raise  # Redis is away: the delivery is retried; the lease lapses if it stays away
+        except Exception as exc:  # noqa: BLE001 - anything else ends this attempt now, typed, with its reason
+            log.exception("step %s:%s failed unexpectedly", run_id, step_key)
+            return self._fail_unexpected(claim, exc)
+
+    def _fail_unexpected(self, claim: Claim, exc: Exception) -> StepExecution:
+        """End a claimed step's attempt that raised: a typed failure with the real reason, dead-lettered unless it
+        is retryable (a worker that did not die never leaves it to lease expiry)."""
+        assert claim.run is not None and claim.step is not None
+        run, record = claim.run, claim.step
+        error = classify_exception(exc)
+        wf: Workflow | None
+        try:
+            wf = get_workflow(run.workflow, run.workflow_module)
+        except TeamsterError:
+            wf = None
+        step = wf.steps.get(record.step_id) if wf is not None else None
+        outcome = failed_from(error)
+        tail = [("outcome", {"outcome": outcome.model_dump(mode="json"), "unexpected": type(exc).__name__})]
+        if step is not None and error.retryable:
+            policy = self._retry_policy(step, record).resolved(self.settings)
+            if record.attempts - record.attempt_base < int(policy.max_attempts or 1):
+                assert wf is not None
+                return self.transitions.schedule_retry(run, wf, step, record, claim.token, outcome, policy, None,
+                                                       events=tail)
+        return self.transitions.fail(run, wf, step, record, claim.token, outcome, None, events=tail)
+
+    def _execute_claimed(self, claim: Claim) -> StepExecution:
+        assert claim.run is not None and claim.step is not None
         run, record, token = claim.run, claim.step, claim.token
+        run_id, step_key = run.run_id, record.step_key
         wf = get_workflow(run.workflow, run.workflow_module)
         step = wf.steps[record.step_id]
         takeover = claim.previous == StepStatus.RUNNING

@@ -36,6 +36,12 @@ class Keys:
         return f"{self.prefix}:journal:{run_id}"
 
     @property
+    def epoch(self) -> str:
+        """String (JSON): when teamster first wrote to this Redis under this prefix. Its absence, while runs are
+        expected, means Redis lost the data (restarted without persistence, flushed, evicted)."""
+        return f"{self.prefix}:epoch"
+
+    @property
     def runs(self) -> str:
         """Sorted set: every run id by creation time."""
         return f"{self.prefix}:runs"

@@ -29,6 +29,8 @@ __all__ = [
     "DEAD_LETTERS",
     "COMMITS_REJECTED",
     "LEASES_ABANDONED",
+    "STORE_DATA_LOST",
+    "POISON_MESSAGES",
     "TOOLS_ABANDONED",
     "StoreCollector",
     "serve_metrics",
@@ -51,6 +53,11 @@ DEAD_LETTERS = Counter("teamster_dead_letters_total", "Dead-letter entries creat
 TOOLS_ABANDONED = Counter("teamster_tools_abandoned_total",
                           "Blocking tool calls left running when their step's deadline passed (result discarded)",
                           ["agent", "tool"])
+POISON_MESSAGES = Counter("teamster_poison_messages_total",
+                          "Messages on teamster's queues that could not be decoded or run (dropped, logged, answered)",
+                          ["queue", "reason"])
+STORE_DATA_LOST = Counter("teamster_store_data_lost_total",
+                          "Times the watchdog found that Redis lost teamster's data (its epoch mark vanished)")
 LEASES_ABANDONED = Counter("teamster_leases_abandoned_total",
                            "Leases no longer renewed because their step ran past its deadline plus grace")
 COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")

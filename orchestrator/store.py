@@ -366,6 +366,46 @@ class RunStore:
         message = f"could not {what}: the run's state kept changing ({MAX_CAS} tries)"
         raise gives_up(message) if gives_up is not None else StoreUnavailable(message)
 
+    # ------------------------------------------------------------------ data-loss detection
+    def ensure_epoch(self) -> float:
+        """Mark this Redis as holding teamster's data (once); returns when the mark was made."""
+        self.client.set(self.keys.epoch, literal({"created_at": now()}), nx=True)
+        return self.epoch() or now()
+
+    def epoch(self) -> float | None:
+        """When teamster's data in this Redis begins (None: no mark -- nothing was ever written, or it was lost)."""
+        raw = self.client.get(self.keys.epoch)
+        if not raw:
+            return None
+        try:
+            return float(json.loads(raw)["created_at"])  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def durability_problems(self) -> list[str]:
+        """What in Redis's configuration can lose runs: no persistence, or an eviction policy (empty: none).
+
+        Raises:
+            redis.RedisError: Redis cannot be reached (CONFIG refused is reported as a problem instead).
+        """
+        try:
+            config = self.client.config_get("appendonly")
+            config.update(self.client.config_get("save"))
+            config.update(self.client.config_get("maxmemory-policy"))
+        except redis.ResponseError as exc:
+            return [f"cannot read Redis's configuration ({exc}); make sure AOF (appendonly yes) is on and "
+                    "maxmemory-policy is noeviction"]
+        problems = []
+        if config.get("appendonly") != "yes":
+            snapshots = f"only RDB snapshots ({config.get('save')})" if config.get("save") else "no RDB snapshots"
+            problems.append(f"Redis has AOF off (appendonly no, {snapshots}): a restart can lose acknowledged "
+                            "commits and queued steps -- set appendonly yes")
+        if config.get("maxmemory-policy", "noeviction") != "noeviction":
+            problems.append(f"Redis evicts keys under memory pressure (maxmemory-policy "
+                            f"{config.get('maxmemory-policy')}): it may drop run state and queued steps -- set "
+                            "maxmemory-policy noeviction")
+        return problems
+
     # ------------------------------------------------------------------ runs
     def get_run(self, run_id: str) -> RunRecord:
         """The run record.

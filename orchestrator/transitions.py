@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
+from teamster.agents.payload import check_payload
 from teamster.agents.runner import AgentRun, validate_input
 from teamster.agents.spec import RetryPolicy
 from teamster.errors import (
@@ -181,12 +182,18 @@ class Transitions:
 
     # ------------------------------------------------------------------ create
     def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None) -> tuple[str, bool]:
-        """Validate the input, then write the run and its first steps atomically; returns (run_id, created)."""
-        try:
-            size = len(json.dumps(value.model_dump(mode="json") if hasattr(value, "model_dump") else value,
-                                  default=str))
-        except (TypeError, ValueError) as exc:
-            raise PayloadRejected(f"input is not JSON-serialisable: {exc}") from None
+        """Validate the input, then write the run and its first steps atomically; returns (run_id, created).
+
+        Raises:
+            InvalidInput: the input is not JSON the store and the model can carry (a lone surrogate, nesting beyond
+                ``max_input_depth``, a value JSON cannot represent) or does not match the workflow's input model.
+            PayloadRejected: the input is larger than ``max_payload_bytes``.
+        """
+        data = check_payload(value, max_depth=self.settings.max_input_depth)
+        if not self.rt.epoch_marked:  # the first run this process writes marks the store (data-loss detection)
+            self.store.ensure_epoch()
+            self.rt.epoch_marked = True
+        size = len(json.dumps(data, separators=(",", ":")).encode())
         if size > self.settings.max_payload_bytes:
             raise PayloadRejected(f"input is {size} bytes of JSON, over the {self.settings.max_payload_bytes}-byte "
                                   "limit (TEAMSTER_MAX_PAYLOAD_BYTES)", size=size)
@@ -396,10 +403,11 @@ class Transitions:
                                                 "close_reason": reason})
         tx.call("ZREM", self.keys.dlq_open, entry_id)
 
-    def fail(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int | None,
+    def fail(self, run: RunRecord, wf: Workflow | None, step: StepDef | None, record: StepRecord, token: int | None,
              result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None,
              events: Sequence[tuple[str, dict[str, Any]]] = ()) -> StepExecution:
-        """Dead-letter a step's failure and run its escalation policy."""
+        """Dead-letter a step's failure and run its escalation policy (``wf``/``step`` None: this process cannot
+        load the workflow; the entry is written all the same, with no escalation policy)."""
         run_id, key = run.run_id, record.step_key
         if isinstance(result, Failed):
             error_type, message, retryable, details = result.error_type, result.message, result.retryable, \
@@ -414,8 +422,10 @@ class Transitions:
         policy: Policy | None
         if isinstance(result, NeedsHuman):
             policy = HumanReview()
+        elif step is not None and record.escalations_used < len(step.escalate):
+            policy = step.escalate[record.escalations_used]
         else:
-            policy = step.escalate[record.escalations_used] if record.escalations_used < len(step.escalate) else None
+            policy = None
         entry_id = f"{run_id}:{key}:{record.fence or token or 0}"
         if events:  # the excerpt below reads the journal: write the step's last events first
             self.journal.append_many(run_id, events, step=key, attempt=record.attempts)
@@ -433,8 +443,9 @@ class Transitions:
             status = step_status
             entry = DeadLetterEntry(
                 entry_id=entry_id, run_id=run_id, workflow=current.workflow, workflow_module=current.workflow_module,
-                step_key=key, step_id=step.id,
-                agent=step.agent, kind=kind, error_type=error_type, message=message, retryable=retryable,
+                step_key=key, step_id=record.step_id,
+                agent=step.agent if step is not None else record.agent, kind=kind, error_type=error_type,
+                message=message, retryable=retryable,
                 details=details, attempts=record.attempts, input=entry_input, state_version=current.state_version,
                 trace_id=current.trace_id, escalation=policy.describe() if policy else "escalate (no policy left)",
                 created_at=t, journal_excerpt=excerpt, question=result.question if isinstance(result, NeedsHuman)
@@ -450,6 +461,7 @@ class Transitions:
                 entry.close_reason = f"escalation {policy.describe()}"
                 step_fields.update(status=StepStatus.QUEUED, attempt_base=record.attempts, queued_at=t,
                                    finished_at=None, fallback={"agent": policy.agent, "model": policy.model},
+                                   lease_expiries=0,
                                    escalations_used=record.escalations_used + 1)
                 status, requeue = StepStatus.QUEUED, True
             elif isinstance(policy, HumanReview):
@@ -482,7 +494,7 @@ class Transitions:
                 if rejected.guard == "state_version":
                     raise
                 return self._rejected(run_id, key, record, token, rejected)
-            metrics.STEPS.labels(current.workflow, step.id, error_type).inc()
+            metrics.STEPS.labels(current.workflow, record.step_id, error_type).inc()
             metrics.DEAD_LETTERS.labels(current.workflow, error_type).inc()
             if requeue:
                 self.enqueue(run_id, [key])

@@ -59,11 +59,13 @@ class Watchdog:
         self.journal = runtime.journal
         self.settings = runtime.settings
         self.transitions = Transitions(runtime)
+        self._epoch: float | None = None
 
     def scan(self, limit: int = 500) -> WatchdogReport:
         """One pass over what is due now."""
         report = WatchdogReport()
         t = now()
+        self._check_epoch()
         due = self.client.zrangebyscore(self.keys.inflight, "-inf", t, start=0, num=limit)
         for member in due:  # type: ignore[union-attr]
             self._check_step(str(member), t, report)
@@ -72,6 +74,23 @@ class Watchdog:
         if report.total():
             log.info("watchdog: %s", report.as_dict())
         return report
+
+    def _check_epoch(self) -> None:
+        """Say it loudly when Redis lost teamster's data since the last scan (its epoch mark vanished or changed)."""
+        epoch = self.store.epoch()
+        if epoch is None:
+            epoch = self.store.ensure_epoch()
+            if self._epoch is not None or self.client.zcard(self.keys.runs):
+                metrics.STORE_DATA_LOST.inc()
+                log.error("Redis lost teamster's data under prefix %r%s: its epoch mark %s was gone (restarted "
+                          "without persistence, flushed, or evicting keys); runs written before that are lost",
+                          self.keys.prefix, f" since {self._epoch:.0f} (unix time)" if self._epoch else "",
+                          self.keys.epoch)
+        elif self._epoch is not None and abs(epoch - self._epoch) > 1e-6:
+            metrics.STORE_DATA_LOST.inc()
+            log.error("Redis lost teamster's data under prefix %r: its epoch mark changed from %.0f to %.0f "
+                      "(unix time)", self.keys.prefix, self._epoch, epoch)
+        self._epoch = epoch
 
     def _bump(self, member: str, score: float) -> None:
         self.client.zadd(self.keys.inflight, {member: score})

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+import redis
 from celery.signals import worker_init, worker_ready
 
 from teamster.agents.providers import check_provider
@@ -56,6 +57,24 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
             sys.stderr.write(f"hint: {exc.hint}\n")
         sys.stderr.flush()
         raise SystemExit(78) from None  # EX_CONFIG
+
+
+@worker_ready.connect
+def _check_store(sender: Any = None, **_: Any) -> None:
+    """Mark the store (data-loss detection) and say at start-up when Redis can lose runs."""
+    settings = get_settings()
+    app = getattr(sender, "app", None)
+    store = RunStore(redis_client(settings, app.conf.broker_url if app is not None else None),
+                     Keys(settings.key_prefix))
+    try:
+        if store.epoch() is None and store.client.zcard(store.keys.runs):
+            log.error("Redis holds runs under prefix %r but not teamster's epoch mark %s: its data was partly lost "
+                      "(restarted without persistence, flushed, or evicted)", settings.key_prefix, store.keys.epoch)
+        store.ensure_epoch()
+        for problem in store.durability_problems():
+            log.warning("teamster: %s", problem)
+    except redis.RedisError as exc:
+        log.warning("teamster: cannot check Redis at start-up: %s", exc)
 
 
 @worker_ready.connect

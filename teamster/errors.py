@@ -31,6 +31,7 @@ __all__ = [
     "RunFailed",
     "RunTimeout",
     "StoreUnavailable",
+    "StoreDataLost",
     "DeadLetterNotFound",
     "InvalidOperation",
     # errors a step ends with
@@ -170,6 +171,14 @@ class RunTimeout(ClientError):
 
     code = "run_timeout"
     retryable = True
+
+
+class StoreDataLost(ClientError):
+    """Redis no longer holds data teamster wrote (restarted without persistence, flushed, or evicting keys)."""
+
+    code = "store_data_lost"
+    default_hint = ("Runs written before that are gone. Run Redis with persistence (appendonly yes) and "
+                    "maxmemory-policy noeviction; `teamster doctor` checks both.")
 
 
 class DeadLetterNotFound(ClientError):

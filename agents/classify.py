@@ -24,6 +24,7 @@ from strands.types.exceptions import (
 from teamster.errors import (
     ContextOverflow,
     GuardrailIntervened,
+    InvalidOutput,
     MaxTokensReached,
     MissingCredentials,
     ModelThrottled,
@@ -108,6 +109,10 @@ def classify_exception(exc: BaseException) -> TeamsterError:
         return ContextOverflow(f"input does not fit the model's context window: {message}", **details)
     if isinstance(exc, redis.RedisError):
         return StoreUnavailable(f"Redis error: {message}", **details)
+    if isinstance(exc, UnicodeError) or "surrogates not allowed" in message:
+        # the step's input is checked before it runs: text that cannot be encoded came from the model
+        return InvalidOutput(f"the model's output cannot be encoded as UTF-8 (a lone surrogate?): {message}",
+                             **details)
 
     code = _error_code(exc)
     key = code.lower()  # Bedrock's event stream reports camelCase codes ("throttlingException")

@@ -54,8 +54,6 @@ class Runtime:
     def __post_init__(self) -> None:
         self.keys = Keys(self.settings.key_prefix)
         self.store = RunStore(self.client, self.keys, retry_seconds=self.settings.store_retry_seconds)
-        self.epoch_marked = False
-        """Whether this process has made sure the store's epoch mark exists (see ``RunStore.ensure_epoch``)."""
         self.journal = Journal(self.client, self.keys, payload_cap=self.settings.journal_payload_cap,
                                model_response_cap=self.settings.journal_model_response_cap,
                                redact_patterns=self.settings.redact_patterns)

@@ -52,7 +52,7 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.store import Tx, TxRejected
+from teamster.orchestrator.store import Tx, TxRejected, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
@@ -190,15 +190,20 @@ class Transitions:
             PayloadRejected: the input is larger than ``max_payload_bytes``.
         """
         data = check_payload(value, max_depth=self.settings.max_input_depth)
-        if not self.rt.epoch_marked:  # the first run this process writes marks the store (data-loss detection)
-            self.store.ensure_epoch()
-            self.rt.epoch_marked = True
         size = len(json.dumps(data, separators=(",", ":")).encode())
         if size > self.settings.max_payload_bytes:
             raise PayloadRejected(f"input is {size} bytes of JSON, over the {self.settings.max_payload_bytes}-byte "
                                   "limit (TEAMSTER_MAX_PAYLOAD_BYTES)", size=size)
         validated = validate_input(wf.input_model, value)
-        state = wf.initial_state(validated)
+        try:
+            state = wf.initial_state(validated)
+            input_data = validated.model_dump(mode="json")
+            state_data = state.model_dump(mode="json")
+        except TeamsterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model's own serializer or the workflow's init_state raised
+            raise InvalidInput(f"input of workflow {wf.name!r} cannot be stored: {type(exc).__name__}: {exc}",
+                               hint="Check the workflow's input model and init_state; nothing was written.") from None
         if idempotency_key:
             run_id = "run_" + uuid.uuid5(uuid.NAMESPACE_URL, f"teamster:{wf.name}:{idempotency_key}").hex[:24]
         else:
@@ -206,7 +211,7 @@ class Transitions:
         t = now()
         record = RunRecord(run_id=run_id, workflow=wf.name, workflow_version=wf.version, workflow_module=wf.module,
                            status=RunStatus.RUNNING,
-                           input=validated.model_dump(mode="json"), state=state.model_dump(mode="json"),
+                           input=input_data, state=state_data,
                            state_schema=wf.state_schema, trace_id=new_trace_id(),
                            idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t)
         first = ready_steps(wf, {}, {})
@@ -216,6 +221,8 @@ class Transitions:
         tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in first})
         tx.call("ZADD", self.keys.runs, t, run_id)
         tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
+        # marks the store as holding teamster's data (once): its absence later means Redis lost the data
+        tx.call("SET", self.keys.epoch, literal({"created_at": t}), "NX")
         tx.xadd(self.keys.journal(run_id), self.journal.fields(
             "run_created", data={"workflow": wf.name, "version": wf.version, "input": record.input,
                                  "idempotency_key": idempotency_key, "trace_id": record.trace_id}))

@@ -103,7 +103,7 @@ class TeamsterConsumer(Consumer):  # type: ignore[misc]
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         super().on_invalid_task(body, message, exc)
-        answer_poison(self.app, message, f"invalid task message: {exc}", "invalid_task")
+        answer_poison(self.app, message, f"invalid task message: {type(exc).__name__}: {exc}", "invalid_task")
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         for request in tuple(state.active_requests) + tuple(state.reserved_requests):

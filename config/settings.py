@@ -5,7 +5,11 @@ Every field documents its default. ``teamster doctor`` prints the effective valu
 
 from __future__ import annotations
 
+import difflib
 import functools
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from teamster.errors import InvalidSettings
 
-__all__ = ["TeamsterSettings", "get_settings", "load_settings"]
+__all__ = ["TeamsterSettings", "get_settings", "load_settings", "unknown_variables"]
 
 DEFAULT_MODEL = "bedrock:global.anthropic.claude-sonnet-4-6"
 
@@ -192,6 +196,16 @@ class TeamsterSettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("redact_patterns")
+    @classmethod
+    def _compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -249,3 +263,21 @@ def load_settings(**overrides: object) -> TeamsterSettings:
 def get_settings() -> TeamsterSettings:
     """The process-wide settings (read once from the environment; ``get_settings.cache_clear()`` to reload)."""
     return load_settings()
+
+
+# Variables read elsewhere: the scripted model's settings, and those of the test suite and the benchmarks.
+_OTHER_PREFIXES = ("TEAMSTER_SCRIPTED_", "TEAMSTER_TEST_", "TEAMSTER_CHAOS_", "TEAMSTER_BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``TEAMSTER_*`` variables that no setting reads (a typo is otherwise silently ignored), each with the closest
+    known name, if any."""
+    env = os.environ if environ is None else environ
+    known = [f"TEAMSTER_{name.upper()}" for name in TeamsterSettings.model_fields]
+    out = []
+    for name in sorted(env):
+        if not name.startswith("TEAMSTER_") or name in known or name.startswith(_OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        out.append((name, close[0] if close else None))
+    return out

@@ -142,7 +142,8 @@ class DeadLetterQueue:
 
         self.store.optimistic(f"retry {entry_id}", attempt, gives_up=InvalidOperation)
         if resend:
-            self.transitions.enqueue(entry.run_id, [entry.step_key])
+            step = self.store.get_step(entry.run_id, entry.step_key)
+            self.transitions.enqueue(entry.run_id, [entry.step_key], {entry.step_key: step.label if step else None})
         return self.get(entry_id)
 
     # ------------------------------------------------------------------ resolve

@@ -23,10 +23,13 @@ class CeleryEnqueuer:
         """An enqueuer on a send-only Celery app (clients)."""
         return cls(producer_app(settings, redis_url), settings)
 
-    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None:
+    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None,
+                label: str | None = None) -> None:
+        """Send one step message. ``label`` (``workflow.step_id[:agent]``) becomes the task's shadow name: Flower
+        and the worker log show (and filter by) it instead of the generic ``teamster.step``."""
         message = StepMessage(run_id=run_id, step_key=step_key)
         self.app.send_task(STEP_TASK, kwargs={"message": message.model_dump()}, task_id=f"{run_id}:{step_key}",
-                           queue=self.queue, countdown=countdown)
+                           queue=self.queue, countdown=countdown, shadow=label)
 
 
 def producer_app(settings: TeamsterSettings, redis_url: str) -> Celery:
@@ -34,7 +37,6 @@ def producer_app(settings: TeamsterSettings, redis_url: str) -> Celery:
     from teamster.config.celeryconfig import build_celery_config  # noqa: PLC0415
 
     conf = build_celery_config(settings, redis_url)
-    conf["imports"] = ()
     app = Celery("teamster-client")
     app.conf.update(conf)
     return app

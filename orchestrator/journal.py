@@ -9,6 +9,7 @@ kept for replay have their own, larger cap); a cut payload is replaced by a prev
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -21,7 +22,7 @@ from teamster.agents.recording import ModelExchange
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import JournalEvent, now
 
-__all__ = ["Journal", "Redactor", "register_redactor", "bound_payload", "REDACTED"]
+__all__ = ["Journal", "Redactor", "RedactingFilter", "register_redactor", "bound_payload", "REDACTED"]
 
 REDACTED = "[REDACTED]"
 
@@ -69,6 +70,24 @@ class Redactor:
         if isinstance(value, (list, tuple)):
             return [self._walk(v) for v in value]
         return value
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record's message through a :class:`Redactor` (worker logs)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logged as it is
+            return True
+        redacted = self.redactor(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
 
 
 def bound_payload(data: dict[str, Any], cap: int) -> tuple[str, bool]:

@@ -130,6 +130,8 @@ class StepRecord(BaseModel):
     step_key: str
     step_id: str
     kind: str = "agent"
+    label: str | None = None
+    """``workflow.step_id[:agent]``: the name step messages carry for Flower and the worker log."""
     branch_index: int | None = None
     input: Any = None
     status: StepStatus = StepStatus.QUEUED

@@ -27,7 +27,8 @@ class Enqueuer(Protocol):
     """Sends step messages (Celery in production: :class:`~teamster.orchestrator.enqueue.CeleryEnqueuer`;
     an in-process queue in :mod:`teamster.testing`)."""
 
-    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None: ...
+    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None,
+                label: str | None = None) -> None: ...
 
 
 def worker_name() -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ from teamster.orchestrator.store import Tx, TxRejected, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-__all__ = ["Transitions", "Resolution", "combine_run_status", "agent_stats"]
+__all__ = ["Transitions", "Resolution", "combine_run_status", "agent_stats", "step_label"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
     order = {RunStatus.PENDING: 0, RunStatus.RUNNING: 0, RunStatus.NEEDS_HUMAN: 1, RunStatus.ESCALATED: 2,
              RunStatus.FAILED: 3}
     return new if order.get(new, 0) >= order.get(current, 0) else current
+
+
+def step_label(wf: Workflow, step_id: str) -> str:
+    """What Flower and the worker log call a step's task: ``workflow.step_id``, plus ``:agent`` for agent steps."""
+    agent = wf.steps[step_id].agent
+    return f"{wf.name}.{step_id}" + (f":{agent}" if agent else "")
 
 
 def agent_stats(agent_run: AgentRun | None) -> dict[str, Any]:
@@ -97,17 +103,21 @@ class Transitions:
         self.keys: Keys = runtime.keys
 
     # ------------------------------------------------------------------ helpers
-    def enqueue(self, run_id: str, step_keys: list[str]) -> None:
-        """Send step messages; a failure here is recovered by the watchdog (the steps are recorded queued)."""
+    def enqueue(self, run_id: str, step_keys: list[str], labels: Mapping[str, str | None] | None = None) -> None:
+        """Send step messages (``labels``: step key -> the name Flower shows); a failure here is recovered by the
+        watchdog (the steps are recorded queued)."""
         for key in step_keys:
             try:
-                self.rt.enqueuer.enqueue(run_id, key)
+                self.rt.enqueuer.enqueue(run_id, key, label=(labels or {}).get(key))
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not enqueue %s:%s (%s); the watchdog will re-send it", run_id, key, exc)
 
-    def _new_step_ops(self, tx: Tx, run_id: str, new: list[NewStep], t: float, *, journal: bool = True) -> None:
+    def _new_step_ops(self, tx: Tx, run_id: str, wf: Workflow, new: list[NewStep], t: float, *,
+                      journal: bool = True) -> None:
         for item in new:
+            agent = wf.steps[item.step_id].agent
             record = StepRecord(run_id=run_id, step_key=item.key, step_id=item.step_id, kind=item.kind,
+                                label=step_label(wf, item.step_id), agent=agent,
                                 branch_index=item.branch_index, input=item.input, queued_at=t)
             tx.hset(self.keys.step(run_id, item.key), record.model_dump(mode="json"))
             tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, Keys.member(run_id, item.key))
@@ -226,7 +236,7 @@ class Transitions:
         tx.xadd(self.keys.journal(run_id), self.journal.fields(
             "run_created", data={"workflow": wf.name, "version": wf.version, "input": record.input,
                                  "idempotency_key": idempotency_key, "trace_id": record.trace_id}))
-        self._new_step_ops(tx, run_id, first, t)
+        self._new_step_ops(tx, run_id, wf, first, t)
         try:
             self.store.apply(tx)
         except TxRejected:
@@ -236,7 +246,7 @@ class Transitions:
                     f"idempotency key {idempotency_key!r} was used for run {run_id} with a different input",
                     run_id=run_id) from None
             return run_id, False
-        self.enqueue(run_id, [s.key for s in first])
+        self.enqueue(run_id, [s.key for s in first], {s.key: step_label(wf, s.step_id) for s in first})
         return run_id, True
 
     # ------------------------------------------------------------------ commit
@@ -331,7 +341,7 @@ class Transitions:
                 "commit" if skipped is None else "step_skipped", step=key, attempt=record.attempts,
                 data={"state_version": current.state_version + 1, "token": token, "reason": skipped,
                       "by": resolution.by if resolution else None, "queued": [n.key for n in new]}))
-            self._new_step_ops(tx, run_id, new, t, journal=False)  # the commit event lists them
+            self._new_step_ops(tx, run_id, wf, new, t, journal=False)  # the commit event lists them
             if complete:
                 tx.call("ZREM", self.keys.active_runs, run_id)
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
@@ -348,7 +358,7 @@ class Transitions:
                     raise
                 return self._rejected(run_id, key, record, token, rejected, events)
             metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
-            self.enqueue(run_id, [n.key for n in new])
+            self.enqueue(run_id, [n.key for n in new], {n.key: step_label(wf, n.step_id) for n in new})
             if complete:
                 metrics.RUNS_FINISHED.labels(current.workflow, RunStatus.SUCCEEDED.value).inc()
                 if current.dead_letters:
@@ -391,7 +401,12 @@ class Transitions:
 
     # ------------------------------------------------------------------ dead-letter
     def write_entry(self, tx: Tx, entry: DeadLetterEntry) -> None:
-        """The one way a dead-letter entry is written: the entry, its indexes and its journal event."""
+        """The one way a dead-letter entry is written: the entry (its step data redacted, as the journal is), its
+        indexes and its journal event."""
+        redact = self.journal.redact
+        entry = entry.model_copy(update={
+            "input": redact(entry.input), "message": redact(entry.message), "details": redact(entry.details),
+            "question": redact(entry.question)})
         tx.hset(self.keys.dlq_entry(entry.entry_id), entry.model_dump(mode="json"))
         tx.call("HINCRBY", self.keys.run(entry.run_id), "dead_letters", 1)
         tx.call("ZADD", self.keys.dlq_all, entry.created_at, entry.entry_id)
@@ -504,7 +519,7 @@ class Transitions:
             metrics.STEPS.labels(current.workflow, record.step_id, error_type).inc()
             metrics.DEAD_LETTERS.labels(current.workflow, error_type).inc()
             if requeue:
-                self.enqueue(run_id, [key])
+                self.enqueue(run_id, [key], {key: record.label})
             else:
                 self.store.persist_run(run_id)
                 metrics.RUNS_FINISHED.labels(current.workflow, str(run_fields["status"])).inc()

@@ -130,7 +130,7 @@ class Watchdog:
                                 data={"reason": f"queued for {t - record.queued_at:.0f}s without being claimed"})
             report.requeued += 1
         self._bump(member, t + grace)
-        self.transitions.enqueue(run_id, [key])
+        self.transitions.enqueue(run_id, [key], {key: record.label})
 
     def _check_run(self, run_id: str, t: float, report: WatchdogReport) -> None:
         try:

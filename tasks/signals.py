@@ -12,14 +12,15 @@ import sys
 from typing import Any
 
 import redis
-from celery.signals import worker_init, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready
 
 from teamster.agents.providers import check_provider
 from teamster.agents.spec import registered_agents
-from teamster.config.settings import get_settings
+from teamster.config.settings import get_settings, unknown_variables
 from teamster.errors import ConfigurationError, TeamsterError
 from teamster.orchestrator.client import load_workflow_modules
 from teamster.orchestrator.connection import redis_client
+from teamster.orchestrator.journal import RedactingFilter, Redactor
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.metrics import serve_metrics
 from teamster.orchestrator.store import RunStore
@@ -28,6 +29,17 @@ from teamster.orchestrator.tracing import configure_tracing
 __all__: list[str] = []
 
 log = logging.getLogger("teamster.worker")
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Secrets never reach the worker's log: every handler redacts what it writes, as the journal does."""
+    if logger is None:
+        return
+    redacting = RedactingFilter(Redactor(get_settings().redact_patterns))
+    for handler in logger.handlers:
+        handler.addFilter(redacting)
 
 
 @worker_init.connect
@@ -46,6 +58,9 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
                 f"the {pool} pool cannot run agent steps (they run on the worker's own asyncio event loop "
                 "thread, which green threads cannot share)",
                 hint="Use -P threads (the default of `teamster worker`): agent steps are I/O bound.")
+        for name, suggestion in unknown_variables():
+            log.warning("teamster: %s is not a teamster setting and is ignored%s", name,
+                        f" (did you mean {suggestion}?)" if suggestion else "")
         load_workflow_modules(settings)
         providers = {settings.model} | {spec.model for spec in registered_agents().values() if spec.model}
         for provider in sorted(providers):

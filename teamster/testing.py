@@ -106,7 +106,8 @@ class InProcessQueue:
         self.messages: deque[tuple[str, str]] = deque()
         self._lock = threading.Lock()
 
-    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None) -> None:
+    def enqueue(self, run_id: str, step_key: str, countdown: float | None = None,
+                label: str | None = None) -> None:
         with self._lock:
             self.messages.append((run_id, step_key))
 

@@ -37,7 +37,8 @@ class ProviderBug(RuntimeError):
 
 
 def _crash(ctx: ScriptContext) -> Turn:
-    raise ProviderBug("'NoneType' object has no attribute 'choices' (inside the provider SDK)")
+    text = str(ctx.input_json().get("text", ""))  # echoed, as SDK errors often echo the request
+    raise ProviderBug(f"'NoneType' object has no attribute 'choices' (inside the provider SDK, request {text!r})")
 
 
 def _slow(ctx: ScriptContext) -> Turn:

@@ -1,4 +1,4 @@
-"""The embedded development Redis: started when no URL is configured, reused, stopped by its owner."""
+"""The embedded development Redis: started when no URL is configured, shared, with its own lifecycle."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import redis
 
-from teamster.config.embedded import EmbeddedRedis, resolve_redis_url
+from teamster.config.embedded import (
+    EmbeddedRedis,
+    embedded_status,
+    resolve_redis_url,
+    start_embedded,
+    stop_embedded,
+)
 from teamster.config.settings import load_settings
+from teamster.errors import ConfigurationError
 
 
 def test_explicit_url_wins(tmp_path: Path) -> None:
@@ -37,37 +45,41 @@ def test_embedded_server_is_real_and_persists_with_aof(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_unset_url_starts_then_reuses_then_owner_stops(tmp_path: Path) -> None:
-    # A child process with no URL starts the embedded server, records it, and reports the URL.
+def test_unset_url_starts_a_shared_server_that_outlives_its_starter_until_stopped(tmp_path: Path) -> None:
+    # A child process with no URL starts the embedded server, records it, reports the URL and exits.
     code = textwrap.dedent(
         f"""
-        import sys, time
         from teamster.config.settings import load_settings
         from teamster.config.embedded import resolve_redis_url
-        s = load_settings(redis_url=None, embedded_dir={str(tmp_path)!r})
-        print(resolve_redis_url(s), flush=True)
-        sys.stdin.readline()
+        print(resolve_redis_url(load_settings(redis_url=None, embedded_dir={str(tmp_path)!r})), flush=True)
         """
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TEAMSTER_REDIS_URL"}
-    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=env, text=True)
+    settings = load_settings(redis_url=None, embedded_dir=tmp_path)
     try:
-        assert owner.stdout is not None and owner.stdin is not None
-        url = owner.stdout.readline().strip()
-        assert url.startswith("redis://127.0.0.1:")
+        starter = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, text=True, timeout=60)
+        url = starter.stdout.strip()
+        assert starter.returncode == 0 and url.startswith("redis://127.0.0.1:"), starter.stderr
         assert json.loads((tmp_path / "embedded.json").read_text())["url"] == url
-        # Another process (here: this one) reuses it instead of starting a second server.
-        assert resolve_redis_url(load_settings(redis_url=None, embedded_dir=tmp_path)) == url
+        # the starter is gone; the server is not: another process reuses it instead of starting a second one
         assert redis.Redis.from_url(url).ping()
-        owner.stdin.write("\n")
-        owner.stdin.flush()
-        owner.wait(15)
+        assert resolve_redis_url(settings) == url
+        status = embedded_status(settings)
+        assert status is not None and status["url"] == url and isinstance(status["pid"], int)
+        redis.Redis.from_url(url).set("kept", "yes")
     finally:
-        owner.kill()
-    # The owner stopped it at exit.
+        assert stop_embedded(settings)
+    assert embedded_status(settings) is None and not stop_embedded(settings)
+    # started again, at the same address, with its data (AOF)
+    assert start_embedded(settings) == (url, True)
     try:
-        alive = redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-    except redis.ConnectionError:
-        alive = False
-    assert not alive
+        assert redis.Redis.from_url(url).get("kept") == b"yes"
+    finally:
+        stop_embedded(settings)
+
+
+def test_an_unusable_embedded_dir_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigurationError) as info:
+        resolve_redis_url(load_settings(redis_url=None, embedded_dir=tmp_path / "file" / "sub"))
+    assert "cannot use" in info.value.message and "TEAMSTER_EMBEDDED_DIR" in info.value.hint

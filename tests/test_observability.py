@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from teamster.config.embedded import free_port
+from teamster.config.embedded import free_port, stop_embedded
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from tests.harness import Worker, child_env, wait_settled, wait_until
@@ -128,7 +129,7 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
     try:
         wait_until(lambda: " ready." in (logs / "worker.log").read_text(errors="replace"), timeout=60)
         record = json.loads((tmp_path / "embedded" / "embedded.json").read_text())
-        assert record["pid"] == worker.pid  # the worker started the embedded server and owns it
+        assert record["pid"] != worker.pid  # the worker started the embedded server: a daemon of its own
         flower = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "flower", f"--port={port}",
              f"--basic-auth={auth}"],
@@ -146,12 +147,18 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
             if status != 200:
                 return None
             tasks = json.loads(body)
-            return [t for t in tasks.values() if t.get("name") == "teamster.step"] or None
+            return [t for t in tasks.values() if str(t.get("name")).startswith("t_linear.")] or None
 
         tasks = wait_until(task_listed, timeout=30, interval=0.5)
         assert any(f"'run_id': '{run_id}'" in str(t.get("kwargs")) for t in tasks)  # readable JSON args
         assert _get(f"http://127.0.0.1:{port}/api/tasks")[0] == 401  # the API needs the basic auth ...
         assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 200  # ... but /metrics does not: keep it private
+        assert {t["name"] for t in tasks} <= {"t_linear.summarize:t_summarize", "t_linear.label:t_label",
+                                             "t_linear.report"}  # findable by workflow, step and agent
+        os.killpg(worker.pid, 15)  # the worker that started the embedded Redis stops ...
+        worker.wait(30)
+        assert redis.Redis.from_url(record["url"]).ping()  # ... and Flower's Redis is still there
+        assert _get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200
     finally:
         for proc in (flower, worker):
             if proc is not None and proc.poll() is None:
@@ -160,3 +167,4 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, 9)
+        stop_embedded(load_settings(redis_url=None, embedded_dir=tmp_path / "embedded"))

@@ -16,6 +16,7 @@ from teamster.orchestrator.cli._common import console, state
 from teamster.orchestrator.cli.demo import demo
 from teamster.orchestrator.cli.dlq import dlq_app
 from teamster.orchestrator.cli.doctor import doctor
+from teamster.orchestrator.cli.embedded import redis_app
 from teamster.orchestrator.cli.ops import flower, watchdog, worker
 from teamster.orchestrator.cli.runs import journal, replay, runs_app, submit
 
@@ -68,6 +69,7 @@ app.add_typer(dlq_app, name="dlq", rich_help_panel="Operators")
 app.command("worker", rich_help_panel="Processes")(worker)
 app.command("watchdog", rich_help_panel="Processes")(watchdog)
 app.command("flower", rich_help_panel="Processes")(flower)
+app.add_typer(redis_app, name="redis", rich_help_panel="Processes")
 
 
 def main() -> None:

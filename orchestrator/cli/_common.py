@@ -58,7 +58,9 @@ def handle_errors(func: F) -> F:
 
 def _redis_unreachable(exc: BaseException) -> bool:
     redis = sys.modules.get("redis")  # not imported: then it cannot be a Redis error (and --help stays fast)
-    return redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+    kombu = sys.modules.get("kombu.exceptions")  # the broker connection (a Celery ping, a send) fails like this
+    return (redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))) or \
+        (kombu is not None and isinstance(exc, kombu.OperationalError))
 
 
 def _fail(line: str, hint: str, exc: BaseException) -> None:

@@ -6,10 +6,12 @@ explains every run that did not succeed with the exact commands to inspect and a
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -38,6 +40,10 @@ __all__ = ["demo", "TRIAGE_MODULE", "demo_tickets"]
 
 TRIAGE_MODULE = "teamster.examples.triage"
 WORKFLOW = "ticket_triage"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def demo_tickets(count: int | None) -> list[tuple[str, dict[str, str]]]:
@@ -257,6 +263,9 @@ def demo(
 
     started = time.monotonic()
     stack = LocalStack(settings, url, concurrency=concurrency, workflow_modules=modules, on_report=on_report)
+    # SIGTERM (kill, a supervisor) and SIGHUP (the terminal closed) stop the demo like Ctrl-C: its worker and
+    # watchdog are stopped, never left behind.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         try:
             with err_console.status("starting a local worker and watchdog…"):
@@ -274,6 +283,9 @@ def demo(
         err_console.print("[yellow]interrupted:[/] the local worker and watchdog were stopped; the runs submitted so "
                           "far stay in Redis (`teamster runs list`).", highlight=False)
         raise typer.Exit(130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     console.print(f"done in {time.monotonic() - started:.1f}s; the local worker and watchdog were stopped.",
                   highlight=False)
     _summary(client, items, embedded)

@@ -1,15 +1,22 @@
-"""``teamster doctor``: check the deployment and say what to fix."""
+"""``teamster doctor``: check the deployment and say what to fix -- for offline development or for production.
+
+Development (the default without ``TEAMSTER_REDIS_URL``): the embedded Redis and the offline scripted model are
+enough; a provider without credentials is a warning (``teamster demo`` needs none). Production (the default with
+``TEAMSTER_REDIS_URL``, or ``--for production``): the model providers' credentials, Redis persistence (AOF) and
+``noeviction`` are required.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from teamster.config.settings import TeamsterSettings, load_settings
+from teamster.config.settings import TeamsterSettings, load_settings, unknown_variables
 from teamster.errors import ConfigurationError, InvalidSettings
 from teamster.orchestrator.cli._common import console, handle_errors
 from teamster.orchestrator.cli._support import mask_url, new_table
@@ -17,6 +24,7 @@ from teamster.orchestrator.cli._support import mask_url, new_table
 __all__ = ["doctor", "Check", "run_checks"]
 
 Status = Literal["OK", "WARN", "FAIL", "SKIP"]
+Purpose = Literal["development", "production"]
 _STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
 
 
@@ -30,7 +38,7 @@ class Check:
     fix: str = ""
 
 
-def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
+def _redis_checks(settings: TeamsterSettings, purpose: Purpose) -> tuple[list[Check], str | None]:
     import redis  # noqa: PLC0415 - commands import what they use: `teamster --help` stays fast
 
     from teamster.config.embedded import resolve_redis_url  # noqa: PLC0415
@@ -61,14 +69,15 @@ def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
         if policy == "noeviction":
             checks.append(Check("Redis eviction", "OK", "maxmemory-policy noeviction"))
         else:
-            checks.append(Check("Redis eviction", "FAIL",
+            checks.append(Check("Redis eviction", "FAIL" if purpose == "production" else "WARN",
                                 f"maxmemory-policy is {policy}: under memory pressure Redis may evict run state "
                                 "and queued steps", "Set maxmemory-policy noeviction (redis.conf or CONFIG SET)."))
         if aof == "yes":
             checks.append(Check("Redis persistence", "OK", "AOF on (appendonly yes)"))
         else:
-            checks.append(Check("Redis persistence", "WARN", "AOF is off: a Redis crash can lose acknowledged "
-                                "commits and queued steps", "Set appendonly yes (appendfsync everysec)."))
+            checks.append(Check("Redis persistence", "FAIL" if purpose == "production" else "WARN",
+                                "AOF is off: a Redis restart can lose acknowledged commits and queued steps",
+                                "Set appendonly yes (appendfsync everysec)."))
         return checks, url
     except redis.RedisError as exc:
         return [Check("Redis", "FAIL", f"cannot reach {where}: {exc}",
@@ -78,8 +87,9 @@ def _redis_checks(settings: TeamsterSettings) -> tuple[list[Check], str | None]:
         conn.close()
 
 
-def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
-    """Run every check; returns the report and the settings (None when they are invalid)."""
+def run_checks(purpose: Purpose | None = None) -> tuple[list[Check], TeamsterSettings | None, Purpose]:
+    """Run every check for ``purpose`` (default: development without TEAMSTER_REDIS_URL, else production); returns
+    the report, the settings (None when they are invalid) and the purpose checked."""
     import redis  # noqa: PLC0415 - commands import what they use: `teamster --help` stays fast
 
     from teamster.agents.providers import check_provider  # noqa: PLC0415
@@ -94,9 +104,15 @@ def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
     except InvalidSettings as exc:
         checks.append(Check("settings", "FAIL", exc.message, exc.hint))
         rest = ("Redis", "workflow modules", "model providers", "workers", "dead-letter queue")
-        return checks + [Check(name, "SKIP", "needs valid settings") for name in rest], None
+        return checks + [Check(name, "SKIP", "needs valid settings") for name in rest], None, \
+            purpose or "development"
+    purpose = purpose or ("production" if settings.redis_url else "development")
     checks.append(Check("settings", "OK", f"key prefix {settings.key_prefix!r}, model {settings.model}"))
-    redis_checks, url = _redis_checks(settings)
+    for name, suggestion in unknown_variables():
+        checks.append(Check("settings", "WARN", f"{name} is not a teamster setting: it is ignored",
+                            f"Did you mean {suggestion}?" if suggestion else
+                            "Remove it, or see `teamster doctor --settings` for the settings there are."))
+    redis_checks, url = _redis_checks(settings, purpose)
     checks += redis_checks
     modules = ", ".join(settings.workflow_modules) or "none"
     try:
@@ -111,12 +127,19 @@ def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
             ref = check_provider(provider, settings)
             note = " (offline scripted model: no real LLM)" if ref.kind == "scripted" else ""
             checks.append(Check("model provider", "OK", f"{provider}: extra and credentials found{note}"))
+            if ref.kind == "scripted" and purpose == "production":
+                checks[-1] = Check("model provider", "WARN", f"{provider}: the offline scripted model answers every "
+                                   "step: no real LLM is called", "Set TEAMSTER_MODEL (e.g. bedrock:MODEL-ID).")
         except ConfigurationError as exc:
-            checks.append(Check("model provider", "FAIL", f"{provider}: {exc.message}", exc.hint))
+            if purpose == "development":
+                checks.append(Check("model provider", "WARN", f"{provider}: {exc.message} -- fine offline: "
+                                    "`teamster demo` and TEAMSTER_MODEL=scripted need no credentials", exc.hint))
+            else:
+                checks.append(Check("model provider", "FAIL", f"{provider}: {exc.message}", exc.hint))
     if url is None:
         checks.append(Check("workers", "SKIP", "needs Redis"))
         checks.append(Check("dead-letter queue", "SKIP", "needs Redis"))
-        return checks, settings
+        return checks, settings, purpose
     try:
         workers = ping_workers(settings, url, timeout=1.0)
     except Exception as exc:  # noqa: BLE001 - a broker error is a finding, not a crash
@@ -138,7 +161,7 @@ def run_checks() -> tuple[list[Check], TeamsterSettings | None]:
             checks.append(Check("dead-letter queue", "OK", "no open entries"))
     except redis.RedisError as exc:
         checks.append(Check("dead-letter queue", "FAIL", f"cannot read it: {exc}", "Check Redis."))
-    return checks, settings
+    return checks, settings, purpose
 
 
 def _settings_table(settings: TeamsterSettings) -> Table:
@@ -158,9 +181,15 @@ def _settings_table(settings: TeamsterSettings) -> Table:
 def doctor(
     show_settings: Annotated[bool, typer.Option("--settings/--no-settings", help="Also print every effective "
                                                 "TEAMSTER_* setting.")] = False,
+    purpose: Annotated[Purpose | None, typer.Option(
+        "--for", help="What to check for: `development` (offline: embedded Redis, scripted model) or `production` "
+        "(credentials, persistence and noeviction required). Default: development without TEAMSTER_REDIS_URL, "
+        "production with it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
-    """Check the deployment and say what to fix: settings, Redis (reachable, version, `noeviction`, AOF),
-    workflow modules, model provider extras and credentials, live workers, open dead-letter entries.
+    """Check the deployment and say what to fix: settings (and unknown TEAMSTER_* variables), Redis (reachable,
+    version, `noeviction`, AOF), workflow modules, model provider extras and credentials, live workers, open
+    dead-letter entries -- for offline development or for production, and says which it checked.
 
     Exit code 1 when any check FAILs (warnings do not fail).
 
@@ -168,10 +197,20 @@ def doctor(
 
     ```
     teamster doctor
-    teamster doctor --settings
+    teamster doctor --for production --settings
     ```
     """
-    checks, settings = run_checks()
+    checks, settings, checked = run_checks(purpose)
+    failed = [c.name for c in checks if c.status == "FAIL"]
+    if as_json:
+        typer.echo(json.dumps({"checked_for": checked, "ready": not failed,
+                               "checks": [asdict(c) for c in checks]}))
+        if failed:
+            raise typer.Exit(1)
+        return
+    what = ("offline development (embedded Redis, scripted model)" if checked == "development"
+            else "production (real model credentials, Redis persistence and noeviction required)")
+    console.print(f"checking: ready for {what}", highlight=False)
     if show_settings and settings is not None:
         console.print(_settings_table(settings))
     table = new_table("teamster doctor")
@@ -182,9 +221,12 @@ def doctor(
         detail = escape(check.detail) + (f"\n[bold]fix:[/] {escape(check.fix)}" if check.fix else "")
         table.add_row(escape(check.name), f"[{_STYLE[check.status]}]{check.status}[/]", detail)
     console.print(table)
-    failed = [c.name for c in checks if c.status == "FAIL"]
     if failed:
-        console.print(f"[bold red]{len(failed)} check(s) failed:[/] {escape(', '.join(failed))}", highlight=False)
+        console.print(f"[bold red]not ready for {checked}: {len(failed)} check(s) failed:[/] "
+                      f"{escape(', '.join(failed))}", highlight=False)
         raise typer.Exit(1)
     warned = sum(1 for c in checks if c.status == "WARN")
-    console.print("[green]all checks passed[/]" + (f" ({warned} warning(s))" if warned else ""), highlight=False)
+    console.print(f"[green]all checks passed: ready for {checked}[/]" + (f" ({warned} warning(s))" if warned else ""),
+                  highlight=False)
+    if checked == "development":
+        console.print("[dim]for a deployment: `teamster doctor --for production`[/]", highlight=False)

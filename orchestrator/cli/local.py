@@ -163,15 +163,16 @@ class LocalStack:
 
 @contextlib.contextmanager
 def _ignore_sigint() -> Iterator[None]:
-    """Ignore a second Ctrl-C while shutting down (only possible from the main thread)."""
+    """Ignore a second Ctrl-C (or SIGTERM, SIGHUP) while shutting down (only possible from the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def wait_settled(client: Client, run_id: str, timeout: float, *, poll: float = 0.1) -> RunRecord:

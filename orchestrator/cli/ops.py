@@ -57,6 +57,9 @@ def worker(
                                                  "`teamster-PID@HOST`).")] = None,
     beat: Annotated[bool, typer.Option("--beat", "-B", help="Embed celery beat: runs the watchdog schedule "
                                        "(run exactly one beat per deployment).")] = False,
+    redis_wait: Annotated[float, typer.Option("--redis-wait", min=0, help="Seconds to wait for Redis at start-up "
+                                              "before giving up with one line (compose starts both together).")]
+    = 60.0,
 ) -> None:
     """Run a worker: a Celery worker on teamster's queues (threads pool, events on for Flower).
 
@@ -75,9 +78,48 @@ def worker(
     settings = load_settings()
     argv = worker_argv(settings, concurrency=concurrency, pool=pool, queues=queues, loglevel=loglevel,
                        hostname=hostname, beat=beat)
-    from teamster.tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
+    from teamster.config.embedded import resolve_redis_url  # noqa: PLC0415 - keeps `teamster --help` fast
+    from teamster.orchestrator.client import load_workflow_modules  # noqa: PLC0415
+
+    load_workflow_modules(settings)  # a bad TEAMSTER_WORKFLOW_MODULES is one line here, not a Celery traceback
+    wait_for_redis(resolve_redis_url(settings), redis_wait)
+    from teamster.tasks.app import app as celery_app  # noqa: PLC0415
 
     celery_app.worker_main(argv)
+
+
+def wait_for_redis(url: str, seconds: float) -> None:
+    """Return once Redis at ``url`` answers; say that we wait, and fail with one line after ``seconds``.
+
+    Raises:
+        StoreUnavailable: Redis did not answer in time.
+    """
+    import time  # noqa: PLC0415
+
+    import redis  # noqa: PLC0415
+
+    from teamster.errors import StoreUnavailable  # noqa: PLC0415
+    from teamster.orchestrator.cli._support import mask_url  # noqa: PLC0415
+
+    deadline = time.monotonic() + seconds
+    said = False
+    while True:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(f"cannot reach Redis at {mask_url(url)}: {exc}",
+                                       hint="Start Redis (or fix TEAMSTER_REDIS_URL); `teamster doctor` checks it. "
+                                            "--redis-wait sets how long the worker waits.") from None
+            if not said:
+                console.print(f"waiting for Redis at {escape(mask_url(url))} (up to {seconds:g}s) ...",
+                              highlight=False)
+                said = True
+            time.sleep(1.0)
+        finally:
+            client.close()
 
 
 def flower_argv(port: int, address: str, basic_auth: str | None, url_prefix: str | None = None) -> list[str]:
@@ -122,10 +164,29 @@ def flower(
     ```
     """
     load_settings()
+    if not basic_auth and address not in ("127.0.0.1", "localhost", "::1"):
+        raise InvalidInput(f"refusing to serve Flower on {address} without --basic-auth: anyone who reaches the port "
+                           "could revoke tasks and shut workers down",
+                           hint="Set FLOWER_BASIC_AUTH=user:password (or --basic-auth), or keep --address 127.0.0.1.")
+    _check_port(address, port)
     argv = flower_argv(port, address, basic_auth, url_prefix)
     from teamster.tasks.app import app as celery_app  # noqa: PLC0415 - importing it resolves (may start) Redis
 
     celery_app.start(argv=argv)
+
+
+def _check_port(address: str, port: int) -> None:
+    """Fail with one line when the port is taken (instead of Flower's traceback after start-up)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            raise InvalidInput(f"cannot serve Flower on {address}:{port}: {exc.strerror or exc}",
+                               hint=f"Another process (another Flower?) uses port {port}: stop it, or pick another "
+                                    "with --port.") from None
 
 
 def _report_line(report: WatchdogReport) -> str:

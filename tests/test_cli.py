@@ -36,6 +36,8 @@ from tests.harness import Worker
 pytestmark = pytest.mark.integration
 
 RESOLVE_OUTPUT = '{"approved": true, "issues": []}'
+SKELETON = '{"approved": "<fill in: true or false>", "issues": ["<fill in: string>"]}'
+"""What `dlq show` suggests for policy_review: refused until every placeholder is replaced."""
 ENTRY_RE = r"run_[0-9a-f]+:{step}:\d+"
 
 
@@ -45,11 +47,11 @@ def _ticket(ticket_id: str) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def _wide_console() -> Iterator[None]:
-    """Wide consoles, so tables never fold ids in assertions."""
-    widths = console.width, err_console.width
+    """Wide consoles, so every column stays in the tables and commands stay on one line in assertions."""
+    widths = console._width, err_console._width  # None: the width follows the terminal and $COLUMNS
     console.width = err_console.width = 220
     yield
-    console.width, err_console.width = widths
+    console._width, err_console._width = widths
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def test_dlq_resolve_needs_human_then_run_succeeds(worker: Worker) -> None:
     assert f"run {run_id} is needs_human" in result.output
     entry_id = re.search(ENTRY_RE.format(step="policy_review"), result.output).group(0)  # type: ignore[union-attr]
     assert entry_id.startswith(run_id)
-    assert f"teamster dlq resolve {entry_id} --output '{RESOLVE_OUTPUT}' --by you" in result.output
+    assert f"teamster dlq resolve {entry_id} --output '{SKELETON}' --by you" in result.output
 
     listed = cli("dlq", "list", "--run", run_id)
     assert listed.exit_code == 0 and entry_id in listed.output and "needs_human" in listed.output
@@ -159,7 +161,7 @@ def test_dlq_resolve_needs_human_then_run_succeeds(worker: Worker) -> None:
     assert shown.exit_code == 0, shown.output
     for text in ("needs_human", "Refund of $850.00", "retryable", "attempts", "state version", "trace id",
                  "human_review()", "details:", "input:", '"refund_amount": 850.0', "journal excerpt",
-                 "What you can do", f"teamster dlq resolve {entry_id} --output '{RESOLVE_OUTPUT}' --by you",
+                 "What you can do", f"teamster dlq resolve {entry_id} --output '{SKELETON}' --by you",
                  f"teamster dlq retry {entry_id}", f"teamster dlq discard {entry_id}"):
         assert text in shown.output, text
 
@@ -372,6 +374,20 @@ def _embedded_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _embedded_alive(tmp_path: Path) -> bool:
+    """Whether the embedded Redis a test process started still answers."""
+    record = tmp_path / "embedded" / "embedded.json"
+    if not record.exists():
+        return False
+    client = redis.Redis.from_url(json.loads(record.read_text())["url"], socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def _shutdown_embedded(tmp_path: Path) -> bool:
     """Stop an embedded Redis a test process left behind (returns whether one was still running)."""
     record = tmp_path / "embedded" / "embedded.json"
@@ -417,12 +433,13 @@ def test_demo_then_operator_commands_on_the_embedded_redis(tmp_path: Path) -> No
         human = re.search(ENTRY_RE.format(step="policy_review"), out).group(0)  # type: ignore[union-attr]
         assert re.search(r"teamster runs show run_[0-9a-f]+", out)
         assert f"teamster dlq show {escalated}" in out
-        assert f"teamster dlq resolve {human} --output '{RESOLVE_OUTPUT}' --by you" in out
+        assert f"teamster dlq resolve {human} --output '{RESOLVE_OUTPUT}' --by you --wait" in out  # runs as pasted
         node = re.search(r"local worker (teamster-local-[0-9a-f]+)@", out).group(1)  # type: ignore[union-attr]
         assert not _process_running(node), "the demo's worker outlived it"
-        assert not _shutdown_embedded(tmp_path), "the demo's embedded Redis outlived it"
+        # the embedded Redis is a daemon with its own lifecycle (`teamster redis stop`): it outlives the demo
+        assert _embedded_alive(tmp_path), "the demo's embedded Redis is gone: the next commands would not find the runs"
 
-        # Another shell, the Redis restarted from its AOF: no worker runs, so --wait starts a temporary one
+        # Another shell, the same embedded Redis: no worker runs, so --wait starts a temporary one
         # (with the scripted model the run used, although TEAMSTER_MODEL is unset here).
         retry = subprocess.run(_python_cli("dlq", "retry", escalated, "--by", "tester", "--wait", "--timeout", "60"),
                                env=env, capture_output=True, text=True, timeout=120)

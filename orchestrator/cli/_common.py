@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -15,8 +16,61 @@ from teamster.errors import TeamsterError
 
 __all__ = ["console", "err_console", "handle_errors", "state"]
 
-console = Console()
-err_console = Console(stderr=True)
+_TRAILING_SPACES = re.compile(r" +((?:\x1b\[[0-9;]*m)*)(?=\n)")
+
+
+class _StdStream:
+    """Writes to ``sys.stdout`` / ``sys.stderr`` as they are at write time; to a pipe or a file, without spaces at
+    the end of lines (rich pads table cells, and the lines it wraps, to the console width)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._held = ""  # spaces ending the last write to _held_for: dropped if a newline follows, else written
+        self._held_for: object = None
+
+    @property
+    def target(self) -> IO[str]:
+        stream: IO[str] = getattr(sys, self.name)
+        return getattr(stream, "rich_proxied_file", stream)  # a rich Live display redirects sys.stdout
+
+    def isatty(self) -> bool:
+        isatty = getattr(self.target, "isatty", None)
+        return bool(isatty()) if isatty is not None else False
+
+    def write(self, text: str) -> int:
+        target = self.target
+        if self.isatty():
+            return target.write(text)
+        held = self._held if self._held_for is target else ""
+        text = _TRAILING_SPACES.sub(r"\1", held + text)
+        body = text.rstrip(" ")
+        self._held, self._held_for = text[len(body):], target
+        target.write(body)
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return str(getattr(self.target, "encoding", None) or "utf-8")
+
+
+class _Console(Console):
+    """The CLI's console. Its width follows the terminal and ``$COLUMNS`` each time it prints (rich reads
+    ``$COLUMNS`` once, when a console is created, and these two are created at import); written to a pipe or a
+    file, no line ends in spaces."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        super().__init__(file=cast("IO[str]", _StdStream("stderr" if stderr else "stdout")), stderr=stderr)
+        self._width = None  # not frozen: `size` reads the terminal and $COLUMNS at call time
+
+
+console: Console = _Console()
+err_console: Console = _Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -26,6 +26,11 @@ def _join(*parts: object) -> str:
     return ", ".join(str(p) for p in parts if p not in (None, "", [], {}))
 
 
+def _text(value: Any, limit: int = 80) -> str:
+    """Free text or a payload, cut at ``limit`` characters (saying so); ids and names are never cut."""
+    return short_json(value, limit) if value not in (None, "", [], {}) else ""
+
+
 def _content(content: Any) -> str:
     if isinstance(content, list):
         texts = [str(c.get("text")) for c in content if isinstance(c, dict) and c.get("text") is not None]
@@ -53,7 +58,7 @@ def _model_call(data: dict[str, Any]) -> str:
 _SUMMARIES: dict[str, _Summary] = {
     "run_created": lambda d: _join(d.get("workflow"), f"key {d['idempotency_key']}" if d.get("idempotency_key") else "",
                                    f"trace {d.get('trace_id')}" if d.get("trace_id") else ""),
-    "step_queued": lambda d: _join(d.get("kind"), d.get("reason")),
+    "step_queued": lambda d: _join(d.get("kind"), _text(d.get("reason"))),
     "step_start": lambda d: _join(f"worker {d.get('worker')}", f"token {d.get('token')}",
                                   "takeover" if d.get("takeover") else "", d.get("agent"),
                                   f"state v{d.get('state_version')}" if d.get("state_version") is not None else ""),
@@ -62,33 +67,48 @@ _SUMMARIES: dict[str, _Summary] = {
                                    if d.get("recorded_responses") else ""),
     "model_call": _model_call,
     "tool_call": lambda d: _join(d.get("tool"), short_json(d.get("input"), 60)),
-    "tool_result": lambda d: _join(d.get("tool"), d.get("status"), _content(d.get("content")), d.get("error")),
+    "tool_result": lambda d: _join(d.get("tool"), d.get("status"), _content(d.get("content")),
+                                   _text(d.get("error"), 60)),
     "validation": lambda d: _join(d.get("stage"), "ok" if d.get("ok") else f"failed: {short_json(d.get('error'), 60)}"),
-    "criterion": lambda d: _join(d.get("name"), "ok" if d.get("ok") else f"failed: {d.get('message', '')}"),
+    "criterion": lambda d: _join(d.get("name"), "ok" if d.get("ok") else f"failed: {_text(d.get('message'), 60)}"),
     "outcome": _outcome,
     "retry": lambda d: _join(d.get("error_type"), short_json(d.get("message", ""), 50),
                              f"next attempt {d.get('next_attempt')}/{d.get('max_attempts')} in "
                              f"{fmt_duration(d.get('delay_seconds'))}"),
     "commit": lambda d: _join(f"state v{d.get('state_version')}", f"by {d.get('by')}" if d.get("by") else "",
-                              d.get("reason"), f"queued {d['queued']}" if d.get("queued") else ""),
+                              _text(d.get("reason")), f"queued {d['queued']}" if d.get("queued") else ""),
+    "step_skipped": lambda d: _join(f"state v{d.get('state_version')}", _text(d.get("reason")),
+                                    f"queued {d['queued']}" if d.get("queued") else ""),
+    "commit_rejected": lambda d: _join(f"guard {d.get('guard')}", f"found {_text(d.get('found'), 40)}",
+                                       f"token {d.get('token')}"),
+    "step_cancelled": lambda d: _text(d.get("reason")),
+    "run_cancelled": lambda d: _join(f"by {d.get('by')}", _text(d.get("reason")),
+                                     f"steps {', '.join(map(str, d['steps_cancelled']))}"
+                                     if d.get("steps_cancelled") else ""),
+    "tool_abandoned": lambda d: _join(d.get("tool"), _text(d.get("reason"))),
     "run_succeeded": lambda d: short_json(d.get("output"), 80),
     "dead_lettered": lambda d: _join(d.get("error_type"), short_json(d.get("message", ""), 50),
                                      f"entry {d.get('entry_id')}", d.get("escalation")),
-    "dlq_retry": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason"),
+    "dlq_retry": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", _text(d.get("reason")),
                                  f"state patch {short_json(d['state_patch'], 40)}" if d.get("state_patch") else ""),
-    "dlq_resolve": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason"),
+    "dlq_resolve": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", _text(d.get("reason")),
                                    short_json(d.get("output"), 50)),
-    "dlq_discard": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", d.get("reason")),
+    "dlq_discard": lambda d: _join(f"entry {d.get('entry_id')}", f"by {d.get('by')}", _text(d.get("reason"))),
     "lease_expired": lambda d: _join(f"worker {d.get('worker')}", f"token {d.get('token')}", d.get("action")),
-    "requeued": lambda d: str(d.get("reason", "")),
+    "requeued": lambda d: _text(d.get("reason")),
 }
 
 
 def summarize_event(event_type: str, data: dict[str, Any], limit: int = 110) -> str:
-    """A short human summary of one journal event's data."""
+    """A short human summary of one journal event's data.
+
+    Free text and payloads are cut (marked ``[+N chars]``; ``teamster journal --json`` prints them whole); ids,
+    names and numbers never are. An event of another type is summarised as its JSON, cut at ``limit``.
+    """
     func = _SUMMARIES.get(event_type)
+    if func is None:
+        return short_json(data, limit)
     try:
-        text = func(data) if func is not None else short_json(data, limit)
+        return func(data)
     except Exception:  # noqa: BLE001 - an unexpected shape still gets a summary
-        text = short_json(data, limit)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return short_json(data, limit)

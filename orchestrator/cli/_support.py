@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import typer
 from pydantic import BaseModel
 from rich import box
+from rich.cells import cell_len
+from rich.json import JSON
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import InvalidInput
@@ -23,6 +31,7 @@ from teamster.orchestrator.workflow import get_workflow
 
 if TYPE_CHECKING:
     from teamster.orchestrator.client import Client
+    from teamster.orchestrator.journal import Redactor
 
 __all__ = [
     "make_client",
@@ -47,7 +56,21 @@ __all__ = [
     "require_by",
     "STATUS_STYLE",
     "mask_url",
+    "Column",
+    "print_table",
+    "print_json_block",
+    "echo_json",
+    "command_lines",
+    "print_command",
+    "print_note",
+    "redactor",
+    "redacted",
+    "redacted_dump",
+    "PLACEHOLDER",
+    "placeholder_paths",
 ]
+
+M = TypeVar("M", bound=BaseModel)
 
 STATUS_STYLE: dict[str, str] = {
     "succeeded": "green",
@@ -192,10 +215,16 @@ def styled_status(status: str) -> str:
 
 
 def short_json(value: Any, limit: int = 80) -> str:
-    """Compact one-line JSON, cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    """Compact one-line JSON (or text). Longer than ``limit`` characters (by more than a few), it is cut at about
+    ``limit`` and says so: ``... [+N chars]`` (``--json`` outputs print the whole)."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str,
+                                                            ensure_ascii=False)
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit + 16:  # cutting less than the marker adds would only hide text
+        return text
+    space = text.rfind(" ", limit - 15, limit + 1)
+    cut = space if space > 0 else limit
+    return f"{text[:cut]} [+{len(text) - cut} chars]"
 
 
 def is_settled(run: RunRecord) -> bool:
@@ -203,35 +232,329 @@ def is_settled(run: RunRecord) -> bool:
     return run.status in RUN_TERMINAL or run.status in RUN_WAITING
 
 
+# --------------------------------------------------------------------------- tables, JSON and commands
+
+_GAP = 2
+"""Columns of :func:`print_table` are this many spaces apart."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of :func:`print_table`.
+
+    Attributes:
+        header: The header.
+        short: A shorter header, used when the table is tight.
+        justify: Cell alignment.
+        whole: Never wrapped or cut (ids, times, numbers): the column is as wide as its widest cell.
+        min_width: The narrowest a wrapping column may get (when it cannot, a ``below`` column moves out).
+        below: When the table does not fit the console, the column leaves it and its values follow the table,
+            one line per row (``ROW-KEY HEADER: value``), instead of squeezing the other columns.
+    """
+
+    header: str
+    short: str | None = None
+    justify: Literal["left", "right"] = "left"
+    whole: bool = False
+    min_width: int = 10
+    below: bool = False
+
+
+def _cell_width(plain: str) -> int:
+    return max((cell_len(line) for line in plain.split("\n")), default=0)
+
+
+def _longest_word(plain: str) -> int:
+    return max((cell_len(word) for word in plain.split()), default=0)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    kept: list[int]
+    headers: list[str]
+    widths: list[int] | None  # None: nothing fits, every column wraps
+
+
+def _layout(columns: Sequence[Column], plain_rows: Sequence[Sequence[str]], width: int) -> _Layout:
+    """Which columns stay, under which headers, how wide: ids and other whole columns are never cut."""
+    movable = [i for i in reversed(range(len(columns))) if columns[i].below]  # the rightmost moves out first
+    # first every column as wide as its content under its full header; then short headers with wrapping columns;
+    # then without the `below` columns, one after the other
+    for short in (False, True):
+        for moved in range(len(movable) + 1 if short else 1):
+            kept = [i for i in range(len(columns)) if i not in movable[:moved]]
+            headers = [(columns[i].short or columns[i].header) if short else columns[i].header for i in kept]
+            natural = [max([cell_len(h)] + [_cell_width(row[i]) for row in plain_rows])
+                       for i, h in zip(kept, headers, strict=True)]
+            least = [n if columns[i].whole or not short else min(n, max(columns[i].min_width, _longest_word(h)))
+                     for i, h, n in zip(kept, headers, natural, strict=True)]
+            room = width - _GAP * (len(kept) - 1)
+            if sum(least) > room:
+                continue
+            widths, extra = list(least), room - sum(least)
+            while extra > 0:
+                growing = [k for k in range(len(kept)) if widths[k] < natural[k]]
+                if not growing:
+                    break
+                share = max(1, extra // len(growing))
+                for k in growing:
+                    add = min(share, natural[k] - widths[k], extra)
+                    widths[k] += add
+                    extra -= add
+            return _Layout(kept, headers, widths)
+    kept = [i for i in range(len(columns)) if not columns[i].below]
+    return _Layout(kept, [columns[i].short or columns[i].header for i in kept], None)
+
+
+def print_table(title: str | None, columns: Sequence[Column], rows: Sequence[Sequence[str]], *, key: int = 0,
+                every: str = "every row") -> None:
+    """Print a table that fits the console without cutting a character.
+
+    Whole columns (ids) keep their values on one line; other columns wrap, folding a word only when it is longer
+    than the column; when even that does not fit, shorter headers are used, then ``below`` columns leave the table
+    and their values follow it, one line per row, named by the row's ``key`` cell.
+
+    Args:
+        title: A line printed before the table (rich markup), or None.
+        columns: The columns.
+        rows: Cells as rich markup, one list per row.
+        key: The column that names a row in the lines under the table.
+        every: How the lines under the table name all rows when a moved column holds one value for all of them
+            (e.g. ``"every step"``).
+    """
+    plain_rows = [[Text.from_markup(cell).plain for cell in row] for row in rows]
+    empty = [i for i, column in enumerate(columns)  # an optional column with nothing to show is left out
+             if column.below and all(row[i].strip() in ("", "-") for row in plain_rows)]
+    if empty:
+        columns = [column for i, column in enumerate(columns) if i not in empty]
+        rows = [[cell for i, cell in enumerate(row) if i not in empty] for row in rows]
+        plain_rows = [[cell for i, cell in enumerate(row) if i not in empty] for row in plain_rows]
+        key -= sum(1 for i in empty if i < key)
+    layout = _layout(columns, plain_rows, console.width)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for n, (i, header) in enumerate(zip(layout.kept, layout.headers, strict=True)):
+        column = columns[i]
+        if layout.widths is None:
+            table.add_column(header, justify=column.justify, overflow="fold")
+        else:
+            table.add_column(header, justify=column.justify, width=layout.widths[n], no_wrap=column.whole,
+                             overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in layout.kept))
+    if title:
+        console.print(title, highlight=False)
+    console.print(table)
+    for i, column in enumerate(columns):
+        if i in layout.kept:
+            continue
+        filled = [(row, plain) for row, plain in zip(rows, plain_rows, strict=True)
+                  if plain[i].strip() and plain[i].strip() != "-"]
+        if len(rows) > 1 and len(filled) == len(rows) and len({plain[i] for _, plain in filled}) == 1:
+            print_note(f"{escape(column.header)} ({escape(every)}): {filled[0][0][i]}")
+            continue
+        for row, _ in filled:
+            print_note(f"[bold]{row[key]}[/] {escape(column.header)}: {row[i].replace(chr(10), ' ')}")
+
+
+def print_note(markup: str, indent: int = 2) -> None:
+    """Print a line of rich markup indented, its wrapped continuation lines too."""
+    console.print(Padding(Text.from_markup(markup), (0, 0, 0, indent), expand=False))
+
+
+def print_json_block(value: Any) -> None:
+    """Indented JSON for people, a line longer than the console wrapped under its own indentation (``--json``
+    outputs print JSON for programs)."""
+    text = JSON(json.dumps(value, default=str, ensure_ascii=False)).text
+    for line in text.split("\n"):
+        indent = len(line.plain) - len(line.plain.lstrip(" "))
+        body = line[indent:]
+        body.no_wrap, body.overflow = False, "fold"
+        console.print(Padding(body, (0, 0, 0, indent), expand=False))
+
+
+def echo_json(value: Any) -> None:
+    """Print ``value`` as one JSON document on standard output (nothing else goes there)."""
+    typer.echo(json.dumps(value, indent=2, default=str, ensure_ascii=False))
+
+
+def _arg(token: str) -> str:
+    return token if shlex.quote(token) == token else _quote(token)
+
+
+def command_lines(command: str, width: int, indent: str = "  ") -> list[str]:
+    """``command`` as lines of at most ``width`` columns that still run when pasted into a shell.
+
+    A command that fits stays one line. A longer one is split between its arguments with ``\\`` line
+    continuations (an option stays with its value), and a JSON argument too long for a line is spread over
+    several lines inside its quotes (JSON allows the line breaks).
+    """
+    if cell_len(indent + command) <= width:
+        return [indent + command]
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return [indent + command]
+    more = indent + "    "
+    out: list[str] = []
+    line = indent
+
+    def add(piece: str) -> None:
+        nonlocal line
+        fresh = not line.strip()
+        candidate = line + ("" if fresh else " ") + piece
+        if fresh or cell_len(candidate) + 2 <= width:
+            line = candidate
+        else:
+            out.append(line + " \\")
+            line = more + piece
+
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        value = tokens[i + 1] if token.startswith("-") and i + 1 < len(tokens) and \
+            not tokens[i + 1].startswith("-") else None
+        i += 1 if value is None else 2
+        if value is None:
+            add(_arg(token))
+            continue
+        piece = f"{_arg(token)} {_arg(value)}"
+        parsed = _json_container(value)
+        if parsed is None or cell_len(more + piece) <= width:
+            add(piece)
+            continue
+        first, *rest = json.dumps(parsed, indent=2, ensure_ascii=False).splitlines()
+        quoted = _quote("\n".join([first, *(more + part for part in rest)])).split("\n")
+        add(f"{_arg(token)} {quoted[0]}")
+        for part in quoted[1:]:  # inside the quotes: no continuation backslash
+            out.append(line)
+            line = part
+    out.append(line)
+    return out
+
+
+def _json_container(text: str) -> dict[str, Any] | list[Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict | list) and value else None
+
+
+def print_command(command: str, indent: str = "  ") -> None:
+    """Print a command to copy: it fits the console, and pasted into a shell it runs as given."""
+    for line in command_lines(command, console.width, indent):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+def redactor(settings: TeamsterSettings | None = None) -> Redactor:
+    """The journal's redaction (built-in patterns, ``TEAMSTER_REDACT_PATTERNS``, registered hooks) for CLI
+    output: secrets in step data are never printed."""
+    from teamster.orchestrator.journal import Redactor  # noqa: PLC0415 - keeps `teamster --help` fast
+
+    return Redactor((settings or load_settings()).redact_patterns)
+
+
+def redacted_dump(model: BaseModel, redact: Redactor) -> dict[str, Any]:
+    """``model`` as JSON-ready data with secrets replaced by ``[REDACTED]``."""
+    data: dict[str, Any] = redact(model.model_dump(mode="json"))
+    return data
+
+
+def redacted(model: M, redact: Redactor) -> M:
+    """A copy of ``model`` with secrets replaced by ``[REDACTED]``, for printing."""
+    return type(model).model_validate(redacted_dump(model, redact))
+
+
 # --------------------------------------------------------------------------- examples and next steps
 
 
+PLACEHOLDER = "<fill in:"
+"""How every leaf of an output skeleton begins: ``teamster dlq resolve`` refuses an output that still holds one."""
+
+_TYPE_WORDS = {"string": "string", "integer": "integer", "number": "number", "boolean": "true or false",
+               "object": "JSON object", "array": "list"}
+
+
+def _placeholder(what: str) -> str:
+    return f"{PLACEHOLDER} {what}>"
+
+
+def _placeholder_words(value: Any) -> str | None:
+    if isinstance(value, str) and value.startswith(PLACEHOLDER) and value.endswith(">"):
+        return value[len(PLACEHOLDER):-1].strip()
+    return None
+
+
 def _example_value(schema: dict[str, Any], defs: dict[str, Any], depth: int = 0) -> Any:
-    if depth > 6:
-        return None
+    if depth > 8:
+        return _placeholder("any JSON value")
     if "$ref" in schema:
         return _example_value(defs.get(str(schema["$ref"]).rsplit("/", 1)[-1], {}), defs, depth + 1)
     if "const" in schema:
-        return schema["const"]
-    if "enum" in schema and schema["enum"]:
-        return schema["enum"][0]
+        return schema["const"]  # the only value allowed: nothing to fill in
+    if schema.get("enum"):
+        choices = [v if isinstance(v, str) else json.dumps(v) for v in schema["enum"]]
+        return _placeholder("one of " + "|".join(choices))
     for key in ("anyOf", "oneOf", "allOf"):
         if key in schema:
-            options = [s for s in schema[key] if s.get("type") != "null"]
-            return _example_value(options[0], defs, depth + 1) if options else None
+            options = [s for s in schema[key] if isinstance(s, dict)]
+            nullable = any(s.get("type") == "null" for s in options)
+            values = [_example_value(s, defs, depth + 1) for s in options if s.get("type") != "null"]
+            if not values:
+                return None
+            containers = [v for v in values if _placeholder_words(v) is None]
+            if containers:
+                return containers[0]  # an object or a list: its skeleton
+            words = [str(_placeholder_words(v)) for v in values] + (["null"] if nullable else [])
+            return _placeholder(" or ".join(dict.fromkeys(words)))  # scalars: one placeholder naming every choice
     kind = schema.get("type")
-    if kind == "object":
-        props = schema.get("properties", {})
-        return {name: _example_value(sub, defs, depth + 1) for name, sub in props.items()}
-    return {"boolean": True, "string": "...", "integer": 0, "number": 0, "array": [], "null": None}.get(
-        str(kind), None)
+    if isinstance(kind, list):
+        kinds = [str(k) for k in kind if k != "null"]
+        return _placeholder(" or ".join(_TYPE_WORDS.get(k, k) for k in kinds) + (" or null" if "null" in kind else ""))
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        if props:
+            return {name: _example_value(sub, defs, depth + 1) for name, sub in props.items()}
+        extra = schema.get("additionalProperties")
+        value = _example_value(extra, defs, depth + 1) if isinstance(extra, dict) else _placeholder("any JSON value")
+        return {_placeholder("key"): value}
+    if kind == "array":
+        if isinstance(schema.get("prefixItems"), list):
+            return [_example_value(sub, defs, depth + 1) for sub in schema["prefixItems"]]
+        items = schema.get("items")
+        return [_example_value(items, defs, depth + 1) if isinstance(items, dict) else _placeholder("any JSON value")]
+    if kind == "null":
+        return None
+    return _placeholder(_TYPE_WORDS.get(str(kind), "any JSON value"))
 
 
 def example_output(model: type[BaseModel]) -> str:
-    """A JSON skeleton of ``model`` (every field, with placeholder values) for ``dlq resolve --output``."""
+    """A JSON skeleton of ``model`` for ``dlq resolve --output``: every field, each leaf a placeholder such as
+    ``"<fill in: string>"``, ``"<fill in: true or false>"`` or ``"<fill in: one of low|normal|high>"`` (a list
+    holds one placeholder item). It cannot be submitted unchanged: ``dlq resolve`` refuses placeholders."""
     schema = model.model_json_schema()
     value = _example_value(schema, schema.get("$defs", {}))
-    return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def placeholder_paths(value: Any, path: str = "") -> list[str]:
+    """Where ``value`` still holds a ``<fill in: ...>`` placeholder (in a string or a key), as paths like
+    ``issues[0]`` or ``classify.urgency`` (``$`` is the value itself)."""
+    if isinstance(value, str):
+        return [path or "$"] if PLACEHOLDER in value else []
+    out: list[str] = []
+    if isinstance(value, dict):
+        for name, item in value.items():
+            sub = f"{path}.{name}" if path else str(name)
+            found = placeholder_paths(item, sub)
+            out += found if found or PLACEHOLDER not in str(name) else [sub]
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            out += placeholder_paths(item, f"{path}[{index}]")
+    return out
 
 
 def step_example_output(workflow: str, step_id: str, module: str | None = None) -> str | None:
@@ -305,10 +628,10 @@ def run_next_steps(run: RunRecord) -> list[str]:
 
 
 def print_commands(commands: list[str], *, title: str = "Next") -> None:
-    """Print commands one per line (never wrapped, so they can be copied)."""
+    """Print commands to copy, one after the other (see :func:`print_command`)."""
     console.print(f"[bold]{escape(title)}:[/]")
     for command in commands:
-        console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
+        print_command(command)
 
 
 def print_run_outcome(run: RunRecord) -> bool:
@@ -317,19 +640,19 @@ def print_run_outcome(run: RunRecord) -> bool:
     Returns:
         True when the run succeeded.
     """
+    run = redacted(run, redactor())
     if run.status == RunStatus.SUCCEEDED:
         console.print(f"run {escape(run.run_id)} {styled_status('succeeded')} "
                       f"in {run_duration(run)}", highlight=False)
-        console.print_json(json.dumps(run.output or {}, default=str))
+        print_json_block(run.output or {})
         return True
     error = run.error or {}
     reason = (f": {escape(str(error.get('error_type', '?')))}: {escape(str(error.get('message', '')))}"
               if error else "")
-    console.print(f"run {escape(run.run_id)} is {styled_status(run.status.value)}{reason}", highlight=False,
-                  soft_wrap=True)
+    console.print(f"run {escape(run.run_id)} is {styled_status(run.status.value)}{reason}", highlight=False)
     if error.get("step"):
-        console.print(f"  step: {escape(str(error['step']))}", highlight=False)
+        print_note(f"step: {escape(str(error['step']))}")
     if error.get("dlq_entry"):
-        console.print(f"  dead-letter entry: {escape(str(error['dlq_entry']))}", highlight=False, soft_wrap=True)
+        print_note(f"dead-letter entry: {escape(str(error['dlq_entry']))}")
     print_commands(run_next_steps(run))
     return False

@@ -22,7 +22,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from teamster.config.settings import load_settings
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
 from teamster.orchestrator.cli._support import (
-    entry_example_output,
     fmt_duration,
     is_settled,
     mask_url,
@@ -162,10 +161,10 @@ def _summary(client: Client, items: list[_Item], embedded: bool) -> None:
             if error.get("dlq_entry"):
                 console.print(f"      dead-letter entry: {escape(str(error['dlq_entry']))}", highlight=False,
                               soft_wrap=True)
-    _next_steps(client, items, groups, embedded)
+    _next_steps(items, groups, embedded)
 
 
-def _next_steps(client: Client, items: list[_Item], groups: dict[str, list[_Item]], embedded: bool) -> None:
+def _next_steps(items: list[_Item], groups: dict[str, list[_Item]], embedded: bool) -> None:
     steps: list[tuple[str, str]] = []
     for item in groups["after a retry"][:1]:
         steps.append((f"{item.label}: the step timeline shows the throttled attempt and the retry",
@@ -180,7 +179,7 @@ def _next_steps(client: Client, items: list[_Item], groups: dict[str, list[_Item
         entry_id = (item.run.error or {}).get("dlq_entry") if item.run else None
         if entry_id:
             steps.append((f"{item.label}: the question for a human", f"teamster dlq show {entry_id}"))
-            example = entry_example_output(client.dlq.get(str(entry_id))) or '{"approved": true, "issues": []}'
+            example = '{"approved": true, "issues": []}'  # the example's policy review, filled in: it runs as pasted
             steps.append((f"{item.label}: approve it; the run finishes as succeeded",
                           resolve_command(str(entry_id), example) + " --wait"))
     pick = (groups["after a retry"] or groups["succeeded"] or items)[0]

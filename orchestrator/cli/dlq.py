@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -13,13 +12,22 @@ from teamster.errors import InvalidInput
 from teamster.orchestrator.cli._common import console, handle_errors
 from teamster.orchestrator.cli._events import summarize_event
 from teamster.orchestrator.cli._support import (
+    PLACEHOLDER,
+    Column,
+    echo_json,
     entry_next_steps,
     fmt_time,
     fmt_when,
     make_client,
-    new_table,
+    placeholder_paths,
+    print_command,
+    print_json_block,
     print_run_outcome,
+    print_table,
     read_json_object,
+    redacted,
+    redacted_dump,
+    redactor,
     require_by,
     short_json,
     styled_status,
@@ -45,6 +53,10 @@ EntryId = Annotated[str, typer.Argument(metavar="ENTRY_ID",
                                         help="The dead-letter entry id (`teamster dlq list` shows them).")]
 
 
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
+                                      "(secrets redacted, like the tables).")]
+
+
 @dlq_app.command("list")
 @handle_errors
 def list_entries(
@@ -52,30 +64,39 @@ def list_entries(
                                                  "discarded).")] = False,
     run_id: Annotated[str | None, typer.Option("--run", help="Only entries of this run.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many entries.")] = 50,
+    as_json: AsJson = False,
 ) -> None:
     """List dead-letter entries, newest first (open ones unless `--all`).
+
+    With `--json`: a JSON array of entries (every field, secrets redacted).
 
     Examples:
 
     ```
     teamster dlq list
     teamster dlq list --all --run RUN_ID
+    teamster dlq list --json | jq -r '.[] | select(.kind == "needs_human") | .entry_id'
     ```
     """
-    entries = make_client(load_modules=False).dlq.list(include_closed=include_closed, limit=limit, run_id=run_id)
+    client = make_client(load_modules=False)
+    entries = client.dlq.list(include_closed=include_closed, limit=limit, run_id=run_id)
+    redact = redactor(client.settings)
+    if as_json:
+        echo_json([redacted_dump(entry, redact) for entry in entries])
+        return
     if not entries:
         console.print("no open dead-letter entries" if not include_closed else "no dead-letter entries")
         return
-    table = new_table(f"{len(entries)} dead-letter entr{'y' if len(entries) == 1 else 'ies'}")
-    table.add_column("entry id (run:step:n)", overflow="fold", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("error", min_width=24)
-    for entry in entries:
-        table.add_row(escape(entry.entry_id), styled_status(entry.status.value),
-                      f"[red]{escape(entry.error_type)}[/] [dim]{escape(entry.workflow)}, {entry.attempts} attempt"
-                      f"{'' if entry.attempts == 1 else 's'}, {fmt_when(entry.created_at)}[/]\n"
-                      f"{escape(short_json(entry.message, 160))}")
-    console.print(table)
+    rows = []
+    for entry in (redacted(e, redact) for e in entries):
+        rows.append([escape(entry.entry_id),
+                     f"{styled_status(entry.status.value)} [red]{escape(entry.error_type)}[/]\n"
+                     f"[dim]{escape(entry.workflow)}, {entry.attempts} attempt{'' if entry.attempts == 1 else 's'}, "
+                     f"{fmt_when(entry.created_at)}[/]\n{escape(short_json(entry.message, 200))}"])
+    print_table(f"[bold]{len(entries)} dead-letter entr{'y' if len(entries) == 1 else 'ies'}[/]", [
+        Column("entry id (run:step:n)", short="entry id", whole=True),
+        Column("status, error", min_width=24, below=True),
+    ], rows)
     console.print("[dim]details and what to do:[/] teamster dlq show ENTRY_ID", highlight=False)
 
 
@@ -108,49 +129,65 @@ def _print_entry(entry: DeadLetterEntry) -> None:
         grid.add_row(name, value)
     console.print(grid)
     console.print("[bold]details:[/]")
-    console.print_json(json.dumps(entry.details or {}, default=str))
+    print_json_block(entry.details or {})
     console.print("[bold]input:[/]")
-    console.print_json(json.dumps(entry.input, default=str))
+    print_json_block(entry.input)
     if entry.journal_excerpt:
-        table = new_table(f"journal excerpt ({len(entry.journal_excerpt)} events of {escape(entry.step_key)})")
-        table.add_column("time")
-        table.add_column("attempt", justify="right")
-        table.add_column("type")
-        table.add_column("data", overflow="fold")
+        excerpt = []
         for item in entry.journal_excerpt:
             ts = float(item.get("ts") or 0)
             data = item.get("data") if isinstance(item.get("data"), dict) else {}
-            table.add_row(fmt_time(ts)[11:], str(item.get("attempt") or ""), escape(str(item.get("type", "?"))),
-                          escape(summarize_event(str(item.get("type", "")), data or {})))
-        console.print(table)
+            excerpt.append([fmt_time(ts)[11:], str(item.get("attempt") or ""), escape(str(item.get("type", "?"))),
+                            escape(summarize_event(str(item.get("type", "")), data or {}))])
+        print_table(f"[bold]journal excerpt ({len(entry.journal_excerpt)} events of {escape(entry.step_key)})[/]", [
+            Column("time", whole=True),
+            Column("attempt", short="try", justify="right", whole=True),
+            Column("type", whole=True),
+            Column("data", min_width=20),
+        ], excerpt)
+
+
+def _next_steps(entry: DeadLetterEntry) -> list[tuple[str, str]]:
+    if entry.status != DeadLetterStatus.OPEN:
+        return [("the run", f"teamster runs show {entry.run_id}")]
+    return [*entry_next_steps(entry), ("the full journal of the run", f"teamster journal {entry.run_id}")]
 
 
 @dlq_app.command("show")
 @handle_errors
-def show_entry(entry_id: EntryId) -> None:
+def show_entry(entry_id: EntryId, as_json: AsJson = False) -> None:
     """Show every field of a dead-letter entry and what the operator can do next.
 
     Fields: error type, message, retryable, details, attempts, input, state version, trace id, escalation
-    taken and the journal excerpt of the failed step.
+    taken and the journal excerpt of the failed step. Secrets in its data are printed as `[REDACTED]`. The
+    `dlq resolve` command it suggests holds a skeleton of the step's output whose every value is a
+    `<fill in: ...>` placeholder: replace them before running it.
 
-    Example:
+    With `--json`: `{"entry": ENTRY, "next": [{"what": ..., "command": ...}, ...]}`.
+
+    Examples:
 
     ```
     teamster dlq show run_4f2f359863da59c7ad078d44:policy_review:1
+    teamster dlq show ENTRY_ID --json | jq -r '.next[].command'
     ```
     """
-    entry = make_client().dlq.get(entry_id)
-    _print_entry(entry)
+    client = make_client()
+    entry = client.dlq.get(entry_id)
+    redact = redactor(client.settings)
+    if as_json:
+        echo_json({"entry": redacted_dump(entry, redact),
+                   "next": [{"what": what, "command": command} for what, command in _next_steps(entry)]})
+        return
+    _print_entry(redacted(entry, redact))
     if entry.status != DeadLetterStatus.OPEN:
-        console.print(f"This entry is closed ({escape(entry.status.value)}). The run: "
-                      f"teamster runs show {escape(entry.run_id)}", highlight=False, soft_wrap=True)
+        console.print(f"This entry is closed ({escape(entry.status.value)}). The run:", highlight=False)
+        print_command(f"teamster runs show {entry.run_id}")
         return
     console.print("[bold]What you can do:[/]")
-    for explanation, command in entry_next_steps(entry):
+    for explanation, command in _next_steps(entry):
         console.print(f"  [dim]# {escape(explanation)}[/]", highlight=False)
-        console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
-    console.print(f"  [dim]# the full journal of the run[/]\n  teamster journal {escape(entry.run_id)}",
-                  highlight=False, soft_wrap=True)
+        print_command(command)
 
 
 def _after(client: Client, entry: DeadLetterEntry, action: str, wait: bool, timeout: float) -> None:
@@ -209,6 +246,9 @@ def resolve_entry(
 ) -> None:
     """Supply the failed step's output by hand; it is committed like a model's output and the run resumes.
 
+    The output is validated against the step's output model. The skeleton `teamster dlq show` prints is
+    refused as long as any `<fill in: ...>` placeholder is left in it.
+
     Examples:
 
     ```
@@ -217,6 +257,7 @@ def resolve_entry(
     ```
     """
     data = read_json_object(output, "--output")
+    _refuse_placeholders(data)
     client = make_client()
     try:
         entry = client.dlq.resolve(entry_id, data, by=require_by(by), reason=reason)
@@ -224,6 +265,15 @@ def resolve_entry(
         raise InvalidInput(exc.message, hint=f"`teamster dlq show {entry_id}` prints a skeleton of the expected "
                            "output; nothing was changed.", **exc.details) from None
     _after(client, entry, "resolved", wait, timeout)
+
+
+def _refuse_placeholders(data: dict[str, Any]) -> None:
+    paths = placeholder_paths(data)
+    if paths:
+        where = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        raise InvalidInput(f"--output still holds a {PLACEHOLDER} ...> placeholder at {where}",
+                           hint="replace every <fill in: ...> placeholder with a real value; nothing was changed",
+                           paths=paths)
 
 
 @dlq_app.command("discard")

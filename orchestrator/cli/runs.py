@@ -1,32 +1,38 @@
-"""Run commands: ``submit``, ``runs list``, ``runs show``, ``journal``, ``replay``."""
+"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs cancel``, ``journal``, ``replay``."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from teamster.errors import InvalidInput
+from teamster.errors import InvalidInput, InvalidOperation
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
 from teamster.orchestrator.cli._events import summarize_event
 from teamster.orchestrator.cli._support import (
+    Column,
+    echo_json,
     fmt_duration,
     fmt_time,
     fmt_when,
     make_client,
-    new_table,
     print_commands,
+    print_json_block,
+    print_note,
     print_run_outcome,
+    print_table,
     read_json_arg,
+    redacted,
+    redacted_dump,
+    redactor,
+    require_by,
     run_duration,
     run_next_steps,
-    short_json,
     styled_status,
 )
-from teamster.orchestrator.models import RunStatus, StepRecord
+from teamster.orchestrator.models import JournalEvent, RunStatus, StepRecord
 from teamster.orchestrator.workflow import get_workflow
 
 __all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
@@ -34,8 +40,11 @@ __all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
 REPLAY_DIFFERS = 3
 """Exit code of ``teamster replay`` when the replay differs from the recording."""
 
-runs_app = typer.Typer(help="List runs and show one run with its step timeline.", no_args_is_help=True,
-                       rich_markup_mode="markdown")
+runs_app = typer.Typer(help="List runs, show one run with its step timeline, wait for a run, cancel a run.",
+                       no_args_is_help=True, rich_markup_mode="markdown")
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
+                                      "(secrets redacted, like the tables).")]
 
 
 @handle_errors
@@ -108,82 +117,128 @@ def list_runs(
         "--status", "-s", help="Only runs with this status (repeat, or comma-separate).")] = None,
     workflow: Annotated[str | None, typer.Option("--workflow", "-w", help="Only runs of this workflow.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many runs.")] = 20,
+    as_json: AsJson = False,
 ) -> None:
     """List recent runs, newest first.
+
+    With `--json`: a JSON array of run records (input, state and output included, secrets redacted).
 
     Examples:
 
     ```
     teamster runs list
     teamster runs list --status needs_human,escalated --workflow ticket_triage -n 50
+    teamster runs list --json | jq -r '.[].run_id'
     ```
     """
     wanted = _statuses(status)
-    runs = make_client(load_modules=False).runs(limit=limit, status=wanted, workflow=workflow)
+    client = make_client(load_modules=False)
+    runs = client.runs(limit=limit, status=wanted, workflow=workflow)
+    if as_json:
+        redact = redactor(client.settings)
+        echo_json([redacted_dump(run, redact) for run in runs])
+        return
     if not runs:
         console.print("no runs" + (" match" if wanted or workflow else " yet: start one with `teamster submit` "
                                    "or `teamster demo`"))
         return
-    table = new_table(f"{len(runs)} run(s), newest first")
-    table.add_column("run id", overflow="fold", no_wrap=True)
-    table.add_column("workflow")
-    table.add_column("created", no_wrap=True)
-    table.add_column("duration", justify="right", no_wrap=True)
-    table.add_column("status (error type)")
+    rows = []
     for run in runs:
         error_type = str((run.error or {}).get("error_type") or "")
         shown = styled_status(run.status.value)
         if error_type and error_type != run.status.value:
             shown += f" ({escape(error_type)})"
-        table.add_row(escape(run.run_id), escape(run.workflow), fmt_when(run.created_at), run_duration(run), shown)
-    console.print(table)
+        rows.append([escape(run.run_id), escape(run.workflow), fmt_when(run.created_at), run_duration(run), shown])
+    print_table(f"[bold]{len(runs)} run(s), newest first[/]", [
+        Column("run id", whole=True),
+        Column("workflow", min_width=8),
+        Column("created", whole=True),
+        Column("duration", short="took", justify="right", whole=True),
+        Column("status (error type)", short="status", min_width=11),
+    ], rows)
 
 
-def _print_steps(steps: list[StepRecord]) -> None:
-    """The step timeline; in a narrow terminal the reasons follow the table instead of a squeezed column."""
-    wide = console.width >= 120
-    table = new_table("steps")
-    table.add_column("step", no_wrap=True, overflow="fold")
-    table.add_column("kind")
-    table.add_column("status", no_wrap=True)
-    for name in ("attempts", "duration", "model calls", "tokens"):
-        table.add_column(name, justify="right")
-    table.add_column("worker", overflow="fold")
-    if wide:
-        table.add_column("reason", overflow="fold")
+def _retry_lines(steps: list[StepRecord], retries: list[JournalEvent]) -> list[str]:
+    """Why each retried step was retried: one line per earlier attempt (from the journal's ``retry`` events)."""
+    lines: list[str] = []
     for step in steps:
-        cells = [escape(step.step_key), step.kind, styled_status(step.status.value), str(step.attempts),
-                 fmt_duration(step.duration_seconds), str(step.model_calls), str(step.tokens),
-                 escape(step.worker or "-")]
-        table.add_row(*cells, *([escape(short_json(step.reason or "", 90))] if wide else []))
-    console.print(table)
-    if not wide:
-        for step in steps:
-            if step.reason:
-                console.print(f"  [bold]{escape(step.step_key)}[/] reason: {escape(step.reason)}", highlight=False,
-                              soft_wrap=True)
+        if step.attempts <= 1:
+            continue
+        for event in retries:
+            if event.step != step.step_key:
+                continue
+            data = event.data
+            attempt = event.attempt if event.attempt is not None else int(data.get("next_attempt") or 2) - 1
+            delay = data.get("delay_seconds")
+            error_type, message = escape(str(data.get("error_type", "?"))), escape(str(data.get("message", "")))
+            lines.append(f"[bold]{escape(step.step_key)}[/]: attempt {attempt} retried after [yellow]{error_type}[/]: "
+                         f"{message}" + (f" (retry in {fmt_duration(float(delay))})"
+                                         if isinstance(delay, int | float) else ""))
+    return lines
+
+
+def _print_steps(steps: list[StepRecord], retries: list[JournalEvent]) -> None:
+    """The step timeline. When the console is narrow, the reason and worker columns follow the table instead of
+    squeezing it; the reasons of earlier attempts of retried steps follow it too."""
+    rows = [[escape(step.step_key), escape(step.kind), styled_status(step.status.value), str(step.attempts),
+             fmt_duration(step.duration_seconds), str(step.model_calls), str(step.tokens), escape(step.worker or "-"),
+             escape(step.reason or "")] for step in steps]
+    print_table("[bold]steps[/]", [
+        Column("step", whole=True),
+        Column("kind", whole=True),
+        Column("status", whole=True),
+        Column("attempts", short="tries", justify="right", whole=True),
+        Column("duration", short="took", justify="right", whole=True),
+        Column("model calls", short="calls", justify="right", whole=True),
+        Column("tokens", justify="right", whole=True),
+        Column("worker", whole=True, below=True),
+        Column("reason", min_width=30, below=True),
+    ], rows, every="every step")
+    for line in _retry_lines(steps, retries):
+        print_note(line)
+
+
+def _retry_data(step: StepRecord, retries: list[JournalEvent]) -> list[dict[str, Any]]:
+    return [{"attempt": event.attempt, **event.data} for event in retries if event.step == step.step_key]
 
 
 @runs_app.command("show")
 @handle_errors
-def show_run(run_id: Annotated[str, typer.Argument(metavar="RUN_ID",
-                                                   help="The run id (`teamster runs list` shows them).")]) -> None:
+def show_run(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id (`teamster runs list` shows them).")],
+    as_json: AsJson = False,
+) -> None:
     """Show a run: its header, a timeline of its steps, and its output or typed error.
 
-    For a run that failed or waits for an operator, the dead-letter entry and the next command to run are
-    printed.
+    A retried step is followed by why each earlier attempt was retried. For a run that failed or waits for an
+    operator, the dead-letter entry and the next command to run are printed. Secrets in the run's data (API
+    keys, bearer tokens, secret-named fields) are printed as `[REDACTED]`.
 
-    Example:
+    With `--json`: `{"run": RUN, "steps": [STEP, ...]}`, each step with its `retries` (the journal's retry
+    events: attempt, error_type, message, delay_seconds, next_attempt).
+
+    Examples:
 
     ```
     teamster runs show run_d91008822a5d583a92d52c54
+    teamster runs show RUN_ID --json | jq '.steps[] | {step_key, status, attempts}'
     ```
     """
     client = make_client()
+    redact = redactor(client.settings)
     run = client.status(run_id)
     steps = client.steps(run_id)
+    retries = client.journal(run_id, types=["retry"])
+    if as_json:
+        echo_json({"run": redacted_dump(run, redact),
+                   "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries))}
+                             for step in steps]})
+        return
+    run = redacted(run, redact)
+    steps = [redacted(step, redact) for step in steps]
+    retries = [redacted(event, redact) for event in retries]
     header = Table.grid(padding=(0, 2))
-    header.add_column(style="bold")
+    header.add_column(style="bold", no_wrap=True)
     header.add_column(overflow="fold")
     header.add_row("run", escape(run.run_id))
     header.add_row("workflow", f"{escape(run.workflow)} (version {escape(run.workflow_version)})")
@@ -196,19 +251,19 @@ def show_run(run_id: Annotated[str, typer.Argument(metavar="RUN_ID",
     if run.idempotency_key:
         header.add_row("idempotency key", escape(run.idempotency_key))
     console.print(header)
-    _print_steps(steps)
+    _print_steps(steps, retries)
     if run.status == RunStatus.SUCCEEDED:
         console.print("[bold]output:[/]")
-        console.print_json(json.dumps(run.output or {}, default=str))
+        print_json_block(run.output or {})
         return
     if run.error:
         error = run.error
         console.print(f"[bold]error:[/] [red]{escape(str(error.get('error_type', '?')))}[/]: "
-                      f"{escape(str(error.get('message', '')))}", highlight=False, soft_wrap=True)
+                      f"{escape(str(error.get('message', '')))}", highlight=False)
         if error.get("step"):
-            console.print(f"  step: {escape(str(error['step']))}", highlight=False)
+            print_note(f"step: {escape(str(error['step']))}")
         if error.get("dlq_entry"):
-            console.print(f"  dead-letter entry: {escape(str(error['dlq_entry']))}", highlight=False, soft_wrap=True)
+            print_note(f"dead-letter entry: {escape(str(error['dlq_entry']))}")
     print_commands(run_next_steps(run)[1:])
 
 
@@ -236,6 +291,42 @@ def wait_run(
         raise typer.Exit(1)
 
 
+@runs_app.command("cancel")
+@handle_errors
+def cancel_run(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (required; recorded in the journal and as the "
+                                        "run's error).", show_default=False)],
+    by: Annotated[str | None, typer.Option(
+        "--by", envvar="USER", show_envvar=True, help="Who cancels (recorded in the journal); defaults to $USER.")]
+    = None,
+) -> None:
+    """Cancel a run that is not final: it ends as `cancelled`, and so does every step not yet finished.
+
+    A step a worker is running when the run is cancelled cannot commit its result. A run that already
+    succeeded, failed or was cancelled is refused (exit code 1).
+
+    Example:
+
+    ```
+    teamster runs cancel RUN_ID --reason "customer withdrew the ticket" --by alice
+    ```
+    """
+    who = require_by(by)
+    client = make_client(load_modules=False)
+    try:
+        run = client.cancel(run_id, reason=reason, by=who)
+    except InvalidOperation as exc:
+        raise InvalidOperation(exc.message, hint=f"Only a run that is not final can be cancelled: "
+                               f"`teamster runs show {run_id}` shows its status and outcome.", **exc.details) from None
+    run = redacted(run, redactor(client.settings))
+    console.print(f"run {escape(run.run_id)} is now {styled_status(run.status.value)}", highlight=False)
+    message = (run.error or {}).get("message")
+    if message:
+        print_note(f"reason: {escape(str(message))}")
+    print_commands([f"teamster runs show {run.run_id}"])
+
+
 @handle_errors
 def journal(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
@@ -243,9 +334,13 @@ def journal(
                                              help="Only events of this step (e.g. `classify`).")] = None,
     types: Annotated[list[str] | None, typer.Option(
         "--type", "-t", help="Only events of this type (repeat, or comma-separate), e.g. `model_call`.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON lines (one event per line).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print raw JSON lines (one event per line, secrets "
+                                          "redacted).")] = False,
 ) -> None:
     """Print a run's journal: every decision in order (model calls, tool calls, validations, retries, commits).
+
+    The table summarises each event's data (long text is cut, marked `[+N chars]`); `--json` prints every event
+    whole, one JSON object per line.
 
     Examples:
 
@@ -256,7 +351,9 @@ def journal(
     ```
     """
     wanted = [t.strip() for value in types or [] for t in value.split(",") if t.strip()] or None
-    events = make_client(load_modules=False).journal(run_id, step=step, types=wanted)
+    client = make_client(load_modules=False)
+    redact = redactor(client.settings)
+    events = [redacted(event, redact) for event in client.journal(run_id, step=step, types=wanted)]
     if as_json:
         for event in events:
             typer.echo(event.model_dump_json())
@@ -264,49 +361,62 @@ def journal(
     if not events:
         console.print("no journal events match")
         return
-    table = new_table(f"journal of {escape(run_id)}: {len(events)} event(s)")
-    table.add_column("time", no_wrap=True)
-    table.add_column("step", no_wrap=True, overflow="fold")
-    table.add_column("attempt", justify="right")
-    table.add_column("type", no_wrap=True)
-    table.add_column("data", overflow="fold", min_width=20)
-    for event in events:
-        table.add_row(fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}", escape(event.step or "-"),
-                      str(event.attempt) if event.attempt is not None else "", escape(event.type),
-                      escape(summarize_event(event.type, event.data)))
-    console.print(table)
+    rows = [[fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}", escape(event.step or "-"),
+             str(event.attempt) if event.attempt is not None else "", escape(event.type),
+             escape(summarize_event(event.type, event.data))] for event in events]
+    print_table(f"[bold]journal of {escape(run_id)}: {len(events)} event(s)[/]", [
+        Column("time", whole=True),
+        Column("step", whole=True),
+        Column("attempt", short="try", justify="right", whole=True),
+        Column("type", whole=True),
+        Column("data", min_width=20),
+    ], rows)
 
 
 @handle_errors
-def replay(run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")]) -> None:
+def replay(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the replay report as one JSON document (the exit "
+                                          "code is the same).")] = False,
+) -> None:
     """Replay a run offline from its journal, with zero model calls, and compare every step's outcome.
 
     Each step's final attempt is re-executed with the current code against the recorded model responses
     and tool results. Exit code 0 when the replay is identical, 3 when anything differs (a changed prompt,
     agent version, tool set or step logic shows up here).
 
-    Example:
+    With `--json`: the report (`run_id`, `workflow`, `identical`, `live_model_calls`, and `steps` with each
+    step's recorded and replayed outcome and its differences).
+
+    Examples:
 
     ```
     teamster replay RUN_ID
+    teamster replay RUN_ID --json | jq '.steps[] | select(.same | not)'
     ```
     """
-    report = make_client().replay(run_id)
-    table = new_table(f"replay of {escape(run_id)} ({escape(report.workflow)})")
-    table.add_column("step")
-    table.add_column("kind")
-    table.add_column("recorded")
-    table.add_column("replayed")
-    table.add_column("same?")
-    table.add_column("differences", overflow="fold")
-    reused = 0
-    for item in report.steps:
-        reused += item.model_calls_replayed
-        table.add_row(escape(item.step_key), item.kind, escape(str((item.recorded or {}).get("kind", "-"))),
-                      escape(str((item.replayed or {}).get("kind", "-"))),
-                      "[green]yes[/]" if item.same else "[red]no[/]",
-                      escape("; ".join(item.differences)) or "-")
-    console.print(table)
+    client = make_client()
+    report = client.replay(run_id)
+    redact = redactor(client.settings)
+    if as_json:
+        echo_json({**redacted_dump(report, redact), "identical": report.identical,
+                   "live_model_calls": report.live_model_calls})
+        if not report.identical:
+            raise typer.Exit(REPLAY_DIFFERS)
+        return
+    shown = redacted(report, redact)
+    rows = [[escape(item.step_key), escape(item.kind), escape(str((item.recorded or {}).get("kind", "-"))),
+             escape(str((item.replayed or {}).get("kind", "-"))), "[green]yes[/]" if item.same else "[red]no[/]",
+             escape("; ".join(item.differences)) or "-"] for item in shown.steps]
+    print_table(f"[bold]replay of {escape(run_id)} ({escape(report.workflow)})[/]", [
+        Column("step", whole=True),
+        Column("kind", whole=True),
+        Column("recorded", whole=True),
+        Column("replayed", whole=True),
+        Column("same?", whole=True),
+        Column("differences", min_width=20, below=True),
+    ], rows)
+    reused = sum(item.model_calls_replayed for item in report.steps)
     needed = report.live_model_calls
     verdict = "[green]identical[/]" if report.identical else "[red]differs from the recording[/]"
     console.print(f"{len(report.steps)} step(s) replayed, {reused} recorded model response(s) reused, "
@@ -314,4 +424,3 @@ def replay(run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run
                   + (f" ({needed} more would have been needed)" if needed else "") + f"; {verdict}", highlight=False)
     if not report.identical:
         raise typer.Exit(REPLAY_DIFFERS)
-

@@ -37,7 +37,7 @@ from teamster.errors import (
     UnexpectedError,
 )
 
-__all__ = ["classify_exception", "classify_stop_reason", "UnexpectedError"]
+__all__ = ["classify_exception", "classify_stop_reason", "retry_after", "UnexpectedError"]
 
 _THROTTLE_CODES = {
     "ThrottlingException", "TooManyRequestsException", "Throttling", "ThrottledException",
@@ -91,6 +91,29 @@ def _error_code(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds the provider asked to wait (``retry-after-ms`` / ``retry-after`` headers), searched along the
+    exception's cause chain (strands re-raises the SDK's error as its own, ``from`` the original)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        headers = getattr(response, "headers", None)
+        if headers is None and isinstance(response, dict):
+            headers = response.get("ResponseMetadata", {}).get("HTTPHeaders")
+        if headers is not None:
+            for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+                value = headers.get(name) if hasattr(headers, "get") else None
+                try:
+                    if value is not None:
+                        return max(0.0, float(value) * scale)
+                except (TypeError, ValueError):
+                    continue
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def classify_exception(exc: BaseException) -> TeamsterError:
     """Map any exception raised while running a step to a typed teamster error."""
     if isinstance(exc, TeamsterError):
@@ -99,6 +122,9 @@ def classify_exception(exc: BaseException) -> TeamsterError:
         return classify_exception(exc.original_exception)
     message = str(exc) or type(exc).__name__
     details: dict[str, Any] = {"exception": type(exc).__name__}
+    wait = retry_after(exc)
+    if wait is not None:
+        details["retry_after"] = wait
     if isinstance(exc, ModelThrottledException):
         return ModelThrottled(f"model throttled: {message}", **details)
     if isinstance(exc, StructuredOutputException):
@@ -123,7 +149,7 @@ def classify_exception(exc: BaseException) -> TeamsterError:
         return MissingCredentials(f"provider refused the credentials ({code}): {message}",
                                   hint="Configure the provider's credentials; `teamster doctor` checks them.",
                                   **details)
-    if key in _THROTTLE_CODES or status == 429:
+    if key in _THROTTLE_CODES or status in (429, 529):  # 529: the provider is overloaded
         return ModelThrottled(f"model throttled ({code}): {message}", **details)
     if (key in _TIMEOUT_CODES or isinstance(exc, (TimeoutError, asyncio.TimeoutError,
                                                      concurrent.futures.TimeoutError))

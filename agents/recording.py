@@ -9,6 +9,7 @@ model answers it already paid for.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -23,7 +24,8 @@ from strands.types.streaming import StreamEvent
 from strands.types.tools import ToolSpec
 
 from teamster.agents.classify import classify_exception
-from teamster.errors import error_from_code
+from teamster.agents.limits import ModelGate
+from teamster.errors import ModelTimeout, error_from_code
 
 __all__ = ["ModelExchange", "RecordingModel", "ReplayExhausted", "request_digest"]
 
@@ -132,10 +134,18 @@ class RecordingModel(Model):
             :class:`ReplayExhausted`).
         on_exchange: Called after each call with its :class:`ModelExchange`.
         recorded: Responses to play back, in call order, before calling ``inner``.
+        gate: Asked before, and told after, every live call (provider limits, run budget); recorded responses
+            pass without it.
+        model_ref: The provider string the gate knows the model by (``openai:gpt-4o``).
+        estimate: The tokens a call's request may use (reserved from the provider's tokens-per-minute).
     """
 
     def __init__(self, inner: Model | None, on_exchange: Callable[[ModelExchange], None] | None = None,
-                 recorded: Sequence[ModelExchange] = ()) -> None:
+                 recorded: Sequence[ModelExchange] = (), *, gate: ModelGate | None = None, model_ref: str = "",
+                 estimate: Callable[[Messages], int] | None = None) -> None:
+        self.gate = gate
+        self.model_ref = model_ref
+        self.estimate = estimate
         self.inner = inner
         self.on_exchange = on_exchange
         self.recorded = list(recorded)
@@ -183,6 +193,9 @@ class RecordingModel(Model):
             return
         if self.inner is None:
             raise ReplayExhausted(f"replay needs model call {index + 1} but only {len(self.recorded)} were recorded")
+        permit = None
+        if self.gate is not None:  # may wait for capacity, or refuse (the run's budget is spent)
+            permit = await self.gate.acquire(self.model_ref, self.estimate(messages) if self.estimate else 0)
         self.live_calls += 1
         acc = _Accumulator()
         started = time.monotonic()
@@ -194,7 +207,15 @@ class RecordingModel(Model):
             self._report(ModelExchange(call_index=index, request_digest=digest, request=request,
                                        content=acc.content, latency_ms=int((time.monotonic() - started) * 1000),
                                        error=f"{type(exc).__name__}: {exc}", error_info=_error_info(exc)))
+            if permit is not None and self.gate is not None:
+                await self.gate.release(permit, acc.usage, classify_exception(exc))
             raise
+        except BaseException:  # cancelled (deadline, lease lost): give the capacity back all the same
+            if permit is not None and self.gate is not None:
+                await asyncio.shield(self.gate.release(permit, acc.usage, ModelTimeout("the call was cancelled")))
+            raise
+        if permit is not None and self.gate is not None:
+            await self.gate.release(permit, acc.usage, None)
         self._report(ModelExchange(call_index=index, request_digest=digest, request=request, content=acc.content,
                                    stop_reason=acc.stop_reason, usage=acc.usage,
                                    latency_ms=int((time.monotonic() - started) * 1000)))

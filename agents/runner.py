@@ -12,6 +12,7 @@ model provider clients and their connection pools are shared.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from strands.models.model import Model
 
 from teamster.agents.classify import classify_exception, classify_stop_reason
 from teamster.agents.guard import EventSink, StepControl, StepGuard
+from teamster.agents.limits import ModelGate
 from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import (
     CannotComplete,
@@ -38,6 +40,7 @@ from teamster.agents.outcomes import (
 from teamster.agents.payload import check_payload
 from teamster.agents.providers import build_model
 from teamster.agents.recording import ModelExchange, RecordingModel
+from teamster.agents.scripted import ScriptedModel
 from teamster.agents.spec import AgentSpec
 from teamster.agents.tools import TEAMSTER_STATE_KEY, get_tool
 from teamster.config.settings import TeamsterSettings, get_settings
@@ -140,6 +143,7 @@ def run_agent(
     recorded: Sequence[ModelExchange] = (),
     control: StepControl | None = None,
     recorded_tools: Mapping[str, dict[str, Any]] | None = None,
+    gate: ModelGate | None = None,
 ) -> AgentRun:
     """Run ``spec`` once on ``input`` and return its explicit outcome (blocking; see :func:`run_agent_async`).
 
@@ -151,17 +155,24 @@ def run_agent(
     loop = AgentLoop.shared()
     timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
     started = time.monotonic()
-    try:
-        return loop.run(run_agent_async(spec, input, model=model, settings=settings, context=context,
-                                        on_event=on_event, recorded=recorded, control=control,
-                                        recorded_tools=recorded_tools),
-                        timeout=timeout + 2 * HARD_GRACE_SECONDS)
-    except TimeoutError:  # the coroutine did not even unwind: it is cancelled and abandoned
-        control.abort("timeout")
-        outcome = failed_from(StepTimeout(f"step ran past its deadline of {timeout:g}s and did not stop; abandoned",
-                                          limit=timeout, abandoned=True))
-        (on_event or _noop)("outcome", {"outcome": outcome.model_dump(mode="json"), "abandoned": True})
-        return AgentRun(outcome=outcome, duration_seconds=time.monotonic() - started)
+    future = loop.submit(run_agent_async(spec, input, model=model, settings=settings, context=context,
+                                         on_event=on_event, recorded=recorded, control=control,
+                                         recorded_tools=recorded_tools, gate=gate))
+    while True:  # the deadline moves by the time spent waiting for provider capacity
+        waited = gate.waited_seconds if gate is not None else 0.0
+        left = started + timeout + waited + 2 * HARD_GRACE_SECONDS - time.monotonic()
+        try:
+            return future.result(max(0.0, left))
+        except concurrent.futures.TimeoutError:
+            if gate is not None and gate.waited_seconds > waited:
+                continue
+        break
+    future.cancel()  # the coroutine did not even unwind: it is cancelled and abandoned
+    control.abort("timeout")
+    outcome = failed_from(StepTimeout(f"step ran past its deadline of {timeout:g}s and did not stop; abandoned",
+                                      limit=timeout, abandoned=True))
+    (on_event or _noop)("outcome", {"outcome": outcome.model_dump(mode="json"), "abandoned": True})
+    return AgentRun(outcome=outcome, duration_seconds=time.monotonic() - started)
 
 
 async def run_agent_async(
@@ -175,6 +186,7 @@ async def run_agent_async(
     recorded: Sequence[ModelExchange] = (),
     control: StepControl | None = None,
     recorded_tools: Mapping[str, dict[str, Any]] | None = None,
+    gate: ModelGate | None = None,
 ) -> AgentRun:
     """Run ``spec`` once on ``input`` and return its explicit outcome.
 
@@ -194,6 +206,8 @@ async def run_agent_async(
         recorded: Model responses to play back before calling the model (replay, recovery).
         control: Lets the caller stop the step (lease lost, run cancelled).
         recorded_tools: Replay: tool results by idempotency key, served instead of running the tools.
+        gate: Passed before and after every live model call (shared provider limits, the run's budget); time spent
+            waiting in it for capacity extends the deadline.
     """
     settings = settings or get_settings()
     ctx = context or StepContext()
@@ -223,7 +237,7 @@ async def run_agent_async(
 
     try:
         return await _invoke(spec, validated, model, settings, ctx, emit, control, recorded, recorded_tools,
-                             timeout, exchanges, finish)
+                             timeout, exchanges, finish, gate)
     except Exception as exc:  # building the model, the agent or the prompt, a provider library's own bug
         return finish(failed_from(classify_exception(exc)))
 
@@ -232,11 +246,15 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
                   settings: TeamsterSettings, ctx: StepContext, emit: EventSink, control: StepControl,
                   recorded: Sequence[ModelExchange], recorded_tools: Mapping[str, dict[str, Any]] | None,
                   timeout: float, exchanges: list[ModelExchange],
-                  finish: Callable[..., AgentRun]) -> AgentRun:
+                  finish: Callable[..., AgentRun], gate: ModelGate | None) -> AgentRun:
     """Build the model and a fresh strands Agent, run it within the deadline, turn what happened into an outcome."""
     started = time.monotonic()
-    inner = model if isinstance(model, Model) else build_model(model or spec.model or settings.model, settings,
-                                                                 agent=spec.name, timeout=timeout)
+    model_ref = model if isinstance(model, str) else spec.model or settings.model
+    inner = model if isinstance(model, Model) else build_model(model_ref, settings, agent=spec.name, timeout=timeout)
+    if isinstance(inner, ScriptedModel):  # offline (the demo, tests, an override): the run's budget still applies
+        model_ref = "scripted"
+    elif isinstance(model, Model):
+        model_ref = _model_name(model)
     tools = [get_tool(name) for name in spec.tools]
     guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
                       recorded_tools=recorded_tools)
@@ -248,7 +266,12 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
         if sum(e.usage.get("totalTokens", 0) for e in exchanges) > spec.budget.max_total_tokens:
             guard.breach_budget("tokens", spec.budget.max_total_tokens)
 
-    recording = RecordingModel(inner, on_exchange, recorded)
+    reserve = settings.model_max_tokens
+
+    def estimate(messages: Any) -> int:  # what the provider may count: the request's text, and the answer's room
+        return len(json.dumps(messages, default=str)) // 4 + reserve
+
+    recording = RecordingModel(inner, on_exchange, recorded, gate=gate, model_ref=model_ref, estimate=estimate)
     envelope = outcome_envelope(spec.output_model)  # type: ignore[arg-type]  # a class is hashable
     agent = Agent(
         model=recording,
@@ -280,8 +303,13 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
     ))
     running = asyncio.get_running_loop()
     control.on_abort(lambda: _cancel_soon(running, task))
-    remaining = timeout - (time.monotonic() - started)
-    done, _ = await asyncio.wait({task}, timeout=max(0.0, remaining))
+    done: set[asyncio.Future[Any]] = set()
+    while True:  # the deadline moves by the time spent waiting for provider capacity
+        waited = gate.waited_seconds if gate is not None else 0.0
+        remaining = timeout + waited - (time.monotonic() - started)
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, remaining))
+        if done or gate is None or gate.waited_seconds == waited:
+            break
     if not done:
         control.abort("timeout")  # cancels the task (the listener above)
         done, _ = await asyncio.wait({task}, timeout=HARD_GRACE_SECONDS)

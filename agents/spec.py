@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from teamster.agents.limits import ProviderLimits
 from teamster.errors import ConfigurationError, UnknownAgent
 
 __all__ = [
@@ -112,6 +113,8 @@ class AgentSpec(Generic[In, Out]):
         criteria: Success criteria checked after schema validation.
         retry: Retry policy for retryable errors.
         model: Provider string overriding ``TEAMSTER_MODEL`` for this agent (e.g. a cheaper fallback).
+        limits: Provider limits this agent's calls share with every worker (rpm, tpm, concurrency), instead of
+            those ``TEAMSTER_PROVIDER_LIMITS`` sets for its model.
     """
 
     name: str
@@ -124,6 +127,7 @@ class AgentSpec(Generic[In, Out]):
     criteria: tuple[Criterion[Any, Any], ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     model: str | None = None
+    limits: ProviderLimits | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
@@ -137,7 +141,8 @@ class AgentSpec(Generic[In, Out]):
             object.__setattr__(self, "criteria", tuple(self.criteria))
 
     def with_model(self, model: str) -> AgentSpec[In, Out]:
-        """A copy that runs on another provider/model (used by ``retry_with(model=...)``)."""
+        """A copy that runs on another provider/model (used by ``retry_with(model=...)``); the limits of that model
+        come from ``TEAMSTER_PROVIDER_LIMITS``, not from this agent's."""
         return AgentSpec(
             name=self.name, input_model=self.input_model, output_model=self.output_model,
             instructions=self.instructions, version=self.version, tools=self.tools, budget=self.budget,

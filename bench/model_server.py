@@ -11,7 +11,8 @@ schema (:func:`teamster.agents.scripted.sample_output`).
   With ``tools`` it calls the tool ``tool_choice`` forces; else, while the conversation holds fewer than
   ``tool_calls`` tool results, the first tool not named ``final_outcome``; else ``final_outcome`` if offered,
   or the last tool. Without tools it says "ok" (or a sample for a ``json_schema`` response format).
-* Optional fixed-window rate limit: past ``rate_limit`` requests per ``rate_window`` seconds, OpenAI's 429.
+* Optional fixed-window rate limit: past ``rate_limit`` requests per ``rate_window`` seconds, OpenAI's 429 (with
+  ``retry-after``); ``/stats`` counts the requests that arrived and were accepted in each window.
 * ``GET /health``, ``GET /stats`` (counters, in-flight peak and time-weighted mean, windows), ``POST /reset``.
 
 Plain asyncio and cheap per request, as it runs beside the system being measured: :class:`ModelServer` runs
@@ -98,8 +99,8 @@ class _Core:
         self._t0 = self._t_last = time.monotonic()
         self._area = 0.0
         self.in_flight_max = self.in_flight
-        self._windows: deque[list[int]] = deque(maxlen=100)  # [window index, accepted requests]
-        self._max_accepted = 0
+        self._windows: deque[list[int]] = deque(maxlen=100)  # [window index, accepted, arrived]
+        self._max_accepted = self._max_arrived = 0
 
     def _flight(self, delta: int) -> None:
         now = time.monotonic()
@@ -114,17 +115,20 @@ class _Core:
         elapsed = self._t_last - self._t0
         return {**self.counters, "in_flight": self.in_flight, "in_flight_max": self.in_flight_max,
                 "in_flight_mean": self._area / elapsed if elapsed > 0 else float(self.in_flight),
-                "max_accepted_per_window": self._max_accepted, "rate_limit": self.rate_limit,
-                "rate_window": self.rate_window, "elapsed_seconds": elapsed,
-                "windows": [{"start": index * self.rate_window, "accepted": n} for index, n in self._windows]}
+                "max_accepted_per_window": self._max_accepted, "max_requests_per_window": self._max_arrived,
+                "rate_limit": self.rate_limit, "rate_window": self.rate_window, "elapsed_seconds": elapsed,
+                "windows": [{"start": index * self.rate_window, "accepted": n, "requests": arrived}
+                            for index, n, arrived in self._windows]}
 
     def _admit(self) -> float | None:
         """Count a request in the current window; seconds until the window ends if it is over the limit."""
         offset = time.monotonic() - self._t0
         index = int(offset // self.rate_window)
         if not self._windows or self._windows[-1][0] != index:
-            self._windows.append([index, 0])
+            self._windows.append([index, 0, 0])
         window = self._windows[-1]
+        window[2] += 1  # every request that arrived in the window, throttled or not
+        self._max_arrived = max(self._max_arrived, window[2])
         if self.rate_limit is not None and window[1] >= self.rate_limit:
             return (index + 1) * self.rate_window - offset
         window[1] += 1

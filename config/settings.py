@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from teamster.agents.limits import Price, ProviderLimits
 from teamster.errors import InvalidSettings
 
 __all__ = ["TeamsterSettings", "get_settings", "load_settings", "unknown_variables"]
@@ -121,6 +123,38 @@ class TeamsterSettings(BaseSettings):
         default=300.0, gt=0, description="Default wall-clock budget of one agent step (default 300 s)."
     )
 
+    # --- provider limits, prices, breaker ------------------------------------------------------
+    provider_limits: Annotated[dict[str, ProviderLimits], NoDecode] = Field(
+        default_factory=dict,
+        description="Limits shared by every worker, per provider or provider:model, as JSON, e.g. "
+        "'{\"openai:gpt-4o\": {\"rpm\": 500, \"tpm\": 200000, \"concurrency\": 50}}' (default none). An agent's "
+        "own AgentSpec(limits=...) wins.")
+    model_prices: Annotated[dict[str, Price], NoDecode] = Field(
+        default_factory=dict,
+        description="Prices per million tokens, per provider or provider:model, as JSON, e.g. "
+        "'{\"openai:gpt-4o\": {\"input\": 2.5, \"output\": 10}}' (default none: cost 0). Run budgets and the "
+        "spend in `teamster runs show` use them.")
+    provider_coordination: bool = Field(
+        default=True,
+        description="Share what workers learn about providers through Redis (default on): the limits of "
+        "TEAMSTER_PROVIDER_LIMITS, one cool-down for every worker after a 429/529, the circuit breaker. Off: each "
+        "worker finds out on its own and each step's retry policy handles 429s (run budgets apply either way).")
+    provider_wait_max_seconds: float = Field(
+        default=300.0, gt=0,
+        description="Longest a model call waits for provider capacity (limits, a cool-down, an open breaker) before "
+        "the step ends as a retryable model_throttled (default 300 s). Waiting does not use the step's budget.")
+    provider_cooldown_seconds: float = Field(
+        default=2.0, gt=0,
+        description="How long every worker backs off a provider after it answered 429/529 without a retry-after "
+        "header (default 2 s); with the header, its value.")
+    breaker_errors: int = Field(
+        default=5, ge=1,
+        description="Provider errors in a row (5xx, timeouts) that open the provider's circuit breaker for every "
+        "worker (default 5).")
+    breaker_open_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long an open breaker stops calls before one probe is let through (default 30 s).")
+
     # --- application -------------------------------------------------------------------------
     workflow_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -188,6 +222,18 @@ class TeamsterSettings(BaseSettings):
     tracing: Literal["off", "console", "otlp"] = Field(
         default="off", description="OpenTelemetry export: 'off' (default), 'console' or 'otlp' (needs teamster[otlp])."
     )
+
+    @field_validator("provider_limits", "model_prices", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"must be a JSON object: {exc}") from None
+        return value
 
     @field_validator("workflow_modules", "redact_patterns", mode="before")
     @classmethod

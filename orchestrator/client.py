@@ -1,15 +1,15 @@
 """The client API for applications: submit, status, result, cancel (plus operator helpers).
 
 Example:
-    >>> from orchestrator import submit, result
+    >>> from teamster import submit, result
     >>> run_id = submit("ticket_triage", {"ticket_id": "T-1", "text": "Where is my order?"},
     ...                 idempotency_key="ticket-T-1")
     >>> result(run_id, timeout=60)
 
 The input is validated against the workflow's input model before anything is written or enqueued; the same
-idempotency key returns the same run id. ``result`` raises :class:`~config.errors.RunFailed` -- carrying the
-dead-letter reason -- when the run did not succeed, and :class:`~config.errors.RunTimeout` when it is still
-going after ``timeout`` seconds. A Redis outage is a :class:`~config.errors.StoreUnavailable`.
+idempotency key returns the same run id. ``result`` raises :class:`~teamster.errors.RunFailed` -- carrying the
+dead-letter reason -- when the run did not succeed, and :class:`~teamster.errors.RunTimeout` when it is still
+going after ``timeout`` seconds. A Redis outage is a :class:`~teamster.errors.StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
+from teamster.agents.limits import RunBudget
 from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import TeamsterSettings, get_settings
 from teamster.errors import (
     ConfigurationError,
     DeadLetterNotFound,
+    InvalidInput,
     RunFailed,
     RunNotFound,
     RunTimeout,
@@ -126,7 +128,7 @@ class Client:
                 enqueuer = self._enqueuer if self._enqueuer is not None else \
                     CeleryEnqueuer.for_settings(self.settings, self.redis_url)
                 self._runtime = Runtime(self.settings, redis_client(self.settings, self.redis_url), enqueuer,
-                                        worker="client")
+                                        worker="client", redis_url=self.redis_url)
                 try:
                     self._seen_epoch = self._runtime.store.epoch()
                 except redis.RedisError:
@@ -163,8 +165,11 @@ class Client:
 
     # ------------------------------------------------------------------ apps
     @_store_errors
-    def submit(self, workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None) -> str:  # noqa: A002
+    def submit(self, workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None,  # noqa: A002
+               budget: RunBudget | None = None) -> str:
         """Validate ``input`` and start a run; returns its id (the same id again for the same key).
+
+        ``budget`` caps what this run may spend (model calls, tokens, cost), instead of the workflow's budget.
 
         Raises:
             UnknownWorkflow: no such workflow.
@@ -174,7 +179,9 @@ class Client:
             StoreUnavailable: Redis is down (nothing was written).
         """
         wf = workflow if isinstance(workflow, Workflow) else get_workflow(workflow)
-        run_id, _created = Transitions(self.runtime).create_run(wf, input, idempotency_key)
+        if budget is not None and not isinstance(budget, RunBudget):
+            raise InvalidInput(f"budget must be a teamster.RunBudget, not {type(budget).__name__}")
+        run_id, _created = Transitions(self.runtime).create_run(wf, input, idempotency_key, budget)
         return run_id
 
     @_store_errors
@@ -229,6 +236,24 @@ class Client:
 
     # ------------------------------------------------------------------ operators
     @_store_errors
+    def set_budget(self, run_id: str, budget: RunBudget | None, *, by: str = "operator",
+                   reason: str = "budget changed") -> RunRecord:
+        """Replace a run's budget (None: unbounded); steps that start afterwards use it. Journaled with who and why.
+
+        Raises:
+            RunNotFound: no such run.
+            InvalidOperation: the run is already final.
+        """
+        if budget is not None and not isinstance(budget, RunBudget):
+            raise InvalidInput(f"budget must be a teamster.RunBudget or None, not {type(budget).__name__}")
+        return Transitions(self.runtime).set_budget(run_id, budget, by=by, reason=reason)
+
+    def spend(self, run_id: str) -> dict[str, float]:
+        """What a run spent so far across all its steps: ``model_calls``, ``tokens``, ``cost``."""
+        self.status(run_id)
+        return self.runtime.store.run_spend(run_id)
+
+    @_store_errors
     def runs(self, *, limit: int = 50, status: list[str] | None = None, workflow: str | None = None) -> list[RunRecord]:
         """Recent runs, newest first."""
         return self.runtime.store.list_runs(limit=limit, status=status, workflow=workflow)
@@ -263,9 +288,10 @@ def default_client() -> Client:
         return _DEFAULT
 
 
-def submit(workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None) -> str:  # noqa: A002
+def submit(workflow: Workflow | str, input: Any, *, idempotency_key: str | None = None,  # noqa: A002
+           budget: RunBudget | None = None) -> str:
     """Start a run with the default client (see :meth:`Client.submit`)."""
-    return default_client().submit(workflow, input, idempotency_key=idempotency_key)
+    return default_client().submit(workflow, input, idempotency_key=idempotency_key, budget=budget)
 
 
 def status(run_id: str) -> RunRecord:

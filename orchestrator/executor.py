@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,6 +27,7 @@ from pydantic import BaseModel
 
 from teamster.agents.classify import classify_exception
 from teamster.agents.guard import StepControl
+from teamster.agents.limits import RunBudget
 from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
 from teamster.agents.runner import HARD_GRACE_SECONDS, AgentRun, StepContext, run_agent_async, validate_input
@@ -41,6 +43,7 @@ from teamster.errors import (
 )
 from teamster.orchestrator import metrics
 from teamster.orchestrator.leases import LeaseKeeper
+from teamster.orchestrator.limits import RedisGate
 from teamster.orchestrator.models import (
     Delivery,
     RunRecord,
@@ -209,9 +212,11 @@ class StepExecutor:
             started = time.monotonic()
             agent_run: AgentRun | None = None
             budget = self._budget_seconds(step, record)
-            with self.leases.hold(run_id, step_key, token, control, renew_for=budget + LEASE_GRACE_SECONDS):
+            with self.leases.hold(run_id, step_key, token, control,
+                                  renew_for=budget + LEASE_GRACE_SECONDS) as extend_lease:
                 if record.kind in ("agent", "branch"):
-                    result, agent_run, tail = self._run_agent(run, wf, step, record, state, start, takeover, control)
+                    result, agent_run, tail = self._run_agent(run, wf, step, record, state, start, takeover, control,
+                                                              extend_lease)
                 else:
                     start["state"] = state.model_dump(mode="json")
                     self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
@@ -236,8 +241,8 @@ class StepExecutor:
 
     # ------------------------------------------------------------------ internals
     def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, state: BaseModel,
-                   start: dict[str, Any], takeover: bool,
-                   control: StepControl) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
+                   start: dict[str, Any], takeover: bool, control: StepControl, extend_lease: Callable[[float], None],
+                   ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
         """Run an agent step; returns its result, what it cost, and its last journal events (not yet written:
         they go out with the commit, retry or dead-letter transaction)."""
         run_id, step_key = run.run_id, record.step_key
@@ -253,10 +258,13 @@ class StepExecutor:
             return failed_from(error), None, []
         start["input"] = agent_input.model_dump(mode="json") if isinstance(agent_input, BaseModel) else agent_input
         context = StepContext(run_id=run_id, step_id=step_key, attempt=record.attempts, trace_id=run.trace_id)
-        return self._await_agent(spec, agent_input, context, start, recorded, control)
+        gate = self.rt.limiter.gate(run_id=run_id, step_key=step_key, workflow=run.workflow, tenant=run.tenant,
+                                    budget=RunBudget.model_validate(run.budget) if run.budget else None,
+                                    agent_limits=spec.limits, on_wait=extend_lease)
+        return self._await_agent(spec, agent_input, context, start, recorded, control, gate)
 
     def _await_agent(self, spec: AgentSpec[Any, Any], agent_input: Any, context: StepContext, start: dict[str, Any],
-                     recorded: list[Any], control: StepControl
+                     recorded: list[Any], control: StepControl, gate: RedisGate,
                      ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
         """Run the agent on the process's event loop; this thread writes its journal events meanwhile.
 
@@ -269,12 +277,14 @@ class StepExecutor:
         budget = spec.budget.timeout_seconds or self.settings.step_timeout_seconds
         future = AgentLoop.shared().submit(run_agent_async(
             spec, agent_input, settings=self.settings, on_event=lambda kind, data: events.put((kind, data)),
-            recorded=recorded, control=control, context=context))
+            recorded=recorded, control=control, context=context, gate=gate))
         future.add_done_callback(lambda _: events.put(None))
         pending: list[tuple[str, dict[str, Any]]] = [("step_start", start)]
-        deadline = time.monotonic() + budget + 2 * HARD_GRACE_SECONDS
+        started = time.monotonic()
         finished = False
         while not finished:
+            # the deadline moves by the time the step spent waiting for provider capacity
+            deadline = started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS
             try:
                 item = events.get(timeout=max(0.0, deadline - time.monotonic())) if not pending else \
                     events.get_nowait()
@@ -282,6 +292,8 @@ class StepExecutor:
                 if pending:
                     self._journal_batch(run_id, step_key, attempt, spec, pending)
                     pending = []
+                    continue
+                if time.monotonic() < started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS:
                     continue
                 break  # the loop did not return in time: abandon the step (below)
             if item is None:

@@ -27,6 +27,10 @@ class Keys:
         """Hash: one step record."""
         return f"{self.prefix}:run:{run_id}:step:{step_key}"
 
+    def run_spend(self, run_id: str) -> str:
+        """Hash: what the run spent across its steps (model_calls, tokens, cost), for its budget."""
+        return f"{self.prefix}:run:{run_id}:spend"
+
     def lease(self, run_id: str, step_key: str) -> str:
         """String with a TTL: the fencing token of the worker currently holding the step."""
         return f"{self.prefix}:lease:{run_id}:{step_key}"

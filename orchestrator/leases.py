@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
@@ -56,16 +56,24 @@ class LeaseKeeper:
 
     @contextlib.contextmanager
     def hold(self, run_id: str, step_key: str, token: int, control: StepControl,
-             renew_for: float) -> Iterator[None]:
-        """Keep the lease of a claimed step while the block runs, for at most ``renew_for`` seconds."""
+             renew_for: float) -> Iterator[Callable[[float], None]]:
+        """Keep the lease of a claimed step while the block runs, for at most ``renew_for`` seconds.
+
+        Yields a function that renews it for longer: a step that waited for provider capacity has its deadline
+        extended by the wait, and its lease with it.
+        """
         item = _Held(run_id, step_key, token, control, time.monotonic() + renew_for)
+
+        def extend(seconds: float) -> None:
+            item.renew_until += seconds
+
         with self._lock:
             self._held[id(item)] = item
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="teamster-leases", daemon=True)
                 self._thread.start()
         try:
-            yield
+            yield extend
         finally:
             with self._lock:
                 self._held.pop(id(item), None)

@@ -29,6 +29,12 @@ __all__ = [
     "DEAD_LETTERS",
     "COMMITS_REJECTED",
     "LEASES_ABANDONED",
+    "PROVIDER_WAITS",
+    "PROVIDER_WAIT_SECONDS",
+    "PROVIDER_COOLDOWNS",
+    "RUN_BUDGET_BREACHES",
+    "SPEND_TOKENS",
+    "SPEND_COST",
     "STORE_DATA_LOST",
     "POISON_MESSAGES",
     "TOOLS_ABANDONED",
@@ -58,6 +64,17 @@ POISON_MESSAGES = Counter("teamster_poison_messages_total",
                           ["queue", "reason"])
 STORE_DATA_LOST = Counter("teamster_store_data_lost_total",
                           "Times the watchdog found that Redis lost teamster's data (its epoch mark vanished)")
+PROVIDER_WAITS = Counter("teamster_provider_waits_total", "Model calls that waited for provider capacity",
+                         ["model", "reason"])
+PROVIDER_WAIT_SECONDS = Histogram("teamster_provider_wait_seconds", "How long model calls waited for capacity",
+                                  ["model"], buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+PROVIDER_COOLDOWNS = Counter("teamster_provider_cooldowns_total",
+                             "429/529 answers that made every worker back off a provider", ["model"])
+RUN_BUDGET_BREACHES = Counter("teamster_run_budget_breaches_total", "Steps ended because their run's budget was spent",
+                              ["workflow", "budget"])
+SPEND_TOKENS = Counter("teamster_spend_tokens_total", "Tokens spent by live model calls", ["workflow", "model"])
+SPEND_COST = Counter("teamster_spend_cost_total", "Cost of live model calls (TEAMSTER_MODEL_PRICES)",
+                     ["workflow", "model"])
 LEASES_ABANDONED = Counter("teamster_leases_abandoned_total",
                            "Leases no longer renewed because their step ran past its deadline plus grace")
 COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")

@@ -112,6 +112,10 @@ class RunRecord(BaseModel):
     idempotency_key: str | None = None
     dead_letters: int = 0
     """Dead-letter entries ever written for the run (open or closed)."""
+    budget: dict[str, Any] | None = None
+    """The run's :class:`~teamster.agents.limits.RunBudget` (its workflow's, or the one given to submit)."""
+    tenant: str | None = None
+    """The value of the workflow's ``tenant_key`` in the input: provider limits are kept per tenant."""
     created_at: float = Field(default_factory=now)
     updated_at: float = Field(default_factory=now)
     finished_at: float | None = None
@@ -155,8 +159,16 @@ class StepRecord(BaseModel):
     live_model_calls: int = 0
     tool_calls: int = 0
     tokens: int = 0
+    spend_calls: int = 0
+    """Live model calls of the step over all its attempts (what counts against the run's budget)."""
+    spend_tokens: int = 0
+    spend_cost: float = 0.0
+    """Cost of the step's live model calls over all its attempts (``TEAMSTER_MODEL_PRICES``)."""
     duration_seconds: float | None = None
     resolved_by: str | None = None
+    waiting_for: str | None = None
+    """Set while a running step waits for provider capacity (limits, a cool-down, an open breaker)."""
+    waiting_since: float | None = None
 
 
 class DeadLetterEntry(BaseModel):

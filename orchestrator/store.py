@@ -480,6 +480,12 @@ class RunStore:
         records = [StepRecord.model_validate(decode_fields(raw)) for raw in pipe.execute() if raw]
         return sorted(records, key=lambda s: (s.queued_at, s.step_key))
 
+    def run_spend(self, run_id: str) -> dict[str, float]:
+        """What the run spent so far: model_calls, tokens, cost (zeros when nothing yet)."""
+        raw = self.client.hgetall(self.keys.run_spend(run_id))
+        return {"model_calls": int(raw.get("model_calls", 0)), "tokens": int(raw.get("tokens", 0)),  # type: ignore[union-attr]
+                "cost": float(raw.get("cost", 0.0))}  # type: ignore[union-attr]
+
     # ------------------------------------------------------------------ leases
     def claim(self, run_id: str, step_key: str, worker: str, lease_seconds: float) -> Claim:
         """Take the step's lease with a new fencing token (see :class:`Claim`)."""
@@ -553,7 +559,8 @@ class RunStore:
     # ------------------------------------------------------------------ retention
     def run_keys(self, run_id: str) -> list[str]:
         """Every key of one run."""
-        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id), self.keys.run_dlq(run_id)]
+        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id), self.keys.run_dlq(run_id),
+                self.keys.run_spend(run_id)]
         keys += [self.keys.step(run_id, k) for k in self.client.hkeys(self.keys.steps(run_id))]  # type: ignore[union-attr]
         return keys
 

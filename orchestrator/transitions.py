@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from teamster.agents.limits import RunBudget
 from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeeded, failed_from
 from teamster.agents.payload import check_payload
 from teamster.agents.runner import AgentRun, validate_input
@@ -191,7 +192,8 @@ class Transitions:
                              detail={"guard": rejected.guard, "found": rejected.actual})
 
     # ------------------------------------------------------------------ create
-    def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None) -> tuple[str, bool]:
+    def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None,
+                   budget: RunBudget | None = None) -> tuple[str, bool]:
         """Validate the input, then write the run and its first steps atomically; returns (run_id, created).
 
         Raises:
@@ -219,8 +221,11 @@ class Transitions:
         else:
             run_id = "run_" + uuid.uuid4().hex[:24]
         t = now()
+        run_budget = budget if budget is not None else wf.budget
+        tenant = getattr(validated, wf.tenant_key, None) if wf.tenant_key else None
         record = RunRecord(run_id=run_id, workflow=wf.name, workflow_version=wf.version, workflow_module=wf.module,
-                           status=RunStatus.RUNNING,
+                           status=RunStatus.RUNNING, budget=run_budget.model_dump(exclude_none=True) if run_budget
+                           else None, tenant=None if tenant is None else str(tenant),
                            input=input_data, state=state_data,
                            state_schema=wf.state_schema, trace_id=new_trace_id(),
                            idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t)
@@ -347,7 +352,8 @@ class Transitions:
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
                 for run_key in (self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id),
-                                self.keys.run_dlq(run_id), *(self.keys.step(run_id, k) for k in after)):
+                                self.keys.run_dlq(run_id), self.keys.run_spend(run_id),
+                                *(self.keys.step(run_id, k) for k in after)):
                     tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             else:
                 tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
@@ -582,6 +588,39 @@ class Transitions:
             self.store.apply(tx)
         except TxRejected:
             pass
+
+    def set_budget(self, run_id: str, budget: RunBudget | None, *, by: str, reason: str) -> RunRecord:
+        """Replace a run's budget (None: unbounded); journaled as ``budget_changed`` with who, why and the spend.
+
+        Steps that start after the change use the new budget (a dead-letter entry that was refused by the old one
+        can be retried).
+
+        Raises:
+            InvalidOperation: the run is already final.
+        """
+        new = budget.model_dump(exclude_none=True) if budget is not None else None
+
+        def attempt() -> RunRecord:
+            run = self.store.get_run(run_id)
+            if run.status in RUN_TERMINAL:
+                raise InvalidOperation(f"run {run_id} is already {run.status.value}; its budget no longer matters")
+            spend = self.store.run_spend(run_id)
+            tx = Tx()
+            tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
+            tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
+            tx.hset(self.keys.run(run_id), {"budget": new, "updated_at": now(),
+                                            "state_version": run.state_version + 1})
+            tx.xadd(self.keys.journal(run_id), self.journal.fields("budget_changed", data={
+                "by": by, "reason": reason, "old": run.budget, "new": new, "spend": spend}))
+            try:
+                self.store.apply(tx)
+            except TxRejected as rejected:
+                if rejected.guard == "state_version":
+                    raise
+                raise InvalidOperation(f"run {run_id} ended while its budget was being changed") from None
+            return self.store.get_run(run_id)
+
+        return self.store.optimistic(f"budget {run_id}", attempt)
 
     def cancel_run(self, run_id: str, *, by: str, reason: str) -> RunRecord:
         """Cancel a run: final status ``cancelled``, every unfinished step ``cancelled`` with the reason."""

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, create_model
 
+from teamster.agents.limits import RunBudget
 from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent, register_agent
 from teamster.errors import UnknownAgent, UnknownWorkflow, WorkflowDefinitionError
 from teamster.orchestrator.escalation import Policy
@@ -94,12 +95,17 @@ class Workflow:
         module: The importable module that defines the workflow (default: the module creating it). Runs record
             it, so a process that does not list it in ``TEAMSTER_WORKFLOW_MODULES`` (a CLI in another shell, a
             temporary worker) can still load the workflow of a run it acts on.
+        budget: What one run may spend across all its steps, branches, retries and escalations (model calls,
+            tokens, cost); ``submit(..., budget=...)`` replaces it for one run. Default: unbounded.
+        tenant_key: A field of the input whose value keys the provider limits per tenant (each tenant gets the
+            limits on its own); default: one set of limits shared by every run.
     """
 
     def __init__(self, name: str, *, input_model: type[BaseModel], state_model: type[BaseModel] | None = None,
                  output_model: type[BaseModel] | None = None, init_state: StateFn | None = None,
                  output: StateFn | None = None, version: str = "1", deadline_seconds: float | None = None,
-                 module: str | None = None) -> None:
+                 module: str | None = None, budget: RunBudget | None = None,
+                 tenant_key: str | None = None) -> None:
         if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise WorkflowDefinitionError(f"workflow name {name!r} must be alphanumeric (with _ - .)")
         self.name = name
@@ -110,6 +116,14 @@ class Workflow:
         self._output = output
         self.version = version
         self.deadline_seconds = deadline_seconds
+        if budget is not None and not isinstance(budget, RunBudget):
+            raise WorkflowDefinitionError(f"workflow {name!r}: budget must be a teamster.RunBudget")
+        self.budget = budget
+        if tenant_key is not None and tenant_key not in input_model.model_fields:
+            raise WorkflowDefinitionError(
+                f"workflow {name!r}: tenant_key {tenant_key!r} is not a field of {input_model.__name__} "
+                f"(fields: {', '.join(input_model.model_fields) or 'none'})")
+        self.tenant_key = tenant_key
         caller = module or str(sys._getframe(1).f_globals.get("__name__", ""))
         self.module: str | None = caller if caller and caller != "__main__" else None
         self.steps: dict[str, StepDef] = {}

@@ -31,7 +31,8 @@ def get_executor() -> StepExecutor:
     with _LOCK:
         if _EXECUTOR is None:
             settings = get_settings()
-            runtime = Runtime(settings, redis_client(settings, app.conf.broker_url), CeleryEnqueuer(app, settings))
+            runtime = Runtime(settings, redis_client(settings, app.conf.broker_url), CeleryEnqueuer(app, settings),
+                              redis_url=app.conf.broker_url)
             _EXECUTOR = StepExecutor(runtime)
         return _EXECUTOR
 

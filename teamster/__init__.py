@@ -26,6 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from teamster.agents.limits import Price, ProviderLimits, RunBudget
     from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Outcome, Succeeded
     from teamster.agents.runner import AgentRun, StepContext, run_agent
     from teamster.agents.spec import AgentSpec, Budget, Criterion, RetryPolicy, get_agent, register_agent
@@ -62,6 +63,10 @@ __all__ = [
     "CannotComplete",
     "NeedsHuman",
     "Failed",
+    # limits and budgets
+    "ProviderLimits",
+    "RunBudget",
+    "Price",
     # workflows
     "Workflow",
     "get_workflow",
@@ -91,6 +96,9 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
+    "Price": "teamster.agents.limits",
+    "ProviderLimits": "teamster.agents.limits",
+    "RunBudget": "teamster.agents.limits",
     "CannotComplete": "teamster.agents.outcomes",
     "Failed": "teamster.agents.outcomes",
     "NeedsHuman": "teamster.agents.outcomes",

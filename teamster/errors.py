@@ -58,6 +58,7 @@ __all__ = [
     "StepNeedsHuman",
     "StepCancelled",
     "RunDeadlineExceeded",
+    "RunBudgetExceeded",
     "UnexpectedError",
     "LeaseLost",
     "LeaseExpiredRepeatedly",
@@ -348,6 +349,13 @@ class UnexpectedError(TerminalError):
     """An exception teamster does not know how to classify (terminal, so it is dead-lettered and seen)."""
 
     code = "unexpected_error"
+
+
+class RunBudgetExceeded(TerminalError):
+    """A model call would have crossed the run's budget (calls, tokens or cost across all its steps); its details
+    hold the spend so far and the budget."""
+
+    code = "run_budget_exceeded"
 
 
 class LeaseLost(TerminalError):

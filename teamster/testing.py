@@ -42,6 +42,7 @@ from typing import Any
 from pydantic import BaseModel
 from strands.models.model import Model
 
+from teamster.agents.limits import RunBudget
 from teamster.agents.providers import block_real_models, override_model
 from teamster.agents.scripted import (
     FaultPlan,
@@ -249,9 +250,9 @@ class WorkflowEnvironment:
 
     # ------------------------------------------------------------------ running
     def submit(self, workflow: Workflow | str, input: Any, *,  # noqa: A002 - the natural name
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, budget: RunBudget | None = None) -> str:
         """Start a run (validated exactly as :func:`teamster.submit` does); its steps wait in :attr:`queue`."""
-        return self.client.submit(workflow, input, idempotency_key=idempotency_key)
+        return self.client.submit(workflow, input, idempotency_key=idempotency_key, budget=budget)
 
     def drain(self, max_deliveries: int = 10_000) -> int:
         """Execute queued step messages in this thread until none is left; returns how many ran.
@@ -283,9 +284,9 @@ class WorkflowEnvironment:
         return ran
 
     def run(self, workflow: Workflow | str, input: Any, *,  # noqa: A002
-            idempotency_key: str | None = None) -> RunRecord:
+            idempotency_key: str | None = None, budget: RunBudget | None = None) -> RunRecord:
         """Submit a run, drain the queue, and return the run's record (settled, unless it waits on a timer)."""
-        run_id = self.submit(workflow, input, idempotency_key=idempotency_key)
+        run_id = self.submit(workflow, input, idempotency_key=idempotency_key, budget=budget)
         self.drain()
         return self.client.status(run_id)
 

@@ -180,7 +180,8 @@ def test_rate_limit_answers_429_like_openai() -> None:
     assert 0 < int(error.response.headers["retry-after-ms"]) <= 30_000
     assert (stats["requests"], stats["completed"], stats["throttled"]) == (3, 2, 1)
     assert stats["max_accepted_per_window"] == 2
-    assert stats["windows"] == [{"start": 0.0, "accepted": 2}]
+    assert stats["max_requests_per_window"] == 3
+    assert stats["windows"] == [{"start": 0.0, "accepted": 2, "requests": 3}]
 
 
 def test_hang_never_answers_and_is_counted(server: ModelServer) -> None:

@@ -78,6 +78,7 @@ STATUS_STYLE: dict[str, str] = {
     "pending": "cyan",
     "queued": "cyan",
     "retrying": "yellow",
+    "waiting": "yellow",
     "skipped": "dim",
     "escalated": "magenta",
     "needs_human": "yellow",
@@ -384,16 +385,18 @@ def _arg(token: str) -> str:
 def command_lines(command: str, width: int, indent: str = "  ") -> list[str]:
     """``command`` as lines of at most ``width`` columns that still run when pasted into a shell.
 
-    A command that fits stays one line. A longer one is split between its arguments with ``\\`` line
-    continuations (an option stays with its value), and a JSON argument too long for a line is spread over
-    several lines inside its quotes (JSON allows the line breaks).
+    Arguments a shell would change (``[``, spaces, quotes) are quoted. A command that fits stays one line. A
+    longer one is split between its arguments with ``\\`` line continuations (an option stays with its value),
+    and a JSON argument too long for a line is spread over several lines inside its quotes (JSON allows the line
+    breaks).
     """
-    if cell_len(indent + command) <= width:
-        return [indent + command]
     try:
         tokens = shlex.split(command)
     except ValueError:
         return [indent + command]
+    quoted = " ".join(_arg(token) for token in tokens)  # ids like step[3] quoted: zsh would glob them
+    if cell_len(indent + quoted) <= width:
+        return [indent + quoted]
     more = indent + "    "
     out: list[str] = []
     line = indent
@@ -423,9 +426,9 @@ def command_lines(command: str, width: int, indent: str = "  ") -> list[str]:
             add(piece)
             continue
         first, *rest = json.dumps(parsed, indent=2, ensure_ascii=False).splitlines()
-        quoted = _quote("\n".join([first, *(more + part for part in rest)])).split("\n")
-        add(f"{_arg(token)} {quoted[0]}")
-        for part in quoted[1:]:  # inside the quotes: no continuation backslash
+        spread = _quote("\n".join([first, *(more + part for part in rest)])).split("\n")
+        add(f"{_arg(token)} {spread[0]}")
+        for part in spread[1:]:  # inside the quotes: no continuation backslash
             out.append(line)
             line = part
     out.append(line)
@@ -601,6 +604,12 @@ def entry_next_steps(entry: DeadLetterEntry) -> list[tuple[str, str]]:
     if entry.kind == "needs_human" and example:
         steps.append(("answer it: supply the step's output (the run resumes)",
                       resolve_command(entry.entry_id, example)))
+    if entry.error_type == "run_budget_exceeded":
+        budget = entry.details.get("budget") or {}
+        flags = " ".join(f"--{name.replace('_', '-')} {_raised(value)}" for name, value in budget.items()
+                         if isinstance(value, int | float)) or "--max-model-calls N"
+        steps.append(("the run spent its budget: raise it first (then retry below)",
+                      f"teamster runs budget {entry.run_id} {flags} --by you --reason 'why'"))
     steps.append(("run the step again from attempt 1 (optionally --state-patch JSON)",
                   f"teamster dlq retry {entry.entry_id} --by you --wait"))
     if entry.kind != "needs_human" and example:
@@ -609,6 +618,11 @@ def entry_next_steps(entry: DeadLetterEntry) -> list[tuple[str, str]]:
     steps.append(("give up: the run fails with your reason",
                   f"teamster dlq discard {entry.entry_id} --by you --reason 'why'"))
     return steps
+
+
+def _raised(value: float) -> str:
+    """A suggested new budget limit: twice the old one."""
+    return str(int(value) * 2) if float(value).is_integer() else f"{value * 2:g}"
 
 
 def run_next_steps(run: RunRecord) -> list[str]:

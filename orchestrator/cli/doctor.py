@@ -140,6 +140,7 @@ def run_checks(purpose: Purpose | None = None) -> tuple[list[Check], TeamsterSet
         checks.append(Check("workers", "SKIP", "needs Redis"))
         checks.append(Check("dead-letter queue", "SKIP", "needs Redis"))
         return checks, settings, purpose
+    checks += _limit_checks(settings, url, providers, purpose)
     try:
         workers = ping_workers(settings, url, timeout=1.0)
     except Exception as exc:  # noqa: BLE001 - a broker error is a finding, not a crash
@@ -162,6 +163,60 @@ def run_checks(purpose: Purpose | None = None) -> tuple[list[Check], TeamsterSet
     except redis.RedisError as exc:
         checks.append(Check("dead-letter queue", "FAIL", f"cannot read it: {exc}", "Check Redis."))
     return checks, settings, purpose
+
+
+def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], purpose: Purpose) -> list[Check]:
+    """Each real provider's shared limits (TEAMSTER_PROVIDER_LIMITS or an agent's own) and their state now."""
+    import redis  # noqa: PLC0415
+
+    from teamster.agents.spec import registered_agents  # noqa: PLC0415
+    from teamster.orchestrator.limits import Limiter, provider_state  # noqa: PLC0415
+
+    limiter = Limiter(settings, url)
+    own = {spec.model or settings.model: spec.limits for spec in registered_agents().values() if spec.limits}
+    checks: list[Check] = []
+    conn = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3, decode_responses=True)
+    try:
+        for model in sorted((providers | set(settings.provider_limits) | set(own)) - {"scripted"}):
+            limits = own.get(model) or limiter.limits_for(model)
+            price = limiter.price_of(model)
+            cost = f"; price {price.input:g}/{price.output:g} per million tokens in/out" if price else ""
+            if not limits.limited:
+                checks.append(Check(
+                    "provider limits", "WARN" if purpose == "production" else "OK",
+                    f"{model}: none shared: every worker calls it as fast as it can (a 429 still makes all of "
+                    f"them back off){cost}",
+                    "Set the provider account's limits (the numbers are examples): TEAMSTER_PROVIDER_LIMITS='"
+                    + json.dumps({model: {"rpm": 500, "tpm": 200000, "concurrency": 50}}) + "'"
+                    if purpose == "production" else ""))
+                continue
+            state = provider_state(conn, settings.key_prefix, model, period_seconds=limits.period_seconds,
+                                   breaker_errors=settings.breaker_errors)
+            period = "minute" if limits.period_seconds == 60 else f"{limits.period_seconds:g} s"
+            parts = [f"{limits.rpm} requests" if limits.rpm else "", f"{limits.tpm} tokens" if limits.tpm else ""]
+            shape = " and ".join(p for p in parts if p)
+            described = ", ".join(x for x in (f"{shape} per {period}" if shape else "",
+                                              f"{limits.concurrency} concurrent" if limits.concurrency else "") if x)
+            now = (f"now {state['in_flight']} in flight, {state['requests']} requests and {state['tokens']} tokens "
+                   f"this {period}, {state['waiting']} waiting")
+            source = "the agent's own limits" if model in own else "TEAMSTER_PROVIDER_LIMITS"
+            detail = f"{model}: {described} ({source}); {now}{cost}"
+            if state["breaker"] == "open":
+                checks.append(Check("provider limits", "WARN", f"{detail}; circuit breaker OPEN for "
+                                    f"{state['breaker_seconds']:.0f} s more after {state['errors']} errors in a row",
+                                    "The provider is failing: calls wait, then one probe decides. Check the "
+                                    "provider's status page and the worker logs."))
+            elif state["cooldown_seconds"]:
+                checks.append(Check("provider limits", "WARN", f"{detail}; cooling down for "
+                                    f"{state['cooldown_seconds']:.1f} s after a 429",
+                                    "If this recurs, lower the limits to what the provider really allows."))
+            else:
+                checks.append(Check("provider limits", "OK", f"{detail}; breaker {state['breaker']}"))
+    except redis.RedisError as exc:
+        checks.append(Check("provider limits", "WARN", f"cannot read their state: {exc}", "Check Redis."))
+    finally:
+        conn.close()
+    return checks
 
 
 def _settings_table(settings: TeamsterSettings) -> Table:
@@ -188,8 +243,9 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Check the deployment and say what to fix: settings (and unknown TEAMSTER_* variables), Redis (reachable,
-    version, `noeviction`, AOF), workflow modules, model provider extras and credentials, live workers, open
-    dead-letter entries -- for offline development or for production, and says which it checked.
+    version, `noeviction`, AOF), workflow modules, model provider extras and credentials, each provider's shared
+    limits and their state now (in flight, waiting, cool-down, circuit breaker), live workers, open dead-letter
+    entries -- for offline development or for production, and says which it checked.
 
     Exit code 1 when any check FAILs (warnings do not fail).
 

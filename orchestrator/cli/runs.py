@@ -1,7 +1,9 @@
-"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs cancel``, ``journal``, ``replay``."""
+"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs cancel``, ``runs budget``,
+``journal``, ``replay``."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
@@ -32,7 +34,7 @@ from teamster.orchestrator.cli._support import (
     run_next_steps,
     styled_status,
 )
-from teamster.orchestrator.models import JournalEvent, RunStatus, StepRecord
+from teamster.orchestrator.models import JournalEvent, RunStatus, StepRecord, StepStatus
 from teamster.orchestrator.workflow import get_workflow
 
 __all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
@@ -40,7 +42,8 @@ __all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
 REPLAY_DIFFERS = 3
 """Exit code of ``teamster replay`` when the replay differs from the recording."""
 
-runs_app = typer.Typer(help="List runs, show one run with its step timeline, wait for a run, cancel a run.",
+runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, cancel a "
+                       "run, change a run's budget.",
                        no_args_is_help=True, rich_markup_mode="markdown")
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
@@ -177,12 +180,33 @@ def _retry_lines(steps: list[StepRecord], retries: list[JournalEvent]) -> list[s
     return lines
 
 
+def _waiting(step: StepRecord) -> bool:
+    return step.status == StepStatus.RUNNING and bool(step.waiting_for)
+
+
+def _status_cell(step: StepRecord) -> str:
+    """``waiting`` for a running step that waits for provider capacity: it is not calling anything."""
+    return styled_status("waiting") if _waiting(step) else styled_status(step.status.value)
+
+
+def _reason_cell(step: StepRecord) -> str:
+    if _waiting(step):
+        since = f" for {fmt_duration(max(0.0, time.time() - step.waiting_since))}" if step.waiting_since else ""
+        return escape(f"waiting{since} ({step.waiting_for})")
+    return escape(step.reason or "")
+
+
+def _cost(value: float) -> str:
+    return "" if not value else f"{value:.4f}" if value < 100 else f"{value:,.2f}"
+
+
 def _print_steps(steps: list[StepRecord], retries: list[JournalEvent]) -> None:
     """The step timeline. When the console is narrow, the reason and worker columns follow the table instead of
-    squeezing it; the reasons of earlier attempts of retried steps follow it too."""
-    rows = [[escape(step.step_key), escape(step.kind), styled_status(step.status.value), str(step.attempts),
-             fmt_duration(step.duration_seconds), str(step.model_calls), str(step.tokens), escape(step.worker or "-"),
-             escape(step.reason or "")] for step in steps]
+    squeezing it; the reasons of earlier attempts of retried steps follow it too. Model calls, tokens and cost are
+    what the step spent over all its attempts (replayed answers cost nothing)."""
+    rows = [[escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
+             fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
+             _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step)] for step in steps]
     print_table("[bold]steps[/]", [
         Column("step", whole=True),
         Column("kind", whole=True),
@@ -191,6 +215,7 @@ def _print_steps(steps: list[StepRecord], retries: list[JournalEvent]) -> None:
         Column("duration", short="took", justify="right", whole=True),
         Column("model calls", short="calls", justify="right", whole=True),
         Column("tokens", justify="right", whole=True),
+        Column("cost", justify="right", whole=True, below=True),
         Column("worker", whole=True, below=True),
         Column("reason", min_width=30, below=True),
     ], rows, every="every step")
@@ -214,8 +239,12 @@ def show_run(
     operator, the dead-letter entry and the next command to run are printed. Secrets in the run's data (API
     keys, bearer tokens, secret-named fields) are printed as `[REDACTED]`.
 
-    With `--json`: `{"run": RUN, "steps": [STEP, ...]}`, each step with its `retries` (the journal's retry
-    events: attempt, error_type, message, delay_seconds, next_attempt).
+    A step waiting for provider capacity (shared limits, a cool-down after a 429, an open circuit breaker) shows
+    as `waiting`, with what it waits for and since when. The run's spend (model calls, tokens, cost over all its
+    steps, retries and escalations) is shown against its budget; each step's over all its attempts.
+
+    With `--json`: `{"run": RUN, "spend": SPEND, "steps": [STEP, ...]}`, each step with its `retries` (the
+    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt).
 
     Examples:
 
@@ -229,8 +258,9 @@ def show_run(
     run = client.status(run_id)
     steps = client.steps(run_id)
     retries = client.journal(run_id, types=["retry"])
+    spend = client.spend(run_id)
     if as_json:
-        echo_json({"run": redacted_dump(run, redact),
+        echo_json({"run": redacted_dump(run, redact), "spend": spend,
                    "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries))}
                              for step in steps]})
         return
@@ -250,6 +280,9 @@ def show_run(
     header.add_row("trace id", escape(run.trace_id or "-"))
     if run.idempotency_key:
         header.add_row("idempotency key", escape(run.idempotency_key))
+    header.add_row("spent", _spend_text(spend) + (f" of {_budget_text(run.budget)}" if run.budget else ""))
+    if run.tenant:
+        header.add_row("tenant", escape(run.tenant))
     console.print(header)
     _print_steps(steps, retries)
     if run.status == RunStatus.SUCCEEDED:
@@ -265,6 +298,77 @@ def show_run(
         if error.get("dlq_entry"):
             print_note(f"dead-letter entry: {escape(str(error['dlq_entry']))}")
     print_commands(run_next_steps(run)[1:])
+
+
+def _spend_text(spend: dict[str, float]) -> str:
+    calls = int(spend.get("model_calls", 0))
+    text = f"{calls} model call{'s' if calls != 1 else ''}, {int(spend.get('tokens', 0))} tokens"
+    cost = float(spend.get("cost", 0.0))
+    return text + (f", cost {_cost(cost)}" if cost else "")
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    parts = []
+    if budget.get("max_model_calls") is not None:
+        parts.append(f"{budget['max_model_calls']} model calls")
+    if budget.get("max_tokens") is not None:
+        parts.append(f"{budget['max_tokens']} tokens")
+    if budget.get("max_cost") is not None:
+        parts.append(f"cost {budget['max_cost']:g}")
+    return "a budget of " + ", ".join(parts) if parts else "no budget"
+
+
+@runs_app.command("budget")
+@handle_errors
+def set_budget(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
+    max_model_calls: Annotated[int | None, typer.Option(
+        "--max-model-calls", min=1, help="Live model calls the whole run may make.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="Tokens (in + out) of the whole run.")]
+    = None,
+    max_cost: Annotated[float | None, typer.Option(
+        "--max-cost", help="Cost of the whole run, above 0 (TEAMSTER_MODEL_PRICES' currency).")] = None,
+    unlimited: Annotated[bool, typer.Option("--unlimited", help="Remove the run's budget.")] = False,
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (recorded in the journal).")] = "budget changed",
+    by: Annotated[str | None, typer.Option(
+        "--by", envvar="USER", show_envvar=True, help="Who changes it (recorded in the journal); defaults to $USER.")]
+    = None,
+) -> None:
+    """Replace a run's budget: what the whole run may spend from now on, counting what it already spent.
+
+    A step refused by the old budget ends as a `run_budget_exceeded` dead-letter entry: raise the budget here, then
+    retry the entry (`teamster dlq retry ENTRY_ID`). Steps that start afterwards use the new budget. The change is
+    journaled (`budget_changed`, with who, why, the old budget and the spend so far). Limits you do not give are
+    unbounded.
+
+    Examples:
+
+    ```
+    teamster runs budget RUN_ID --max-model-calls 40 --reason "long document" --by alice
+    teamster runs budget RUN_ID --max-cost 2.5
+    teamster runs budget RUN_ID --unlimited --reason "approved by finance"
+    ```
+    """
+    from teamster.agents.limits import RunBudget  # noqa: PLC0415 - keeps `teamster --help` fast
+
+    who = require_by(by)
+    given = {"max_model_calls": max_model_calls, "max_tokens": max_tokens, "max_cost": max_cost}
+    if unlimited == any(value is not None for value in given.values()):
+        raise InvalidInput("give --unlimited, or at least one of --max-model-calls, --max-tokens, --max-cost "
+                           "(not both)", hint=f"e.g. `teamster runs budget {run_id} --max-model-calls 40`")
+    if max_cost is not None and not max_cost > 0:
+        raise InvalidInput(f"--max-cost must be above 0, not {max_cost:g}", hint="Or remove the budget: --unlimited.")
+    budget = None if unlimited else RunBudget(**{k: v for k, v in given.items() if v is not None})
+    client = make_client(load_modules=False)
+    run = client.set_budget(run_id, budget, by=who, reason=reason)
+    spend = client.spend(run_id)
+    console.print(f"run {escape(run.run_id)}: {_budget_text(run.budget) if run.budget else 'no budget'} "
+                  f"(spent so far: {_spend_text(spend)})", highlight=False)
+    entry = (run.error or {}).get("dlq_entry")
+    if entry and (run.error or {}).get("error_type") == "run_budget_exceeded":
+        print_commands([f"teamster dlq retry {entry} --by {who} --wait"])
+    else:
+        print_commands([f"teamster runs show {run.run_id}"])
 
 
 @runs_app.command("wait")

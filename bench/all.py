@@ -22,10 +22,11 @@ from bench._common import REPO_ROOT, RESULTS_DIR, console, fmt, write_results
 
 __all__ = ["main", "build_parser", "markdown", "BENCHMARKS"]
 
-BENCHMARKS = ("overhead", "provider", "concurrency", "recovery", "scaling")
+BENCHMARKS = ("overhead", "provider", "limits", "concurrency", "recovery", "scaling")
 WHAT = {
     "overhead": "per-step cost vs raw Celery chains (1 worker, threads x8, scripted model at 0 s)",
     "provider": "the real provider path over HTTP (strands OpenAIModel + openai SDK) vs the bare SDK",
+    "limits": "1, 2, 4 workers against one rate-limited provider: shared limits vs each worker's own backoff",
     "concurrency": "I/O-bound steps (1 s model latency) on one worker: pools and concurrency vs prefork",
     "recovery": "SIGKILL mid-step until another worker commits it (lease + watchdog)",
     "scaling": "1, 2, 4 worker processes on one host (threads x8, 0.2 s model latency)",
@@ -68,6 +69,22 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                             f"{row['pool_errors']} pool errors, {row['left_running']} left running",
                             f"bare SDK: {fmt(floor['steps_per_second'], 1)} req/s, "
                             f"{fmt(floor['cpu_ms_per_step'], 1)} ms CPU/req", _x(row["vs_floor"])])
+    elif name == "limits":
+        st = r["settings"]
+        rows = r["rows"]
+        for shared in (row for row in rows if row["shared_limits"]):
+            own = next((row for row in rows if not row["shared_limits"] and row["workers"] == shared["workers"]),
+                       None)
+            if own is None:
+                continue
+            fewer = shared.get("fewer_429s")
+            out.append(["limits", f"{shared['workers']} worker(s), server limit {st['rate']} req / "
+                                  f"{st['rate_window_seconds']:g} s: 429s; steps/s vs the limit",
+                        f"{shared['throttled']} 429s, {fmt(shared['vs_limit'], 2)}x the limit, "
+                        f"{shared['failed']} dead-lettered",
+                        f"own backoff: {own['throttled']} 429s, {fmt(own['vs_limit'], 2)}x, "
+                        f"{own['failed']} dead-lettered",
+                        "—" if fewer is None else f"{fewer * 100:.1f}% fewer 429s"])
     elif name == "concurrency":
         base = r.get("baseline") or "?"
         base_row = next((c for c in r["configs"] if c["label"] == base), None)

@@ -60,3 +60,28 @@ def test_testing_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"\b3 passed\b", proc.stdout), proc.stdout
+
+
+def test_limits_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Provider limits and run budgets" block, saved as a test module, passes under pytest."""
+    (tmp_path / "test_readme_limits.py").write_text(block("limits"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_limits.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout
+
+
+def test_limits_environment_block_is_valid_settings() -> None:
+    from teamster.config.settings import load_settings  # noqa: PLC0415
+
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- readme-test: limits-env -->\n```bash\n(.*?)```", text, re.S)
+    assert match, "README block 'limits-env' not found"
+    values = dict(re.findall(r"export TEAMSTER_(\w+)='(.*?)'\n", match.group(1)))
+    assert set(values) == {"PROVIDER_LIMITS", "MODEL_PRICES"}
+    settings = load_settings(**{k.lower(): v for k, v in values.items()})
+    assert settings.provider_limits["openai:gpt-4o-mini"].concurrency == 50
+    assert settings.model_prices["openai:gpt-4o-mini"].output == 0.60

@@ -487,3 +487,33 @@ def test_runs_show_says_waiting_for_provider_capacity_and_the_spend_then_an_oper
 
     asyncio.run(scenario())
     assert store.get_step(waiting_run, "each[0]").waiting_for is None  # type: ignore[union-attr]
+
+
+def test_doctor_shows_each_providers_limits_and_their_state_now(redis_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = json.dumps({MODEL: {"rpm": 100, "concurrency": 2}})
+    settings = load_settings(key_prefix=_prefix(), provider_limits=limits, provider_cooldown_seconds=60)
+    for name, value in {"TEAMSTER_REDIS_URL": redis_url, "TEAMSTER_KEY_PREFIX": settings.key_prefix,
+                        "TEAMSTER_PROVIDER_LIMITS": limits, "TEAMSTER_MODEL": "openai:unlimited",
+                        "OPENAI_API_KEY": "sk-test"}.items():
+        monkeypatch.setenv(name, value)
+
+    async def hold_and_throttle() -> None:
+        gate = _gate(settings, redis_url, "held")
+        await gate.acquire(MODEL, 1)  # one call in flight
+        for task in gate._renewals.values():
+            task.cancel()
+        other = _gate(settings, redis_url, "throttled")
+        await other.release(await other.acquire(MODEL, 1), {}, ModelThrottled("429"))  # a cool-down starts
+
+    asyncio.run(hold_and_throttle())
+    report = json.loads(_cli("doctor", "--for", "production", "--json").stdout)
+    found = {c["detail"].split(":")[0] + ":" + c["detail"].split(":")[1]: c for c in report["checks"]
+             if c["name"] == "provider limits"}
+    limited = found[MODEL]
+    assert limited["status"] == "WARN" and "cooling down" in limited["detail"], limited
+    assert "100 requests per minute, 2 concurrent (TEAMSTER_PROVIDER_LIMITS)" in limited["detail"]
+    assert "now 1 in flight, 2 requests" in limited["detail"]
+    unlimited = found["openai:unlimited"]
+    assert unlimited["status"] == "WARN" and "none shared" in unlimited["detail"]
+    assert "TEAMSTER_PROVIDER_LIMITS='{\"openai:unlimited\"" in unlimited["fix"]

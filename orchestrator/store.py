@@ -75,6 +75,7 @@ if #step == 0 then return {{'missing', ''}} end
 local fields = {{}}
 for i = 1, #step, 2 do fields[step[i]] = step[i + 1] end
 local status = fields['status']
+if status == {literal(StepStatus.PARKED)!r} then return {{'parked', fields['child_run'] or ''}} end
 local open = {_lua_list(STEP_OPEN)}
 if not open[status] then return {{'terminal', status}} end
 local token = tonumber(fields['fence'] or '0') + 1
@@ -306,7 +307,8 @@ class Claim:
 
     ``kind`` is ``claimed`` (token set; ``step`` and ``run`` are the records as claimed), ``busy`` (another live
     worker holds the lease), ``terminal`` (the step already ended -- its committed result is final;
-    ``step_status`` says how), ``run_final`` (the run ended; ``run_status`` says how) or ``missing``.
+    ``step_status`` says how), ``parked`` (a child step waiting for its child run, ``holder``; its run's settling
+    queues it again), ``run_final`` (the run ended; ``run_status`` says how) or ``missing``.
     ``previous`` is the step status before the claim: ``running`` means the previous holder died.
     """
 
@@ -549,6 +551,8 @@ class RunStore:
             return Claim(kind, step_status=StepStatus(json.loads(result[1])))
         if kind == "run_final":
             return Claim(kind, run_status=RunStatus(json.loads(result[1])))
+        if kind == "parked":
+            return Claim(kind, step_status=StepStatus.PARKED, holder=str(json.loads(result[1])) if result[1] else "")
         return Claim(kind, holder=str(result[1]))
 
     def renew(self, leases: list[tuple[str, str, int]], lease_seconds: float) -> list[tuple[bool, RunStatus | None]]:

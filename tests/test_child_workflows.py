@@ -18,11 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner, Result
 
 from teamster.config.settings import load_settings
 from teamster.errors import ChildRunFailed, InvalidOperation
 from teamster.orchestrator.child_steps import ChildSteps
 from teamster.orchestrator.children import child_run_id
+from teamster.orchestrator.cli import app
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import Delivery, RunRecord, RunStatus, StepStatus
@@ -385,6 +387,57 @@ def test_replay_of_a_parent_rederives_the_childs_input(env: WorkflowEnvironment)
     report = env.client.replay(run.run_id)
     assert report.identical and report.live_model_calls == 0
     assert {s.step_key: s.kind for s in report.steps} == {"sub": "child", "wrap": "function"}
+
+
+# ----------------------------------------------------------------------------- what an operator sees
+
+
+@pytest.fixture()
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[WorkflowEnvironment]:
+    with WorkflowEnvironment([MODULES]) as environment:
+        monkeypatch.setenv("TEAMSTER_REDIS_URL", str(environment.settings.redis_url))
+        monkeypatch.setenv("TEAMSTER_KEY_PREFIX", environment.settings.key_prefix)
+        monkeypatch.setenv("TEAMSTER_WORKFLOW_MODULES", MODULES)
+        yield environment
+
+
+def ok(*args: str) -> Result:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_runs_show_journal_and_dlq_show_link_parent_and_child(cli_env: WorkflowEnvironment) -> None:
+    env = cli_env
+    run_id = env.submit("t_parent", {"text": "unsure, show me"})
+    env.deliver()
+    child_id = child_run_id(run_id, "sub")
+    shown = " ".join(ok("runs", "show", run_id).output.split())
+    assert "parked" in shown and f"child run {child_id} (running)" in shown
+    assert f"teamster runs show {child_id}" in shown
+    data = json.loads(ok("runs", "show", run_id, "--json").output)
+    assert data["steps"][0]["child"] == {"run_id": child_id, "status": "running"}
+    assert data["steps"][0]["status"] == "parked"
+
+    env.drain()
+    child = env.client.status(child_id)
+    assert child.error is not None
+    child_entry, parent_entry = child.error["dlq_entry"], env.client.status(run_id).error["dlq_entry"]  # type: ignore[index]
+    shown = " ".join(ok("runs", "show", child_id).output.split())
+    assert f"parent run {run_id} (step sub)" in shown
+    journal = " ".join(ok("journal", run_id).output.split())
+    assert "child_started" in journal and "child_settled" in journal and f"child run {child_id}" in journal
+    assert f"child of {run_id} step sub" in " ".join(ok("journal", child_id).output.split())
+
+    entry = " ".join(ok("dlq", "show", parent_entry).output.split())
+    assert "child_run_failed" in entry and "the child run's dead-letter entry" in entry
+    assert f"teamster dlq show {child_entry}" in entry and f"teamster runs show {child_id}" in entry
+    data = json.loads(ok("dlq", "show", parent_entry, "--json").output)
+    assert data["child_entry"]["entry_id"] == child_entry
+    commands = [n["command"] for n in data["next"]]
+    assert commands[0] == f"teamster dlq show {child_entry}"
+    assert f"teamster dlq retry {parent_entry} --by you --wait" in commands
+    assert f"child run of {run_id}" in " ".join(ok("dlq", "show", child_entry).output.split())
 
 
 # ----------------------------------------------------------------------------- real worker processes

@@ -428,6 +428,9 @@ def cancel_run(
 ) -> None:
     """Cancel a run that is not final: it ends as `cancelled`, and so does every step not yet finished.
 
+    Its child runs that are not final are cancelled with it, recursively. A child run cancelled on its own lets its
+    parent's step go on: it fails with `child_run_failed` (and its escalation policy runs).
+
     A step a worker is running when the run is cancelled cannot commit its result. A run that already
     succeeded, failed or was cancelled is refused (exit code 1).
 

@@ -200,13 +200,49 @@ def _cost(value: float) -> str:
     return "" if not value else f"{value:.4f}" if value < 100 else f"{value:,.2f}"
 
 
-def _print_steps(steps: list[StepRecord], retries: list[JournalEvent]) -> None:
+def _delegations(events: list[JournalEvent]) -> dict[str, list[dict[str, Any]]]:
+    """The delegated calls of each step, from the journal: step key -> one summary per nested step, in order."""
+    nested: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if not event.step or "/" not in event.step:
+            continue
+        item = nested.setdefault(event.step, {"step_key": event.step, "agent": event.data.get("agent"),
+                                              "status": "running", "attempts": set(), "live_model_calls": 0,
+                                              "tokens": 0, "duration_seconds": None, "reused": 0})
+        item["attempts"].add(event.attempt)
+        if event.type == "delegation_result":
+            item["status"] = str(event.data.get("status"))
+            item["live_model_calls"] += int(event.data.get("live_model_calls") or 0)
+            item["tokens"] += int((event.data.get("usage") or {}).get("totalTokens", 0))
+            item["duration_seconds"] = event.data.get("duration_seconds")
+        elif event.type == "delegation_reused":
+            item["reused"] += 1
+            item["status"] = str(event.data.get("status") or item["status"])
+        elif event.type == "delegation_start":
+            item["status"] = "running"
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, item in nested.items():
+        item["attempts"] = len(item["attempts"])
+        out.setdefault(key.split("/", 1)[0], []).append(item)
+    return out
+
+
+def _print_steps(steps: list[StepRecord], retries: list[JournalEvent],
+                 delegations: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """The step timeline. When the console is narrow, the reason and worker columns follow the table instead of
     squeezing it; the reasons of earlier attempts of retried steps follow it too. Model calls, tokens and cost are
     what the step spent over all its attempts (replayed answers cost nothing)."""
-    rows = [[escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
-             fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
-             _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step)] for step in steps]
+    rows: list[list[str]] = []
+    for step in steps:
+        rows.append([escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
+                     fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
+                     _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step)])
+        for item in (delegations or {}).get(step.step_key, []):  # its delegated calls, as nested steps
+            duration = item["duration_seconds"]
+            rows.append([escape(item["step_key"]), "delegate", styled_status(item["status"]), str(item["attempts"]),
+                         fmt_duration(float(duration)) if isinstance(duration, int | float) else "-",
+                         str(item["live_model_calls"]), str(item["tokens"]), "", "",
+                         f"reused {item['reused']}x from the journal" if item["reused"] else ""])
     print_table("[bold]steps[/]", [
         Column("step", whole=True),
         Column("kind", whole=True),
@@ -243,8 +279,11 @@ def show_run(
     as `waiting`, with what it waits for and since when. The run's spend (model calls, tokens, cost over all its
     steps, retries and escalations) is shown against its budget; each step's over all its attempts.
 
+    An agent step's delegated calls (agents it called as tools) follow it as nested steps, `STEP/AGENT#N`, with
+    their status, model calls and tokens (`teamster journal RUN_ID` has every event of them).
+
     With `--json`: `{"run": RUN, "spend": SPEND, "steps": [STEP, ...]}`, each step with its `retries` (the
-    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt).
+    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt) and its `delegations`.
 
     Examples:
 
@@ -258,11 +297,13 @@ def show_run(
     run = client.status(run_id)
     steps = client.steps(run_id)
     retries = client.journal(run_id, types=["retry"])
+    delegations = _delegations(client.journal(run_id, types=["delegation_start", "delegation_result",
+                                                             "delegation_reused"]))
     spend = client.spend(run_id)
     if as_json:
         echo_json({"run": redacted_dump(run, redact), "spend": spend,
-                   "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries))}
-                             for step in steps]})
+                   "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries)),
+                              "delegations": delegations.get(step.step_key, [])} for step in steps]})
         return
     run = redacted(run, redact)
     steps = [redacted(step, redact) for step in steps]
@@ -284,7 +325,7 @@ def show_run(
     if run.tenant:
         header.add_row("tenant", escape(run.tenant))
     console.print(header)
-    _print_steps(steps, retries)
+    _print_steps(steps, retries, delegations)
     if run.status == RunStatus.SUCCEEDED:
         console.print("[bold]output:[/]")
         print_json_block(run.output or {})

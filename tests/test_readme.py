@@ -85,3 +85,15 @@ def test_limits_environment_block_is_valid_settings() -> None:
     settings = load_settings(**{k.lower(): v for k, v in values.items()})
     assert settings.provider_limits["openai:gpt-4o-mini"].concurrency == 50
     assert settings.model_prices["openai:gpt-4o-mini"].output == 0.60
+
+
+def test_delegation_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Delegation: agents as tools" block, saved as a test module, passes under pytest."""
+    (tmp_path / "test_readme_delegation.py").write_text(block("delegation"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_delegation.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout

@@ -100,6 +100,8 @@ class AgentRun:
     usage: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
     exchanges: list[ModelExchange] = field(default_factory=list)
+    unrecorded_spend: dict[str, float] = field(default_factory=dict)
+    """Spend of live calls that no Redis gate recorded (model_calls, tokens, cost): the step's end records it."""
 
 
 def format_validation_error(error: ValidationError, limit: int = 8) -> str:

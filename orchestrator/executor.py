@@ -316,6 +316,7 @@ class StepExecutor:
             self._journal_batch(run_id, step_key, attempt, spec, pending[:cut])
             self._journal_batch(run_id, step_key, attempt, spec, pending[cut:], write=False)
             agent_run = future.result()
+            agent_run.unrecorded_spend = gate.unrecorded()
             return agent_run.outcome, agent_run, pending[cut:]
         control.abort("timeout")
         future.cancel()

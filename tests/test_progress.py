@@ -1,0 +1,155 @@
+"""Live progress for applications: ``Client.events``, against the session's real Redis and real worker
+processes.
+
+The example triage workflow runs on the scripted model with a little latency per model call, so runs are still
+going while they are followed: ``T-1001`` succeeds, ``T-1006`` (an unknown order) is escalated as cannot-complete,
+``T-1008`` (an $850 refund) waits for a human. Runs of the ``idle`` client are sent to a queue no worker consumes:
+they stay running until the test acts on them. Every check compares what was followed with the run's journal, read
+once the run has settled (nothing writes to it then).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from teamster.config.settings import load_settings
+from teamster.errors import InvalidInput, RunNotFound, RunTimeout
+from teamster.examples.triage import SAMPLE_TICKETS
+from teamster.orchestrator.client import Client
+from teamster.orchestrator.models import JournalEvent, RunStatus
+from tests.harness import Worker, wait_settled, wait_until
+
+pytestmark = pytest.mark.integration
+
+MODULES = "teamster.examples.triage"
+ENDS = {"T-1001": ("succeeded", "run_succeeded"), "T-1006": ("escalated", "dead_lettered"),
+        "T-1008": ("needs_human", "dead_lettered")}
+"""Sample ticket -> how its run settles and the journal event that settles it."""
+
+
+IDLE = "idle-"
+"""Ticket id prefix of the idle client's runs (cancelled at the end if still running)."""
+
+
+def ticket(sample: str, tag: str = "") -> dict[str, str]:
+    """A sample ticket under a new id (the scripted model routes by its text)."""
+    base = next(t for t in SAMPLE_TICKETS if t["ticket_id"] == sample)
+    return {**base, "ticket_id": f"{tag}{sample}-{uuid.uuid4().hex[:8]}"}
+
+
+def ids(events: list[JournalEvent]) -> list[str]:
+    return [event.id for event in events]
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    return Client(load_settings(workflow_modules=[MODULES]))
+
+
+@pytest.fixture(scope="module")
+def idle(client: Client) -> Iterator[Client]:
+    """A client whose step messages go to a queue no worker consumes: its runs stay running."""
+    idle = Client(load_settings(workflow_modules=[MODULES], steps_queue="nobody-listens"), redis_url=client.redis_url)
+    yield idle
+    for run in idle.runs(limit=1000, status=["running", "pending"], workflow="ticket_triage"):
+        if str(run.input.get("ticket_id", "")).startswith(IDLE):
+            idle.cancel(run.run_id, reason="test cleanup")
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Worker]:
+    with Worker("progress", concurrency=4, env={"workflow_modules": MODULES, "scripted_latency": 0.05}) as w:
+        yield w
+
+
+# --------------------------------------------------------------------------- Client.events
+
+
+@pytest.mark.parametrize("sample", sorted(ENDS))
+def test_events_follow_a_live_run_in_order_to_the_event_that_settled_it(
+        client: Client, worker: Worker, sample: str) -> None:
+    status, last = ENDS[sample]
+    run_id = client.submit("ticket_triage", ticket(sample))
+    events = list(client.events(run_id, timeout=120))
+    run = client.status(run_id)
+    assert run.status.value == status
+    assert events[0].type == "run_created" and events[-1].type == last
+    journal = client.journal(run_id)
+    assert ids(events) == ids(journal)  # in order, none missing, none twice
+    assert [e.model_dump() for e in events] == [e.model_dump() for e in journal]  # decoded like the journal
+    assert {"step_start", "model_call", "outcome"} <= {e.type for e in events}
+
+
+def test_resuming_after_an_event_id_yields_exactly_the_rest(client: Client, worker: Worker) -> None:
+    run_id = client.submit("ticket_triage", ticket("T-1001"))
+    live = client.events(run_id, timeout=120)
+    first = [next(live) for _ in range(3)]
+    live.close()  # the application stops listening (a dropped connection, a restart)
+    rest = list(client.events(run_id, after=first[-1].id, timeout=120))
+    journal = client.journal(run_id)
+    assert ids(first + rest) == ids(journal) and rest[-1].type == "run_succeeded"
+    for k in (0, len(journal) // 2, len(journal) - 2):  # of a finished run, from anywhere
+        assert ids(list(client.events(run_id, after=journal[k].id))) == ids(journal[k + 1:])
+    assert list(client.events(run_id, after=journal[-1].id)) == []  # settled, nothing after the last event
+    assert ids(list(client.events(run_id, after=None))) == ids(journal)
+
+
+def test_events_of_a_finished_run_filters_and_timeouts(client: Client, worker: Worker) -> None:
+    run = wait_settled(client, client.submit("ticket_triage", ticket("T-1006")))
+    assert run.status == RunStatus.ESCALATED
+    journal = client.journal(run.run_id)
+    assert ids(list(client.events(run.run_id))) == ids(journal)  # already settled: what is written, then stops
+    calls = list(client.events(run.run_id, types=["model_call", "dead_lettered"]))
+    assert ids(calls) == ids(client.journal(run.run_id, types=["model_call", "dead_lettered"]))
+    # escalated is not final: until="final" waits for an operator, so the timeout ends it, saying where to resume
+    seen: list[JournalEvent] = []
+    with pytest.raises(RunTimeout) as timeout:
+        for event in client.events(run.run_id, until="final", timeout=0.5):
+            seen.append(event)
+    assert ids(seen) == ids(journal)
+    assert timeout.value.details["last_event_id"] == journal[-1].id and "escalated" in timeout.value.message
+    with pytest.raises(RunTimeout):
+        list(client.events(run.run_id, until=None, timeout=0.2))
+
+
+def test_until_final_follows_a_run_through_an_operators_resolution(client: Client, worker: Worker) -> None:
+    run = wait_settled(client, client.submit("ticket_triage", ticket("T-1008")))
+    assert run.status == RunStatus.NEEDS_HUMAN
+    before = len(client.journal(run.run_id))
+    followed: list[JournalEvent] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            for event in client.events(run.run_id, until="final", timeout=120):
+                followed.append(event)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    wait_until(lambda: len(followed) >= before or errors, message="the follower did not read the journal")
+    client.dlq.resolve(run.error["dlq_entry"], {"approved": True, "issues": []}, by="test", reason="refund ok")
+    thread.join(timeout=120)
+    assert not thread.is_alive() and not errors, errors
+    assert client.status(run.run_id).status == RunStatus.SUCCEEDED
+    assert followed[-1].type == "run_succeeded" and "dlq_resolve" in {e.type for e in followed[before:]}
+    assert ids(followed) == ids(client.journal(run.run_id))
+
+
+def test_unknown_runs_and_bad_arguments_are_typed_errors(client: Client) -> None:
+    client.runtime.store.ensure_epoch()  # this Redis holds teamster data: a missing run is just missing
+    with pytest.raises(RunNotFound):
+        client.events("run_does_not_exist")
+    run_id = client.submit("ticket_triage", ticket("T-1001"))
+    for bad in ("yesterday", "12-ab", "-1", ""):
+        with pytest.raises(InvalidInput):
+            client.events(run_id, after=bad)
+    with pytest.raises(InvalidInput):
+        client.events(run_id, until="eventually")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        client.events(run_id, timeout=-1)

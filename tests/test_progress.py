@@ -1,5 +1,5 @@
-"""Live progress for applications: ``Client.events``, against the session's real Redis and real worker
-processes.
+"""Live progress for applications: ``Client.events`` and ``AsyncClient``, against the session's real Redis and
+real worker processes.
 
 The example triage workflow runs on the scripted model with a little latency per model call, so runs are still
 going while they are followed: ``T-1001`` succeeds, ``T-1006`` (an unknown order) is escalated as cannot-complete,
@@ -10,6 +10,7 @@ once the run has settled (nothing writes to it then).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ from collections.abc import Iterator
 import pytest
 
 from teamster.config.settings import load_settings
-from teamster.errors import InvalidInput, RunNotFound, RunTimeout
-from teamster.examples.triage import SAMPLE_TICKETS
+from teamster.errors import InvalidInput, RunFailed, RunNotFound, RunTimeout
+from teamster.examples.triage import SAMPLE_TICKETS, TriageResult
+from teamster.orchestrator.aclient import AsyncClient
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import JournalEvent, RunStatus
 from tests.harness import Worker, wait_settled, wait_until
@@ -153,3 +155,69 @@ def test_unknown_runs_and_bad_arguments_are_typed_errors(client: Client) -> None
         client.events(run_id, until="eventually")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
         client.events(run_id, timeout=-1)
+
+
+# --------------------------------------------------------------------------- AsyncClient
+
+
+def test_async_client_submits_follows_and_waits_from_asyncio(client: Client, idle: Client, worker: Worker) -> None:
+    async def main() -> None:
+        async with AsyncClient(load_settings(workflow_modules=[MODULES])) as aclient:
+            run_id = await aclient.submit("ticket_triage", ticket("T-1001"))
+            assert (await aclient.status(run_id)).workflow == "ticket_triage"
+            events = [event async for event in aclient.events(run_id, timeout=120)]
+            assert events[0].type == "run_created" and events[-1].type == "run_succeeded"
+            assert ids(events) == ids(client.journal(run_id))
+            resumed = [e async for e in aclient.events(run_id, after=events[2].id, types=["commit", "run_succeeded"])]
+            assert ids(resumed) == ids([e for e in events[3:] if e.type in ("commit", "run_succeeded")])
+            output = await aclient.result(run_id)
+            assert isinstance(output, TriageResult) and output.approved and output.category == "order"
+
+            escalated = await aclient.submit("ticket_triage", ticket("T-1006"))
+            with pytest.raises(RunFailed) as failed:
+                await aclient.result(escalated, timeout=120)  # waits on the journal for the run to settle
+            assert failed.value.status == "escalated" and failed.value.reason["error_type"] == "cannot_complete"
+            assert failed.value.reason["dlq_entry"]
+
+            with pytest.raises(InvalidInput):
+                await aclient.submit("ticket_triage", {"ticket_id": "T-x"})
+            with pytest.raises(RunNotFound):
+                await aclient.status("run_does_not_exist")
+            with pytest.raises(RunNotFound):
+                await aclient.result("run_does_not_exist")
+            with pytest.raises(RunNotFound):
+                [e async for e in aclient.events("run_does_not_exist")]
+            with pytest.raises(InvalidInput):
+                aclient.events(run_id, after="not-an-id")
+
+    asyncio.run(main())
+
+
+def test_async_events_wait_on_redis_while_other_tasks_run(idle: Client) -> None:
+    """An iterator waiting for the next event of a run that is not moving lets the loop serve the task that
+    cancels the run; then it yields the cancellation and ends. ``result`` of a run not moving times out."""
+    run_id = idle.submit("ticket_triage", ticket("T-1001", IDLE))
+
+    async def main() -> None:
+        async with AsyncClient(load_settings(workflow_modules=[MODULES])) as aclient:
+            with pytest.raises(RunTimeout):
+                await aclient.result(run_id, timeout=0.3)
+            received: list[JournalEvent] = []
+
+            async def follow() -> None:
+                async for event in aclient.events(run_id, timeout=120):
+                    received.append(event)
+
+            follower = asyncio.create_task(follow())
+            while len(received) < len(idle.journal(run_id)):  # it has read what is written: it waits in Redis
+                await asyncio.sleep(0.02)
+            cancelled = await aclient.cancel(run_id, reason="customer withdrew", by="test")
+            assert cancelled.status == RunStatus.CANCELLED
+            await asyncio.wait_for(follower, timeout=60)
+            assert received[-1].type == "run_cancelled"
+            with pytest.raises(RunFailed) as failed:
+                await aclient.result(run_id)
+            assert failed.value.status == "cancelled"
+
+    asyncio.run(main())
+    assert ids(list(idle.events(run_id))) == ids(idle.journal(run_id))

@@ -1,5 +1,5 @@
-"""Live progress for applications: ``Client.events`` and ``AsyncClient``, against the session's real Redis and
-real worker processes.
+"""Live progress for applications: ``Client.events``, ``AsyncClient`` and ``teamster runs watch``, against the
+session's real Redis and real worker processes.
 
 The example triage workflow runs on the scripted model with a little latency per model call, so runs are still
 going while they are followed: ``T-1001`` succeeds, ``T-1006`` (an unknown order) is escalated as cannot-complete,
@@ -11,19 +11,27 @@ once the run has settled (nothing writes to it then).
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
 
 from teamster.config.settings import load_settings
 from teamster.errors import InvalidInput, RunFailed, RunNotFound, RunTimeout
 from teamster.examples.triage import SAMPLE_TICKETS, TriageResult
 from teamster.orchestrator.aclient import AsyncClient
+from teamster.orchestrator.cli import app
+from teamster.orchestrator.cli._common import console, err_console
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import JournalEvent, RunStatus
-from tests.harness import Worker, wait_settled, wait_until
+from tests.harness import Worker, child_env, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +229,75 @@ def test_async_events_wait_on_redis_while_other_tasks_run(idle: Client) -> None:
 
     asyncio.run(main())
     assert ids(list(idle.events(run_id))) == ids(idle.journal(run_id))
+
+
+# --------------------------------------------------------------------------- teamster runs watch
+
+
+@pytest.fixture()
+def _live_console_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consoles follow $COLUMNS (another test module may have fixed their width)."""
+    monkeypatch.setattr(console, "_width", None)
+    monkeypatch.setattr(err_console, "_width", None)
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "80", "TEAMSTER_WORKFLOW_MODULES": MODULES})
+
+
+@pytest.mark.usefixtures("_live_console_width")
+def test_runs_watch_prints_events_live_then_the_outcome(client: Client, worker: Worker) -> None:
+    run_id = client.submit("ticket_triage", ticket("T-1001"))
+    result = cli("runs", "watch", run_id)
+    assert result.exit_code == 0, result.output
+    journal = client.journal(run_id)
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 and line == line.rstrip() for line in lines), result.stdout  # 80 columns, piped
+    typed = [line.split()[1] for line in lines if line[:2].isdigit() and line[2] == ":"]
+    assert typed == [event.type for event in journal]  # one line per event, in order
+    assert any("classify #1: call 1" in line for line in lines)  # the step, its attempt and a summary
+    assert f"run {run_id} succeeded" in result.stdout and '"approved": true' in result.stdout
+
+    escalated = client.submit("ticket_triage", ticket("T-1006"))
+    result = cli("runs", "watch", escalated)
+    assert result.exit_code == 1, result.output
+    assert f"run {escalated} is escalated: cannot_complete" in result.stdout
+    assert "dead-letter entry" in result.stdout and "teamster dlq show" in result.stdout
+
+
+@pytest.mark.usefixtures("_live_console_width")
+def test_runs_watch_json_and_after(client: Client, worker: Worker) -> None:
+    run_id = client.submit("ticket_triage", ticket("T-1008"))
+    result = cli("runs", "watch", run_id, "--json")
+    assert result.exit_code == 1, result.output  # it waits for a human: not succeeded
+    printed = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but one object per line
+    journal = client.journal(run_id)
+    assert [e["id"] for e in printed] == ids(journal) and printed[-1]["type"] == "dead_lettered"
+    assert set(printed[0]) == {"id", "type", "ts", "step", "attempt", "data"}
+    rest = cli("runs", "watch", run_id, "--json", "--after", journal[4].id)
+    assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == ids(journal[5:])
+    bad = cli("runs", "watch", run_id, "--after", "latest")
+    assert bad.exit_code == 1 and "error invalid_input: after='latest' is not a journal event id" in bad.stderr
+    missing = cli("runs", "watch", "run_does_not_exist")
+    assert missing.exit_code == 1 and "error run_not_found" in missing.stderr
+
+
+def test_runs_watch_stops_on_ctrl_c_and_the_run_goes_on(idle: Client, tmp_path: Path) -> None:
+    run_id = idle.submit("ticket_triage", ticket("T-1001", IDLE))
+    out = tmp_path / "watch.out"
+    env = child_env(workflow_modules=MODULES)
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "teamster.orchestrator.cli", "runs", "watch", run_id],
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_until(lambda: "step_queued" in out.read_text() or proc.poll() is not None, timeout=60,
+                       message="runs watch printed nothing")
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, stderr
+    assert f"stopped watching; run {run_id} goes on" in stderr and "Traceback" not in stderr
+    assert "run_created" in out.read_text()
+    assert idle.status(run_id).status == RunStatus.RUNNING

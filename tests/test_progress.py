@@ -1,5 +1,5 @@
-"""Live progress for applications: ``Client.events``, ``AsyncClient`` and ``teamster runs watch``, against the
-session's real Redis and real worker processes.
+"""Live progress for applications: ``Client.events``, ``AsyncClient``, ``teamster runs watch`` and the FastAPI
+server-sent-events example, against the session's real Redis and real worker processes.
 
 The example triage workflow runs on the scripted model with a little latency per model call, so runs are still
 going while they are followed: ``T-1001`` succeeds, ``T-1006`` (an unknown order) is escalated as cannot-complete,
@@ -20,9 +20,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
+from teamster.config.embedded import free_port
 from teamster.config.settings import load_settings
 from teamster.errors import InvalidInput, RunFailed, RunNotFound, RunTimeout
 from teamster.examples.triage import SAMPLE_TICKETS, TriageResult
@@ -301,3 +303,112 @@ def test_runs_watch_stops_on_ctrl_c_and_the_run_goes_on(idle: Client, tmp_path: 
     assert f"stopped watching; run {run_id} goes on" in stderr and "Traceback" not in stderr
     assert "run_created" in out.read_text()
     assert idle.status(run_id).status == RunStatus.RUNNING
+
+
+# --------------------------------------------------------------------------- the FastAPI example over HTTP
+
+
+def sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Server-sent events from response lines: ``{"id", "event", "data"}`` per message (comments skipped)."""
+    message: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if message:
+                yield message
+            message = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        message[name] = f"{message[name]}\n{value}" if name == "data" and name in message else value
+
+
+def stream(url: str, last_event_id: str | None = None, limit: int | None = None) -> list[dict[str, str]]:
+    """Messages of one SSE connection: all of them until the server ends the stream, or the first ``limit``
+    (then the connection is closed, as a client going away does)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    out: list[dict[str, str]] = []
+    with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10, read=120)) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for message in sse(response.iter_lines()):
+            out.append(message)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def api(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``uvicorn teamster.examples.progress_api:app`` on a free port, as its docstring says to run it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("api") / "uvicorn.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "teamster.examples.progress_api:app",
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env=child_env())
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                return True
+            try:
+                return httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_until(up, timeout=60, message="uvicorn did not start")
+            assert proc.poll() is None, log.read_text()
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_fastapi_example_streams_a_run_as_server_sent_events(api: str, client: Client) -> None:
+    posted = httpx.post(f"{api}/runs", json=ticket("T-1001"), timeout=30)
+    assert posted.status_code == 202, posted.text
+    run_id = posted.json()["run_id"]
+    messages = stream(f"{api}/runs/{run_id}/events")  # from the first event, live, until the run settles
+    *events, end = messages
+    assert end["event"] == "end" and json.loads(end["data"]) == {"run_id": run_id, "status": "succeeded"}
+    journal = client.journal(run_id)
+    assert [m["id"] for m in events] == ids(journal)
+    assert [m["event"] for m in events] == [e.type for e in journal]
+    assert [JournalEvent.model_validate_json(m["data"]) for m in events] == journal
+    status = httpx.get(f"{api}/runs/{run_id}", timeout=30).json()
+    assert status["status"] == "succeeded" and status["output"]["approved"] is True
+    # a reconnect with Last-Event-ID resumes right after that event
+    resumed = stream(f"{api}/runs/{run_id}/events", last_event_id=journal[3].id)
+    assert [m.get("id") for m in resumed[:-1]] == ids(journal[4:]) and resumed[-1]["event"] == "end"
+
+
+def test_fastapi_example_resumes_a_live_stream_and_refuses_bad_requests(api: str, client: Client) -> None:
+    posted = httpx.post(f"{api}/runs", json=ticket("T-1006"), timeout=30)
+    run_id = posted.json()["run_id"]
+    first = stream(f"{api}/runs/{run_id}/events", limit=2)  # the client goes away after two events
+    rest = stream(f"{api}/runs/{run_id}/events", last_event_id=first[-1]["id"])
+    assert rest[-1] == {"event": "end", "data": json.dumps({"run_id": run_id, "status": "escalated"})}
+    assert [m["id"] for m in first + rest[:-1]] == ids(client.journal(run_id))
+    again = httpx.post(f"{api}/runs", json=client.status(run_id).input, timeout=30)
+    assert again.json()["run_id"] == run_id  # the ticket id is the idempotency key
+    assert httpx.get(f"{api}/runs/run_does_not_exist", timeout=30).status_code == 404
+    assert httpx.get(f"{api}/runs/run_does_not_exist/events", timeout=30).status_code == 404
+    bad = httpx.get(f"{api}/runs/{run_id}/events", headers={"Last-Event-ID": "latest"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_input"
+    assert httpx.post(f"{api}/runs", json={"ticket_id": "T-1"}, timeout=30).status_code == 422
+
+
+def test_example_module_imports_without_starting_anything() -> None:
+    """Importing the example builds the app; its client is made at start-up (lifespan), not at import."""
+    code = ("import json, teamster.examples.progress_api as m; "
+            "print(json.dumps({'routes': sorted(r.path for r in m.app.routes if r.path.startswith('/runs'))}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["routes"] == ["/runs", "/runs/{run_id}", "/runs/{run_id}/events"]

@@ -249,8 +249,8 @@ class Client:
                 failed or was cancelled (an operator's retry or resolution continues the stream). None: never
                 stop (until ``timeout``, or until you stop iterating).
             timeout: Seconds, from the first read, to follow the run before giving up with :class:`RunTimeout`
-                (None: no limit). It raises rather than just stopping, like :meth:`result`, so that an ended
-                iteration always means the run settled; the error's ``details["last_event_id"]`` resumes it.
+                (None: no limit). It raises rather than just stopping, like :meth:`result`, so that an iteration
+                that ends always means ``until`` was met; the error's ``details["last_event_id"]`` resumes it.
 
         Raises:
             RunNotFound: no such run (raised by this call).

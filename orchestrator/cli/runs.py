@@ -1,5 +1,5 @@
-"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs cancel``, ``runs budget``,
-``journal``, ``replay``."""
+"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs watch``, ``runs cancel``,
+``runs budget``, ``journal``, ``replay``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from teamster.errors import InvalidInput, InvalidOperation
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
@@ -37,13 +38,13 @@ from teamster.orchestrator.cli._support import (
 from teamster.orchestrator.models import JournalEvent, RunStatus, StepRecord, StepStatus
 from teamster.orchestrator.workflow import get_workflow
 
-__all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
+__all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS", "INTERRUPTED"]
 
 REPLAY_DIFFERS = 3
 """Exit code of ``teamster replay`` when the replay differs from the recording."""
 
-runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, cancel a "
-                       "run, change a run's budget.",
+runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, watch its "
+                       "events live, cancel a run, change a run's budget.",
                        no_args_is_help=True, rich_markup_mode="markdown")
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
@@ -433,6 +434,79 @@ def wait_run(
     from teamster.orchestrator.cli.local import await_run  # noqa: PLC0415 - keeps `teamster --help` fast
 
     if not print_run_outcome(await_run(client, run_id, timeout)):
+        raise typer.Exit(1)
+
+
+INTERRUPTED = 130
+"""Exit code of ``teamster runs watch`` stopped with Ctrl-C (the run goes on)."""
+
+_EVENT_STYLE = {"run_succeeded": "green", "dead_lettered": "red", "retry": "yellow", "run_cancelled": "dim",
+                "commit_rejected": "yellow", "lease_expired": "yellow"}
+
+
+def _print_event(event: JournalEvent) -> None:
+    """One journal event as it arrives: time, type, then the step (with its attempt) and a summary, wrapped under
+    itself in a narrow terminal."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, style="dim")
+    grid.add_column(no_wrap=True, min_width=15)
+    grid.add_column(overflow="fold")
+    where = (event.step or "") + (f" #{event.attempt}" if event.attempt is not None and event.step else "")
+    summary = summarize_event(event.type, event.data)
+    text = Text(f"{where}: " if where and summary else where, style="bold")
+    text.append(summary)
+    grid.add_row(fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}",
+                 Text(event.type, style=_EVENT_STYLE.get(event.type, "")), text)
+    console.print(grid)
+
+
+@runs_app.command("watch")
+@handle_errors
+def watch_run(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event and line (secrets "
+                                          "redacted), nothing else on stdout.")] = False,
+    after: Annotated[str | None, typer.Option(
+        "--after", metavar="EVENT_ID", help="Start after this event id (the last one you saw), instead of at the "
+        "run's first event.")] = None,
+) -> None:
+    """Print a run's journal live, one line per event as it is written, until the run settles.
+
+    Starts with the events already written, then waits for each new one (no polling). When the run succeeds,
+    fails, is cancelled or waits for an operator, prints its output or its typed reason and the next commands,
+    like `teamster runs wait`. Ctrl-C stops watching; the run goes on.
+
+    With `--json`: each event whole (`id`, `type`, `ts`, `step`, `attempt`, `data`), one JSON object per line; the
+    exit code says how the run ended. Resume an interrupted watch with `--after` the last `id` seen.
+
+    Exit codes: 0 the run succeeded, 1 it did not (or an error), 130 stopped with Ctrl-C.
+
+    Examples:
+
+    ```
+    teamster runs watch RUN_ID
+    teamster runs watch RUN_ID --json | jq -r '[.id, .type, .step] | @tsv'
+    teamster runs watch RUN_ID --after 1718000000000-3
+    ```
+    """
+    try:
+        client = make_client()
+        redact = redactor(client.settings)
+        for event in client.events(run_id, after=after):
+            event = redacted(event, redact)
+            if as_json:
+                typer.echo(event.model_dump_json())
+            else:
+                _print_event(event)
+        run = client.status(run_id)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped watching; run {escape(run_id)} goes on", highlight=False)
+        raise typer.Exit(INTERRUPTED) from None
+    if as_json:
+        if run.status != RunStatus.SUCCEEDED:
+            raise typer.Exit(1)
+        return
+    if not print_run_outcome(run):
         raise typer.Exit(1)
 
 

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 from strands.hooks import (
@@ -28,6 +28,7 @@ from strands.types.tools import AgentTool, ToolSpec, ToolUse
 from teamster.agents.outcomes import OUTCOME_TOOL_NAME
 from teamster.agents.spec import AgentSpec
 from teamster.agents.tools import TEAMSTER_STATE_KEY, tool_call_key
+from teamster.errors import TeamsterError
 
 __all__ = ["StepGuard", "StepControl", "EventSink", "RecordedTool"]
 
@@ -98,7 +99,13 @@ class StepGuard(HookProvider):
         self.running_tools: dict[str, str] = {}
         """Tools started and not yet finished (toolUseId -> name): abandoned if the step is stopped now."""
         self.recorded_tools = recorded_tools
+        self.delegation_error: TeamsterError | None = None
+        """A delegate's failure that ends this step (see :mod:`teamster.agents.delegation`)."""
         self._lock = threading.Lock()
+
+    def allow(self, names: Iterable[str]) -> None:
+        """Also allow these tools (the agent's delegate tools)."""
+        self.allowed = self.allowed | frozenset(names)
 
     def register_hooks(self, registry: HookRegistry, **kwargs: Any) -> None:
         registry.add_callback(BeforeModelCallEvent, self.before_model_call)

@@ -89,6 +89,8 @@ class Permit:
     model: str
     estimated_tokens: int
     waited_seconds: float = 0.0
+    local: bool = False
+    """Granted without asking Redis (nothing shared or budgeted applies to it)."""
 
 
 class ModelGate(Protocol):

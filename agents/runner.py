@@ -25,6 +25,7 @@ from strands.agent.conversation_manager import NullConversationManager
 from strands.models.model import Model
 
 from teamster.agents.classify import classify_exception, classify_stop_reason
+from teamster.agents.delegation import DelegateTool, DelegationMemory
 from teamster.agents.guard import EventSink, StepControl, StepGuard
 from teamster.agents.limits import ModelGate
 from teamster.agents.loop import AgentLoop
@@ -53,6 +54,7 @@ from teamster.errors import (
     StepCancelled,
     StepTimeout,
     StructuredOutputError,
+    TeamsterError,
 )
 
 __all__ = ["run_agent", "run_agent_async", "AgentRun", "StepContext", "validate_input", "format_validation_error"]
@@ -69,6 +71,8 @@ class StepContext:
     step_id: str = "step"
     attempt: int = 1
     trace_id: str | None = None
+    depth: int = 0
+    """0 for a step's agent, 1 for an agent it delegates to, and so on."""
 
 
 @dataclass
@@ -96,6 +100,8 @@ class AgentRun:
     usage: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
     exchanges: list[ModelExchange] = field(default_factory=list)
+    unrecorded_spend: dict[str, float] = field(default_factory=dict)
+    """Spend of live calls that no Redis gate recorded (model_calls, tokens, cost): the step's end records it."""
 
 
 def format_validation_error(error: ValidationError, limit: int = 8) -> str:
@@ -144,6 +150,7 @@ def run_agent(
     control: StepControl | None = None,
     recorded_tools: Mapping[str, dict[str, Any]] | None = None,
     gate: ModelGate | None = None,
+    memory: DelegationMemory | None = None,
 ) -> AgentRun:
     """Run ``spec`` once on ``input`` and return its explicit outcome (blocking; see :func:`run_agent_async`).
 
@@ -157,7 +164,7 @@ def run_agent(
     started = time.monotonic()
     future = loop.submit(run_agent_async(spec, input, model=model, settings=settings, context=context,
                                          on_event=on_event, recorded=recorded, control=control,
-                                         recorded_tools=recorded_tools, gate=gate))
+                                         recorded_tools=recorded_tools, gate=gate, memory=memory))
     while True:  # the deadline moves by the time spent waiting for provider capacity
         waited = gate.waited_seconds if gate is not None else 0.0
         left = started + timeout + waited + 2 * HARD_GRACE_SECONDS - time.monotonic()
@@ -187,6 +194,7 @@ async def run_agent_async(
     control: StepControl | None = None,
     recorded_tools: Mapping[str, dict[str, Any]] | None = None,
     gate: ModelGate | None = None,
+    memory: DelegationMemory | None = None,
 ) -> AgentRun:
     """Run ``spec`` once on ``input`` and return its explicit outcome.
 
@@ -208,6 +216,7 @@ async def run_agent_async(
         recorded_tools: Replay: tool results by idempotency key, served instead of running the tools.
         gate: Passed before and after every live model call (shared provider limits, the run's budget); time spent
             waiting in it for capacity extends the deadline.
+        memory: Delegations the journal already holds for this step (results to reuse, answers to resume from).
     """
     settings = settings or get_settings()
     ctx = context or StepContext()
@@ -217,8 +226,10 @@ async def run_agent_async(
     exchanges: list[ModelExchange] = []
     timeout = spec.budget.timeout_seconds or settings.step_timeout_seconds
 
+    delegated: dict[str, int] = {}  # what this step's delegations used (their tokens are this step's too)
+
     def finish(outcome: StepOutcome, **extra: Any) -> AgentRun:
-        usage: dict[str, int] = {}
+        usage: dict[str, int] = dict(delegated)
         for exchange in exchanges:
             for key, value in exchange.usage.items():
                 usage[key] = usage.get(key, 0) + value
@@ -237,7 +248,7 @@ async def run_agent_async(
 
     try:
         return await _invoke(spec, validated, model, settings, ctx, emit, control, recorded, recorded_tools,
-                             timeout, exchanges, finish, gate)
+                             timeout, exchanges, finish, gate, memory, delegated)
     except Exception as exc:  # building the model, the agent or the prompt, a provider library's own bug
         return finish(failed_from(classify_exception(exc)))
 
@@ -246,7 +257,8 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
                   settings: TeamsterSettings, ctx: StepContext, emit: EventSink, control: StepControl,
                   recorded: Sequence[ModelExchange], recorded_tools: Mapping[str, dict[str, Any]] | None,
                   timeout: float, exchanges: list[ModelExchange],
-                  finish: Callable[..., AgentRun], gate: ModelGate | None) -> AgentRun:
+                  finish: Callable[..., AgentRun], gate: ModelGate | None, memory: DelegationMemory | None,
+                  delegated: dict[str, int]) -> AgentRun:
     """Build the model and a fresh strands Agent, run it within the deadline, turn what happened into an outcome."""
     started = time.monotonic()
     model_ref = model if isinstance(model, str) else spec.model or settings.model
@@ -255,16 +267,34 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
         model_ref = "scripted"
     elif isinstance(model, Model):
         model_ref = _model_name(model)
-    tools = [get_tool(name) for name in spec.tools]
+    tools: list[Any] = [get_tool(name) for name in spec.tools]
     guard = StepGuard(spec, run_id=ctx.run_id, step_id=ctx.step_id, on_event=emit, control=control,
                       recorded_tools=recorded_tools)
+
+    def tokens_used() -> int:
+        return sum(e.usage.get("totalTokens", 0) for e in exchanges) + delegated.get("totalTokens", 0)
 
     def on_exchange(exchange: ModelExchange) -> None:
         exchanges.append(exchange)
         emit("model_call", exchange.model_dump(mode="json"))
         # strands' token limit is only checked between turns; the budget is hard: one call over it breaches
-        if sum(e.usage.get("totalTokens", 0) for e in exchanges) > spec.budget.max_total_tokens:
+        if tokens_used() > spec.budget.max_total_tokens:
             guard.breach_budget("tokens", spec.budget.max_total_tokens)
+
+    def on_delegated_usage(usage: dict[str, int]) -> None:
+        for key, value in usage.items():
+            delegated[key] = delegated.get(key, 0) + value
+        if tokens_used() > spec.budget.max_total_tokens:
+            guard.breach_budget("tokens", spec.budget.max_total_tokens)
+
+    def on_delegation_error(error: TeamsterError) -> None:
+        guard.delegation_error = guard.delegation_error or error
+        control.abort(f"delegation:{error.code}")
+
+    delegates = DelegateTool.for_step(spec, settings=settings, context=ctx, emit=emit, control=control, gate=gate,
+                                      memory=memory, on_usage=on_delegated_usage, on_error=on_delegation_error)
+    tools += delegates
+    guard.allow(tool.tool_name for tool in delegates)
 
     reserve = settings.model_max_tokens
 
@@ -373,6 +403,8 @@ def _failure(spec: AgentSpec[Any, Any], guard: StepGuard, control: StepControl, 
              result: Any, timeout: float) -> Failed | None:
     """The failed outcome of an invocation, if it failed (budget, timeout, lease, exception, stop reason)."""
     budget = spec.budget
+    if guard.delegation_error is not None:  # a delegate's failure the caller cannot handle: the step's own
+        return failed_from(guard.delegation_error)
     if control.reason == "timeout":
         return failed_from(StepTimeout(f"step ran past its deadline of {timeout:g}s and was stopped",
                                        limit=timeout))

@@ -115,6 +115,8 @@ class AgentSpec(Generic[In, Out]):
         model: Provider string overriding ``TEAMSTER_MODEL`` for this agent (e.g. a cheaper fallback).
         limits: Provider limits this agent's calls share with every worker (rpm, tpm, concurrency), instead of
             those ``TEAMSTER_PROVIDER_LIMITS`` sets for its model.
+        delegates: Names of registered agents this agent may call, each as a tool ``ask_<name>`` whose call is a
+            typed, budgeted, journaled, idempotent sub-call (see :mod:`teamster.agents.delegation`).
     """
 
     name: str
@@ -128,6 +130,7 @@ class AgentSpec(Generic[In, Out]):
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     model: str | None = None
     limits: ProviderLimits | None = None
+    delegates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").replace(".", "").isalnum():
@@ -139,6 +142,13 @@ class AgentSpec(Generic[In, Out]):
             object.__setattr__(self, "tools", tuple(self.tools))
         if isinstance(self.criteria, list):
             object.__setattr__(self, "criteria", tuple(self.criteria))
+        if isinstance(self.delegates, (list, str)):
+            object.__setattr__(self, "delegates", (self.delegates,) if isinstance(self.delegates, str)
+                               else tuple(self.delegates))
+        if self.name in self.delegates:
+            raise ConfigurationError(f"agent {self.name!r} cannot delegate to itself")
+        if len(set(self.delegates)) != len(self.delegates):
+            raise ConfigurationError(f"agent {self.name!r} names a delegate twice: {', '.join(self.delegates)}")
 
     def with_model(self, model: str) -> AgentSpec[In, Out]:
         """A copy that runs on another provider/model (used by ``retry_with(model=...)``); the limits of that model
@@ -146,7 +156,7 @@ class AgentSpec(Generic[In, Out]):
         return AgentSpec(
             name=self.name, input_model=self.input_model, output_model=self.output_model,
             instructions=self.instructions, version=self.version, tools=self.tools, budget=self.budget,
-            criteria=self.criteria, retry=self.retry, model=model,
+            criteria=self.criteria, retry=self.retry, model=model, delegates=self.delegates,
         )
 
 

@@ -1,4 +1,4 @@
-"""The client API for applications: submit, status, result, cancel (plus operator helpers).
+"""The client API for applications: submit, status, result, events, cancel (plus operator helpers).
 
 Example:
     >>> from teamster import submit, result
@@ -9,7 +9,9 @@ Example:
 The input is validated against the workflow's input model before anything is written or enqueued; the same
 idempotency key returns the same run id. ``result`` raises :class:`~teamster.errors.RunFailed` -- carrying the
 dead-letter reason -- when the run did not succeed, and :class:`~teamster.errors.RunTimeout` when it is still
-going after ``timeout`` seconds. A Redis outage is a :class:`~teamster.errors.StoreUnavailable`.
+going after ``timeout`` seconds. A Redis outage is a :class:`~teamster.errors.StoreUnavailable`. ``events`` follows a
+run's journal live, as it is written (:meth:`Client.events`); asyncio applications use
+:class:`~teamster.orchestrator.aclient.AsyncClient`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -44,14 +46,16 @@ from teamster.errors import (
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.dlq import DeadLetterQueue
 from teamster.orchestrator.enqueue import CeleryEnqueuer
-from teamster.orchestrator.models import JournalEvent, RunRecord, RunStatus, StepRecord
+from teamster.orchestrator.models import RUN_TERMINAL, RUN_WAITING, JournalEvent, RunRecord, RunStatus, StepRecord
+from teamster.orchestrator.progress import BATCH, Follower, Until
 from teamster.orchestrator.replay import ReplayReport, replay_run
 from teamster.orchestrator.runtime import Enqueuer, Runtime
 from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import Workflow, get_workflow
 
-__all__ = ["Client", "default_client", "submit", "status", "result", "cancel", "load_workflow_modules"]
+__all__ = ["Client", "default_client", "submit", "status", "result", "cancel", "load_workflow_modules",
+           "settled_result"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -213,21 +217,68 @@ class Client:
         delay = poll
         while True:
             run = self.runtime.store.get_run(run_id)
-            if run.status == RunStatus.SUCCEEDED:
-                wf = get_workflow(run.workflow, run.workflow_module)
-                model = wf.output_model or wf.state_model
-                return model.model_validate(run.output or {})
-            if run.status in (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN):
-                error = run.error or {}
-                hint = ("An operator can act on it: `teamster dlq show " + str(error.get("dlq_entry")) + "`"
-                        if error.get("dlq_entry") else "")
-                raise RunFailed(f"run {run_id} is {run.status.value}: {error.get('error_type', '?')}: "
-                                f"{error.get('message', '')}", run_id=run_id, status=run.status.value,
-                                reason=error, hint=hint)
+            output = settled_result(run)
+            if output is not None:
+                return output
             if deadline is not None and time.monotonic() >= deadline:
                 raise RunTimeout(f"run {run_id} is still {run.status.value} after {timeout}s", run_id=run_id)
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def events(self, run_id: str, *, after: str | None = None, types: list[str] | None = None,
+               until: Until = "settled", timeout: float | None = None) -> Iterator[JournalEvent]:
+        """Follow the run's journal live: every event already written, then each new one as it is written.
+
+        Example:
+            >>> for event in client.events(run_id):
+            ...     print(event.id, event.type, event.step)
+            >>> client.status(run_id).status  # settled: succeeded, failed, cancelled, escalated or needs_human
+
+        New events are waited for with ``XREAD BLOCK`` (no polling); the iterator holds one pooled Redis
+        connection while it waits. It stops after the event that settled the run, judged by the run record's
+        status (see :mod:`teamster.orchestrator.progress`); events a parallel branch writes after that may follow
+        it. Payloads are redacted as they were journaled.
+
+        Args:
+            run_id: The run.
+            after: Resume after this event id (the last ``JournalEvent.id`` received): yields exactly the events
+                that follow it (None: from the first event).
+            types: Only events of these types (None: every type); the stop condition still sees every event.
+            until: ``"settled"`` (default): stop once the run is final or waits for an operator (escalated,
+                needs_human) -- when :meth:`result` would return or raise. ``"final"``: only when it succeeded,
+                failed or was cancelled (an operator's retry or resolution continues the stream). None: never
+                stop (until ``timeout``, or until you stop iterating).
+            timeout: Seconds, from the first read, to follow the run before giving up with :class:`RunTimeout`
+                (None: no limit). It raises rather than just stopping, like :meth:`result`, so that an iteration
+                that ends always means ``until`` was met; the error's ``details["last_event_id"]`` resumes it.
+
+        Raises:
+            RunNotFound: no such run (raised by this call).
+            InvalidInput: ``after`` is not an event id, or ``until`` / ``timeout`` is invalid (raised by this call).
+            RunTimeout: ``timeout`` passed first (raised by the iterator; the run goes on).
+            StoreUnavailable: Redis cannot be reached.
+        """
+        follower = Follower(self.runtime.keys, run_id, after=after, types=types, until=until, timeout=timeout)
+        self.status(run_id)
+        return self._follow(follower)
+
+    def _follow(self, follower: Follower) -> Iterator[JournalEvent]:
+        client = self.runtime.client
+        try:
+            while True:
+                pipe = client.pipeline(transaction=True)
+                follower.snapshot(pipe)
+                yield from follower.take_snapshot(pipe.execute())
+                if follower.done:
+                    return
+                if follower.more:
+                    continue
+                streams, block_ms = follower.xread_args()
+                yield from follower.take_block(client.xread(streams, count=BATCH, block=block_ms))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+        except RunNotFound as exc:
+            raise self.explain_missing(exc) from None
 
     @_store_errors
     def cancel(self, run_id: str, *, reason: str = "cancelled by client", by: str = "client") -> RunRecord:
@@ -275,6 +326,28 @@ class Client:
     def ping(self) -> bool:
         """True when Redis answers."""
         return bool(self.runtime.client.ping())
+
+
+def settled_result(run: RunRecord) -> BaseModel | None:
+    """The output of a succeeded run (its workflow's output model); None while the run is neither final nor
+    waiting for an operator.
+
+    Raises:
+        RunFailed: the run failed, was cancelled, or waits for an operator (escalated / needs_human); ``reason``
+            holds the dead-letter error.
+    """
+    if run.status == RunStatus.SUCCEEDED:
+        wf = get_workflow(run.workflow, run.workflow_module)
+        model = wf.output_model or wf.state_model
+        return model.model_validate(run.output or {})
+    if run.status in RUN_TERMINAL or run.status in RUN_WAITING:
+        error = run.error or {}
+        hint = ("An operator can act on it: `teamster dlq show " + str(error.get("dlq_entry")) + "`"
+                if error.get("dlq_entry") else "")
+        raise RunFailed(f"run {run.run_id} is {run.status.value}: {error.get('error_type', '?')}: "
+                        f"{error.get('message', '')}", run_id=run.run_id, status=run.status.value,
+                        reason=error, hint=hint)
+    return None
 
 
 _DEFAULT: Client | None = None

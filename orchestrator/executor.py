@@ -28,6 +28,7 @@ import redis
 from pydantic import BaseModel
 
 from teamster.agents.classify import classify_exception
+from teamster.agents.delegation import DelegationMemory
 from teamster.agents.guard import StepControl
 from teamster.agents.limits import RunBudget
 from teamster.agents.loop import AgentLoop
@@ -284,7 +285,11 @@ class StepExecutor:
         run_id, step_key = run.run_id, record.step_key
         spec = spec_for(step, record)
         recorded = self.journal.reusable_exchanges(run_id, step_key, record.attempts - 1) if takeover else []
+        memory = self.journal.delegations(run_id, step_key, record.attempts - 1 if takeover else None) \
+            if spec.delegates else None
         start.update(agent=spec.name, agent_version=spec.version, model=spec.model, reused_responses=len(recorded))
+        if memory is not None:
+            start.update(reusable_delegations=len(memory.results), resumable_delegations=len(memory.exchanges))
         try:
             agent_input = step_input(wf, step, state, record)
         except Exception as exc:  # noqa: BLE001 - a broken inputs() mapping is the step's failure
@@ -297,10 +302,10 @@ class StepExecutor:
         gate = self.rt.limiter.gate(run_id=run_id, step_key=step_key, workflow=run.workflow, tenant=run.tenant,
                                     budget=RunBudget.model_validate(run.budget) if run.budget else None,
                                     agent_limits=spec.limits, on_wait=extend_lease)
-        return self._await_agent(spec, agent_input, context, start, recorded, control, gate)
+        return self._await_agent(spec, agent_input, context, start, recorded, control, gate, memory)
 
     def _await_agent(self, spec: AgentSpec[Any, Any], agent_input: Any, context: StepContext, start: dict[str, Any],
-                     recorded: list[Any], control: StepControl, gate: RedisGate,
+                     recorded: list[Any], control: StepControl, gate: RedisGate, memory: DelegationMemory | None,
                      ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
         """Run the agent on the process's event loop; this thread writes its journal events meanwhile.
 
@@ -313,7 +318,7 @@ class StepExecutor:
         budget = spec.budget.timeout_seconds or self.settings.step_timeout_seconds
         future = AgentLoop.shared().submit(run_agent_async(
             spec, agent_input, settings=self.settings, on_event=lambda kind, data: events.put((kind, data)),
-            recorded=recorded, control=control, context=context, gate=gate))
+            recorded=recorded, control=control, context=context, gate=gate, memory=memory))
         future.add_done_callback(lambda _: events.put(None))
         pending: list[tuple[str, dict[str, Any]]] = [("step_start", start)]
         started = time.monotonic()
@@ -347,6 +352,7 @@ class StepExecutor:
             self._journal_batch(run_id, step_key, attempt, spec, pending[:cut])
             self._journal_batch(run_id, step_key, attempt, spec, pending[cut:], write=False)
             agent_run = future.result()
+            agent_run.unrecorded_spend = gate.unrecorded()
             return agent_run.outcome, agent_run, pending[cut:]
         control.abort("timeout")
         future.cancel()

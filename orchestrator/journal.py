@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from teamster.agents.delegation import DelegationMemory
 from teamster.agents.recording import ModelExchange
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import JournalEvent, now
@@ -123,7 +124,13 @@ class Journal:
 
     def fields(self, event_type: str, *, step: str | None = None, attempt: int | None = None,
                data: dict[str, Any] | None = None) -> dict[str, str]:
-        """The stream fields of one event (redacted and bounded), for use inside a transaction."""
+        """The stream fields of one event (redacted and bounded), for use inside a transaction.
+
+        An event of a nested step (a delegated call) names it in ``data["_step"]``; it is journaled under that step.
+        """
+        if data and "_step" in data:
+            data = dict(data)
+            step = str(data.pop("_step"))
         cap = self.model_response_cap if event_type in ("model_call", "step_start") else self.payload_cap
         payload, truncated = bound_payload(self.redact(data or {}), cap)
         fields = {"type": event_type, "ts": f"{now():.6f}", "data": payload}
@@ -195,6 +202,40 @@ class Journal:
             if event.attempt == attempt and not event.data.get("_truncated"):
                 result.append(ModelExchange.model_validate(event.data))
         return result
+
+    def delegations(self, run_id: str, step: str, takeover_attempt: int | None) -> DelegationMemory:
+        """What the journal holds about the delegations of ``step`` (see :class:`DelegationMemory`): finished
+        ones from any attempt, and -- when ``takeover_attempt`` died mid-step -- the answers its unfinished
+        delegations recorded."""
+        memory = DelegationMemory()
+        prefix = f"{step}/"
+        nested = [e for e in self.read(run_id, types=("delegation_result", "model_call", "outcome"))
+                  if e.step and e.step.startswith(prefix)]
+        for event in nested:
+            key = str(event.data.get("delegation_key") or "")
+            if event.type == "delegation_result" and key and event.data.get("reusable", True):
+                memory.results[key] = event.data
+        if takeover_attempt is None:
+            return memory
+        ended = {str(e.data.get("delegation_key")) for e in nested if e.type == "outcome"
+                 and e.attempt == takeover_attempt}
+        calls: dict[str, list[ModelExchange]] = {}
+        for event in nested:
+            key = str(event.data.get("delegation_key") or "")
+            if event.type != "model_call" or event.attempt != takeover_attempt or not key or key in ended \
+                    or key in memory.results or event.data.get("_truncated"):
+                continue
+            calls.setdefault(key, []).append(ModelExchange.model_validate(
+                {k: v for k, v in event.data.items() if k != "delegation_key"}))
+        for key, exchanges in calls.items():
+            prefix_run: list[ModelExchange] = []
+            for exchange in sorted(exchanges, key=lambda x: x.call_index):
+                if exchange.error or exchange.call_index != len(prefix_run):
+                    break
+                prefix_run.append(exchange)
+            if prefix_run:
+                memory.exchanges[key] = prefix_run
+        return memory
 
     def reusable_exchanges(self, run_id: str, step: str, attempt: int) -> list[ModelExchange]:
         """Answers from an attempt that died mid-step (no outcome), usable instead of paying for them again.

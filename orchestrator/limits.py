@@ -26,9 +26,11 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from teamster.agents.limits import Permit, Price, ProviderLimits, RunBudget, cost_of
 from teamster.config.settings import TeamsterSettings
@@ -170,6 +172,16 @@ def limit_name(model: str, tenant: str | None = None) -> str:
     return f"{model}@{tenant}" if tenant else model
 
 
+@dataclass
+class _LoopClient:
+    """One event loop's Redis client and its scripts (sent by SHA: EVALSHA, loaded once)."""
+
+    redis: aioredis.Redis
+    acquire: AsyncScript
+    release: AsyncScript
+    renew: AsyncScript
+
+
 class Limiter:
     """This process's access to the shared limits: settings, prices, one async Redis client per event loop.
 
@@ -182,20 +194,25 @@ class Limiter:
         self.settings = settings
         self.url = redis_url
         self.keys = Keys(settings.key_prefix)
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = \
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = \
             weakref.WeakKeyDictionary()
 
     def client(self) -> aioredis.Redis:
         """The async Redis client of the running event loop (its pool sized like the process's)."""
+        return self._loop_client().redis
+
+    def _loop_client(self) -> _LoopClient:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        found = self._clients.get(loop)
+        if found is None:
             pool = aioredis.BlockingConnectionPool.from_url(
                 self.url, max_connections=self.settings.redis_pool_size, timeout=self.settings.redis_pool_timeout,
                 decode_responses=True, socket_connect_timeout=5, socket_timeout=30)
             client = aioredis.Redis(connection_pool=pool)
-            self._clients[loop] = client
-        return client
+            found = _LoopClient(client, client.register_script(_ACQUIRE), client.register_script(_RELEASE),
+                                client.register_script(_RENEW))
+            self._clients[loop] = found
+        return found
 
     def _match(self, table: dict[str, Any], model: str) -> Any:
         provider = model.split(":", 1)[0]
@@ -241,6 +258,7 @@ class RedisGate:
         self._waited = 0.0
         self._probes: set[str] = set()
         self._renewals: dict[str, asyncio.Task[None]] = {}
+        self._unrecorded: dict[str, float] = {"model_calls": 0, "tokens": 0, "cost": 0.0}
 
     @property
     def waited_seconds(self) -> float:
@@ -257,11 +275,14 @@ class RedisGate:
         settings = self.limiter.settings
         limits = self.limiter.limits_for(model, self.agent_limits)
         coordinated = settings.provider_coordination and model != "scripted"
+        ticket, permit_id = uuid.uuid4().hex, uuid.uuid4().hex
+        if not coordinated and self.budget is None:  # nothing to share or to enforce: no round trip
+            return Permit(permit_id, model, estimated_tokens, local=True)
         if not coordinated:  # offline, or each worker on its own: only the run budget applies
             limits = ProviderLimits()
-        client = self.limiter.client()
+        scripts = self.limiter._loop_client()
+        client = scripts.redis
         keys = self._limit_keys(model)
-        ticket, permit_id = uuid.uuid4().hex, uuid.uuid4().hex
         budget = self.budget or RunBudget()
         args = [ticket, permit_id, estimated_tokens, limits.rpm, limits.tpm, limits.concurrency,
                 int(settings.lease_seconds * 1000), _TICKET_TTL_MS, settings.breaker_errors,
@@ -274,7 +295,7 @@ class RedisGate:
         waiting = False
         try:
             while True:
-                result = await client.eval(_ACQUIRE, len(keys), *keys, *args)  # type: ignore[misc]
+                result = await scripts.acquire(keys=keys, args=args)
                 kind = str(result[0])
                 if kind == "ok":
                     waited = time.monotonic() - started if waiting else 0.0
@@ -283,7 +304,7 @@ class RedisGate:
                     if int(result[1]):
                         self._probes.add(permit_id)
                     if limits.concurrency:  # the slot is leased: renewed while the call runs, lapses if we die
-                        self._renewals[permit_id] = asyncio.ensure_future(self._renew_slot(client, keys[0],
+                        self._renewals[permit_id] = asyncio.ensure_future(self._renew_slot(scripts, keys[0],
                                                                                            permit_id))
                     return Permit(permit_id, model, estimated_tokens, waited)
                 if kind == "budget":
@@ -309,12 +330,12 @@ class RedisGate:
             if waiting:  # granted, refused, given up or cancelled: the step no longer waits
                 await asyncio.shield(self._stop_waiting(client, keys[3], ticket))
 
-    async def _renew_slot(self, client: aioredis.Redis, slots: str, permit_id: str) -> None:
+    async def _renew_slot(self, scripts: _LoopClient, slots: str, permit_id: str) -> None:
         lease = self.limiter.settings.lease_seconds
         while True:
             await asyncio.sleep(lease / 3.0)
             try:
-                await client.eval(_RENEW, 1, slots, permit_id, int(lease * 1000))  # type: ignore[misc]
+                await scripts.renew(keys=[slots], args=[permit_id, int(lease * 1000)])
             except aioredis.RedisError as exc:  # the next renewal may succeed while the lease still holds
                 log.warning("renewing a provider concurrency slot failed: %s", exc)
 
@@ -344,6 +365,14 @@ class RedisGate:
         cost = cost_of(usage, self.limiter.price_of(permit.model))
         self.cost += cost
         self.tokens += used
+        metrics.SPEND_TOKENS.labels(self.workflow, permit.model).inc(used)
+        if cost:
+            metrics.SPEND_COST.labels(self.workflow, permit.model).inc(cost)
+        if permit.local:  # its spend goes out with the step's end (see unrecorded)
+            self._unrecorded["model_calls"] += 1
+            self._unrecorded["tokens"] += used
+            self._unrecorded["cost"] += cost
+            return
         outcome, cooldown_ms = "other", 0
         if not settings.provider_coordination or permit.model == "scripted":
             pass  # nothing to learn for the other workers
@@ -356,14 +385,16 @@ class RedisGate:
             metrics.PROVIDER_COOLDOWNS.labels(permit.model).inc()
         elif isinstance(error, (ProviderUnavailable, ModelTimeout)):
             outcome = "error"
-        client = self.limiter.client()
-        await client.eval(  # type: ignore[misc]
-            _RELEASE, 8, keys[0], keys[2], keys[9], keys[6], keys[7], keys[8], keys[5], keys[10],
-            permit.id, permit.estimated_tokens, used, repr(cost), outcome, cooldown_ms, settings.breaker_errors,
-            int(settings.breaker_open_seconds * 1000), "1" if permit.id in self._probes else "0")
-        metrics.SPEND_TOKENS.labels(self.workflow, permit.model).inc(used)
-        if cost:
-            metrics.SPEND_COST.labels(self.workflow, permit.model).inc(cost)
+        scripts = self.limiter._loop_client()
+        await scripts.release(
+            keys=[keys[0], keys[2], keys[9], keys[6], keys[7], keys[8], keys[5], keys[10]],
+            args=[permit.id, permit.estimated_tokens, used, repr(cost), outcome, cooldown_ms, settings.breaker_errors,
+                  int(settings.breaker_open_seconds * 1000), "1" if permit.id in self._probes else "0"])
+
+    def unrecorded(self) -> dict[str, float]:
+        """Spend of calls that passed no Redis gate (offline, no budget): the step's end records it in its own
+        transaction, so an offline step pays no extra round trip for its accounting."""
+        return dict(self._unrecorded)
 
 
 def _budget_text(budget: RunBudget, exhausted: str) -> str:

@@ -90,7 +90,7 @@ def _final_attempts(events: list[JournalEvent]) -> dict[str, _Final]:
     starts: dict[tuple[str, int | None], JournalEvent] = {}
     result: dict[str, _Final] = {}
     for event in events:
-        if event.step is None:
+        if event.step is None or "/" in event.step:  # a delegated call: its caller replays it from its result
             continue
         if event.type == "step_start":
             starts[(event.step, event.attempt)] = event

@@ -372,6 +372,7 @@ class Transitions:
                                    reason=f"resolved by {resolution.by}: {resolution.reason}")
             tx = self._ending_step_tx(run_id, key, token, expected, current.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
+            self._spend_ops(tx, run_id, key, agent_run)
             if token is None:
                 tx.call("HINCRBY", self.keys.step(run_id, key), "fence", 1)  # zombies holding old tokens lose
             tx.hset(self.keys.steps(run_id), {key: status, **{n.key: StepStatus.QUEUED for n in new}})
@@ -417,6 +418,21 @@ class Transitions:
 
         return self.store.optimistic(f"commit {run_id}:{key}", attempt)
 
+    def _spend_ops(self, tx: Tx, run_id: str, key: str, agent_run: AgentRun | None) -> None:
+        """Record the spend of calls no Redis gate recorded (offline, unbudgeted) with the step's end."""
+        spend = agent_run.unrecorded_spend if agent_run is not None else {}
+        if not spend.get("model_calls"):
+            return
+        step, total = self.keys.step(run_id, key), self.keys.run_spend(run_id)
+        tx.call("HINCRBY", step, "spend_calls", int(spend["model_calls"]))
+        tx.call("HINCRBY", total, "model_calls", int(spend["model_calls"]))
+        if spend.get("tokens"):
+            tx.call("HINCRBY", step, "spend_tokens", int(spend["tokens"]))
+            tx.call("HINCRBY", total, "tokens", int(spend["tokens"]))
+        if spend.get("cost"):
+            tx.call("HINCRBYFLOAT", step, "spend_cost", repr(float(spend["cost"])))
+            tx.call("HINCRBYFLOAT", total, "cost", repr(float(spend["cost"])))
+
     # ------------------------------------------------------------------ retry
     def schedule_retry(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
                        result: Failed, policy: RetryPolicy, agent_run: AgentRun | None,
@@ -431,6 +447,7 @@ class Transitions:
         tx.hset(self.keys.step(run.run_id, key), {
             "status": StepStatus.RETRYING, "next_retry_at": t + delay, "outcome": result.model_dump(mode="json"),
             **agent_stats(agent_run)})
+        self._spend_ops(tx, run.run_id, key, agent_run)
         tx.call("DEL", self.keys.lease(run.run_id, key))
         tx.call("ZADD", self.keys.inflight, t + delay + self.settings.stuck_queued_seconds,
                 Keys.member(run.run_id, key))
@@ -548,6 +565,7 @@ class Transitions:
                                    "escalation": entry.escalation}
             tx = self._ending_step_tx(run_id, key, token, frozenset({StepStatus.RUNNING}), current.state_version)
             tx.hset(self.keys.step(run_id, key), step_fields)
+            self._spend_ops(tx, run_id, key, agent_run)
             tx.hset(self.keys.steps(run_id), {key: status})
             tx.hset(self.keys.run(run_id), run_fields)
             tx.call("DEL", self.keys.lease(run_id, key))

@@ -83,6 +83,20 @@ class StepDef:
         return get_workflow(self.workflow, self.workflow_module)
 
 
+def _check_delegates(spec: AgentSpec[Any, Any], chain: list[str]) -> None:
+    """Every agent ``spec`` may delegate to is registered, and no delegation chain comes back to an agent in it.
+
+    Raises:
+        UnknownAgent: a delegate is not registered.
+        WorkflowDefinitionError: a delegation cycle.
+    """
+    chain = [*chain, spec.name]
+    for name in spec.delegates:
+        if name in chain:
+            raise WorkflowDefinitionError(f"agent delegation cycle: {' -> '.join([*chain, name])}")
+        _check_delegates(get_agent(name), chain)
+
+
 def _label(fn: Callable[..., Any] | None) -> str:
     if fn is None:
         return ""
@@ -342,8 +356,10 @@ class Workflow:
                                     "(unreachable)")
             if step.agent is not None:
                 try:
-                    get_agent(step.agent)
+                    _check_delegates(get_agent(step.agent), [])
                 except UnknownAgent as exc:
+                    problems.append(f"step {step.id!r}: {exc.message}")
+                except WorkflowDefinitionError as exc:
                     problems.append(f"step {step.id!r}: {exc.message}")
             if step.kind == "join":
                 target = self.steps.get(step.fan_out or "")

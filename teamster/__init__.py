@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from teamster.agents.spec import AgentSpec, Budget, Criterion, RetryPolicy, get_agent, register_agent
     from teamster.agents.tools import idempotency_key, tool
     from teamster.config.settings import TeamsterSettings, get_settings, load_settings
+    from teamster.orchestrator.aclient import AsyncClient
     from teamster.orchestrator.client import Client, cancel, default_client, result, status, submit
     from teamster.orchestrator.escalation import fail_run, human_review, retry_with
     from teamster.orchestrator.models import (
@@ -75,6 +76,7 @@ __all__ = [
     "fail_run",
     # client
     "Client",
+    "AsyncClient",
     "default_client",
     "submit",
     "status",
@@ -118,6 +120,7 @@ _LAZY: dict[str, str] = {
     "TeamsterSettings": "teamster.config.settings",
     "get_settings": "teamster.config.settings",
     "load_settings": "teamster.config.settings",
+    "AsyncClient": "teamster.orchestrator.aclient",
     "Client": "teamster.orchestrator.client",
     "cancel": "teamster.orchestrator.client",
     "default_client": "teamster.orchestrator.client",

@@ -49,6 +49,25 @@ def test_workflow_and_submit_blocks_run_on_a_real_worker(tmp_path: Path, monkeyp
     assert "readme_claims" in sys.modules
 
 
+@pytest.mark.integration
+def test_progress_block_follows_runs_on_a_real_worker() -> None:
+    """The "Live progress" block, on a worker running the example workflow: the sync iterator prints every event
+    of a run that succeeds, the async one the steps of a run that waits for a person, and result() says so."""
+    code = block("progress")
+    assert len(code.strip().splitlines()) <= 30
+    with Worker("readme-progress", concurrency=2, env={"workflow_modules": "teamster.examples.triage"}):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md#progress", "exec"), {})  # noqa: S102
+    lines = out.getvalue().splitlines()
+    assert lines[0].split()[1] == "run_created" and lines.index("succeeded") > 0, lines
+    assert lines[lines.index("succeeded") - 1].split()[1] == "run_succeeded", lines
+    waiting = lines[lines.index("succeeded") + 1:]
+    assert waiting[:2] == ["step_start classify", "step_start extract_order"], waiting
+    assert waiting[-2] == "dead_lettered policy_review", waiting
+    assert re.fullmatch(r"needs_human run_[0-9a-f]+:policy_review:\d+", waiting[-1]), waiting
+
+
 def test_testing_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
     """The "Test your workflows" block, saved as a test module next to the workflow block, passes under pytest."""
     (tmp_path / "readme_claims.py").write_text(block("workflow"))
@@ -97,3 +116,15 @@ def test_limits_environment_block_is_valid_settings() -> None:
     settings = load_settings(**{k.lower(): v for k, v in values.items()})
     assert settings.provider_limits["openai:gpt-4o-mini"].concurrency == 50
     assert settings.model_prices["openai:gpt-4o-mini"].output == 0.60
+
+
+def test_delegation_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Delegation: agents as tools" block, saved as a test module, passes under pytest."""
+    (tmp_path / "test_readme_delegation.py").write_text(block("delegation"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_delegation.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout

@@ -47,6 +47,14 @@ def _outcome(data: dict[str, Any]) -> str:
     return _join(kind, short_json(detail, 70) if detail is not None else "", _usage(data))
 
 
+def _delegated(result: Any) -> str:
+    """What a delegate answered (its output, reason, question or error)."""
+    if not isinstance(result, dict):
+        return ""
+    detail = result.get("output") or result.get("reason") or result.get("question") or result.get("message")
+    return short_json(detail, 60) if detail is not None else ""
+
+
 def _model_call(data: dict[str, Any]) -> str:
     latency = data.get("latency_ms")
     return _join(f"call {int(data.get('call_index', 0)) + 1}", data.get("stop_reason"), _usage(data),
@@ -77,6 +85,13 @@ _SUMMARIES: dict[str, _Summary] = {
     "tool_call": lambda d: _join(d.get("tool"), short_json(d.get("input"), 60)),
     "tool_result": lambda d: _join(d.get("tool"), d.get("status"), _content(d.get("content")),
                                    _text(d.get("error"), 60)),
+    "delegation_start": lambda d: _join(f"ask {d.get('agent')}", short_json(d.get("input"), 60),
+                                        f"{d['reused_responses']} recorded responses"
+                                        if d.get("reused_responses") else ""),
+    "delegation_result": lambda d: _join(f"{d.get('agent')}: {d.get('status')}", _delegated(d.get("tool_result")),
+                                         _usage(d), f"{d.get('live_model_calls')} model calls"
+                                         if d.get("live_model_calls") is not None else ""),
+    "delegation_reused": lambda d: _join(f"{d.get('agent')}: {d.get('status')}", "from the journal, not asked again"),
     "validation": lambda d: _join(d.get("stage"), "ok" if d.get("ok") else f"failed: {short_json(d.get('error'), 60)}"),
     "criterion": lambda d: _join(d.get("name"), "ok" if d.get("ok") else f"failed: {_text(d.get('message'), 60)}"),
     "outcome": _outcome,

@@ -1,5 +1,5 @@
-"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs cancel``, ``runs budget``,
-``journal``, ``replay``."""
+"""Run commands: ``submit``, ``runs list``, ``runs show``, ``runs wait``, ``runs watch``, ``runs cancel``,
+``runs budget``, ``journal``, ``replay``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from teamster.errors import InvalidInput, InvalidOperation
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
@@ -37,13 +38,13 @@ from teamster.orchestrator.cli._support import (
 from teamster.orchestrator.models import JournalEvent, RunStatus, StepRecord, StepStatus
 from teamster.orchestrator.workflow import get_workflow
 
-__all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS"]
+__all__ = ["runs_app", "submit", "journal", "replay", "REPLAY_DIFFERS", "INTERRUPTED"]
 
 REPLAY_DIFFERS = 3
 """Exit code of ``teamster replay`` when the replay differs from the recording."""
 
-runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, cancel a "
-                       "run, change a run's budget.",
+runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, watch its "
+                       "events live, cancel a run, change a run's budget.",
                        no_args_is_help=True, rich_markup_mode="markdown")
 
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
@@ -206,14 +207,51 @@ def _cost(value: float) -> str:
     return "" if not value else f"{value:.4f}" if value < 100 else f"{value:,.2f}"
 
 
-def _print_steps(steps: list[StepRecord], retries: list[JournalEvent], children: dict[str, RunStatus | None]) -> None:
+def _delegations(events: list[JournalEvent]) -> dict[str, list[dict[str, Any]]]:
+    """The delegated calls of each step, from the journal: step key -> one summary per nested step, in order."""
+    nested: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if not event.step or "/" not in event.step:
+            continue
+        item = nested.setdefault(event.step, {"step_key": event.step, "agent": event.data.get("agent"),
+                                              "status": "running", "attempts": set(), "live_model_calls": 0,
+                                              "tokens": 0, "duration_seconds": None, "reused": 0})
+        item["attempts"].add(event.attempt)
+        if event.type == "delegation_result":
+            item["status"] = str(event.data.get("status"))
+            item["live_model_calls"] += int(event.data.get("live_model_calls") or 0)
+            item["tokens"] += int((event.data.get("usage") or {}).get("totalTokens", 0))
+            item["duration_seconds"] = event.data.get("duration_seconds")
+        elif event.type == "delegation_reused":
+            item["reused"] += 1
+            item["status"] = str(event.data.get("status") or item["status"])
+        elif event.type == "delegation_start":
+            item["status"] = "running"
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, item in nested.items():
+        item["attempts"] = len(item["attempts"])
+        out.setdefault(key.split("/", 1)[0], []).append(item)
+    return out
+
+
+def _print_steps(steps: list[StepRecord], retries: list[JournalEvent],
+                 delegations: dict[str, list[dict[str, Any]]] | None = None,
+                 children: dict[str, RunStatus | None] | None = None) -> None:
     """The step timeline. When the console is narrow, the reason and worker columns follow the table instead of
     squeezing it; the reasons of earlier attempts of retried steps follow it too. Model calls, tokens and cost are
     what the step spent over all its attempts (replayed answers cost nothing); a child step's reason names its child
     run and that run's status now."""
-    rows = [[escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
-             fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
-             _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step, children)] for step in steps]
+    rows: list[list[str]] = []
+    for step in steps:
+        rows.append([escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
+                     fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
+                     _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step, children or {})])
+        for item in (delegations or {}).get(step.step_key, []):  # its delegated calls, as nested steps
+            duration = item["duration_seconds"]
+            rows.append([escape(item["step_key"]), "delegate", styled_status(item["status"]), str(item["attempts"]),
+                         fmt_duration(float(duration)) if isinstance(duration, int | float) else "-",
+                         str(item["live_model_calls"]), str(item["tokens"]), "", "",
+                         f"reused {item['reused']}x from the journal" if item["reused"] else ""])
     print_table("[bold]steps[/]", [
         Column("step", whole=True),
         Column("kind", whole=True),
@@ -252,9 +290,12 @@ def show_run(
     tokens, cost over all its steps, retries and escalations) is shown against its budget; each step's over all its
     attempts.
 
+    An agent step's delegated calls (agents it called as tools) follow it as nested steps, `STEP/AGENT#N`, with
+    their status, model calls and tokens (`teamster journal RUN_ID` has every event of them).
+
     With `--json`: `{"run": RUN, "spend": SPEND, "steps": [STEP, ...]}`, each step with its `retries` (the
-    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt), and a child step with
-    `child` (`run_id`, `status`).
+    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt) and its `delegations`, and a
+    child step with `child` (`run_id`, `status`).
 
     Examples:
 
@@ -268,11 +309,14 @@ def show_run(
     run = client.status(run_id)
     steps = client.steps(run_id)
     retries = client.journal(run_id, types=["retry"])
+    delegations = _delegations(client.journal(run_id, types=["delegation_start", "delegation_result",
+                                                             "delegation_reused"]))
     spend = client.spend(run_id)
     children = client.runtime.store.run_statuses(step.child_run for step in steps if step.child_run)
     if as_json:
         echo_json({"run": redacted_dump(run, redact), "spend": spend,
                    "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries)),
+                              "delegations": delegations.get(step.step_key, []),
                               **({"child": {"run_id": step.child_run, "status": _value(children.get(step.child_run))}}
                                  if step.child_run else {})}
                              for step in steps]})
@@ -299,7 +343,7 @@ def show_run(
     if run.parent_run:
         header.add_row("parent run", f"{escape(run.parent_run)} (step {escape(run.parent_step or '?')})")
     console.print(header)
-    _print_steps(steps, retries, children)
+    _print_steps(steps, retries, delegations, children)
     child_commands = [f"teamster runs show {child}" for child, status in children.items()
                       if status not in (RunStatus.SUCCEEDED, None)]
     if run.status == RunStatus.SUCCEEDED:
@@ -413,6 +457,79 @@ def wait_run(
     from teamster.orchestrator.cli.local import await_run  # noqa: PLC0415 - keeps `teamster --help` fast
 
     if not print_run_outcome(await_run(client, run_id, timeout)):
+        raise typer.Exit(1)
+
+
+INTERRUPTED = 130
+"""Exit code of ``teamster runs watch`` stopped with Ctrl-C (the run goes on)."""
+
+_EVENT_STYLE = {"run_succeeded": "green", "dead_lettered": "red", "retry": "yellow", "run_cancelled": "dim",
+                "commit_rejected": "yellow", "lease_expired": "yellow"}
+
+
+def _print_event(event: JournalEvent) -> None:
+    """One journal event as it arrives: time, type, then the step (with its attempt) and a summary, wrapped under
+    itself in a narrow terminal."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, style="dim")
+    grid.add_column(no_wrap=True, min_width=15)
+    grid.add_column(overflow="fold")
+    where = (event.step or "") + (f" #{event.attempt}" if event.attempt is not None and event.step else "")
+    summary = summarize_event(event.type, event.data)
+    text = Text(f"{where}: " if where and summary else where, style="bold")
+    text.append(summary)
+    grid.add_row(fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}",
+                 Text(event.type, style=_EVENT_STYLE.get(event.type, "")), text)
+    console.print(grid)
+
+
+@runs_app.command("watch")
+@handle_errors
+def watch_run(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event and line (secrets "
+                                          "redacted), nothing else on stdout.")] = False,
+    after: Annotated[str | None, typer.Option(
+        "--after", metavar="EVENT_ID", help="Start after this event id (the last one you saw), instead of at the "
+        "run's first event.")] = None,
+) -> None:
+    """Print a run's journal live, one line per event as it is written, until the run settles.
+
+    Starts with the events already written, then waits for each new one (no polling). When the run succeeds,
+    fails, is cancelled or waits for an operator, prints its output or its typed reason and the next commands,
+    like `teamster runs wait`. Ctrl-C stops watching; the run goes on.
+
+    With `--json`: each event whole (`id`, `type`, `ts`, `step`, `attempt`, `data`), one JSON object per line; the
+    exit code says how the run ended. Resume an interrupted watch with `--after` the last `id` seen.
+
+    Exit codes: 0 the run succeeded, 1 it did not (or an error), 130 stopped with Ctrl-C.
+
+    Examples:
+
+    ```
+    teamster runs watch RUN_ID
+    teamster runs watch RUN_ID --json | jq -r '[.id, .type, .step] | @tsv'
+    teamster runs watch RUN_ID --after 1718000000000-3
+    ```
+    """
+    try:
+        client = make_client()
+        redact = redactor(client.settings)
+        for event in client.events(run_id, after=after):
+            event = redacted(event, redact)
+            if as_json:
+                typer.echo(event.model_dump_json())
+            else:
+                _print_event(event)
+        run = client.status(run_id)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped watching; run {escape(run_id)} goes on", highlight=False)
+        raise typer.Exit(INTERRUPTED) from None
+    if as_json:
+        if run.status != RunStatus.SUCCEEDED:
+            raise typer.Exit(1)
+        return
+    if not print_run_outcome(run):
         raise typer.Exit(1)
 
 

@@ -282,7 +282,9 @@ class Client:
 
     @_store_errors
     def cancel(self, run_id: str, *, reason: str = "cancelled by client", by: str = "client") -> RunRecord:
-        """Cancel a run; steps not yet finished end as ``cancelled`` with the reason."""
+        """Cancel a run; steps not yet finished end as ``cancelled`` with the reason, and so do its child runs that
+        are not final (recursively, in the same transaction). Cancelling a child run wakes its parent's step, which
+        fails with ``child_run_failed``."""
         return Transitions(self.runtime).cancel_run(run_id, by=by, reason=reason)
 
     # ------------------------------------------------------------------ operators

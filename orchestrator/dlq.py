@@ -5,9 +5,12 @@ version, typed error, attempts, trace id, escalation taken and a journal excerpt
 
 * ``retry`` -- run the step again from its first attempt, optionally with an edited run state (validated
   against the workflow's state model before anything is written);
-* ``resolve`` -- supply the step's output by hand (validated against the step's output model); it is
-  committed like a model's output and the run resumes;
-* ``discard`` -- give up: the run fails with the operator's reason.
+* ``resolve`` -- supply the step's output by hand (validated against the step's output model -- for a child step,
+  the child workflow's); it is committed like a model's output and the run resumes;
+* ``discard`` -- give up: the run fails with the operator's reason (a child run's parent step is woken, and fails).
+
+A child step's entry (``child_run_failed``) is retried after its child run was fixed: the retried step takes the
+child's output (or waits for it again while it runs) -- the child run is never started twice.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from teamster.agents.outcomes import Succeeded
 from teamster.agents.runner import validate_input
 from teamster.errors import DeadLetterNotFound, InvalidInput, InvalidOperation, TeamsterError
+from teamster.orchestrator.children import ParentWake, wake_parent
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, Delivery, RunStatus, StepStatus, now
 from teamster.orchestrator.runtime import Runtime
@@ -164,6 +168,9 @@ class DeadLetterQueue:
         if record.kind in ("agent", "branch"):
             value = validate_input(step.spec.output_model, output, what=f"output for step {entry.step_key}")
             data = value.model_dump(mode="json")
+        elif record.kind == "child":  # in place of the child run's output
+            value = validate_input(step.child_workflow.result_model, output, what=f"output for step {entry.step_key}")
+            data = value.model_dump(mode="json")
         elif isinstance(output, dict):
             data = output
         else:
@@ -190,13 +197,17 @@ class DeadLetterQueue:
         if not reason.strip():
             raise InvalidInput("discarding needs a reason (it is recorded on the run)")
         entry = self._open(entry_id)
+        wake: ParentWake | None = None
+        held: list[bool] = []
 
         def attempt() -> None:
+            nonlocal wake, held
             run = self.store.get_run(entry.run_id)
             t = now()
             tx = Tx()
             tx.require("state_version", self.keys.run(run.run_id), "state_version", "eq", run.state_version)
             self.transitions.close_entry(tx, entry_id, DeadLetterStatus.DISCARDED, by, reason)
+            wake = None
             if run.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED, RunStatus.FAILED):
                 tx.hset(self.keys.run(run.run_id), {
                     "status": RunStatus.FAILED, "finished_at": t, "updated_at": t,
@@ -205,16 +216,19 @@ class DeadLetterQueue:
                               "message": f"discarded by {by}: {reason} (was: {entry.message})",
                               "step": entry.step_key, "dlq_entry": entry_id}})
                 tx.call("ZREM", self.keys.active_runs, run.run_id)
+                wake = wake_parent(tx, self.keys, self.journal, self.settings, run, RunStatus.FAILED, t,
+                                   entry=entry_id)
             tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
                 "dlq_discard", step=entry.step_key, data={"entry_id": entry_id, "by": by, "reason": reason}))
             try:
-                self.store.apply(tx)
+                held = self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
                     raise
                 raise InvalidOperation(f"entry {entry_id} changed while discarding ({rejected.guard})") from None
 
         self.store.optimistic(f"discard {entry_id}", attempt, gives_up=InvalidOperation)
+        self.transitions.wake_sent(wake, held)
         if not self.store.open_entries(entry.run_id):
             self.store.expire_run(entry.run_id, self.settings.finished_run_ttl_seconds)
         return self.get(entry_id)

@@ -4,10 +4,12 @@ The step task is a thin wrapper around :meth:`StepExecutor.execute` (DESIGN.md, 
 
 1. Claim the lease with a new fencing token; the claim returns the step and run records. A step already
    terminal returns its recorded result and calls no model (I3); a step whose lease another live worker holds
-   is a duplicate delivery and is dropped.
+   is a duplicate delivery and is dropped; a parked child step waits for its child run and is left alone.
 2. Decide: a step whose condition is false (or whose upstream steps were all skipped) is skipped with its reason.
 3. Run it (agent, function, fan-out or join) while the process's :class:`~teamster.orchestrator.leases.LeaseKeeper`
-   renews the lease; a step recovered from a dead worker reuses the model answers that worker recorded.
+   renews the lease; a step recovered from a dead worker reuses the model answers that worker recorded. A child
+   step starts its child run and parks instead (:mod:`~teamster.orchestrator.child_steps`); queued again when the
+   child settles, it ends with the child's result like any step.
 4. Succeeded: commit the output, the new state version and the newly ready steps in one transaction guarded by the
    fencing token (I4) and the state version; the commit sends the ready steps.
 5. Retryable failure with attempts left: record the retry (the task schedules it with backoff + jitter).
@@ -43,6 +45,7 @@ from teamster.errors import (
     TerminalError,
 )
 from teamster.orchestrator import metrics
+from teamster.orchestrator.child_steps import ChildSteps
 from teamster.orchestrator.leases import LeaseKeeper
 from teamster.orchestrator.limits import RedisGate
 from teamster.orchestrator.models import (
@@ -123,6 +126,7 @@ class StepExecutor:
         self.journal = runtime.journal
         self.transitions = Transitions(runtime)
         self.leases = LeaseKeeper(runtime.store, runtime.settings.lease_seconds)
+        self.children = ChildSteps(runtime, self.transitions)
 
     def execute(self, run_id: str, step_key: str) -> StepExecution:
         """Process one delivery of a step message (idempotent: safe to call any number of times)."""
@@ -137,6 +141,12 @@ class StepExecutor:
             self.journal.append(run_id, "redelivery_ignored", step=step_key,
                                 data={"reason": "another worker holds the lease", "token": claim.holder})
             return StepExecution(Delivery.DUPLICATE, run_id, step_key)
+        if claim.kind == "parked":
+            self.journal.append(run_id, "redelivery_ignored", step=step_key,
+                                data={"reason": "the step is parked until its child run settles",
+                                      "child_run": claim.holder})
+            return StepExecution(Delivery.PARKED, run_id, step_key, step_status=StepStatus.PARKED,
+                                 detail={"child_run": claim.holder, "redelivery": True})
         if claim.kind == "run_final":
             self.transitions.cancel_step_if_open(run_id, step_key, f"run is {claim.run_status}")
             return StepExecution(Delivery.RUN_FINAL, run_id, step_key, detail={"run_status": claim.run_status})
@@ -208,6 +218,9 @@ class StepExecutor:
                 self.journal.append(run_id, "step_start", step=step_key, attempt=record.attempts, data=start)
                 return self.transitions.commit(run, wf, step, record, token, None, skipped=reason, statuses=statuses)
 
+            if record.kind == "child":
+                return self._run_child(run, wf, step, record, token, state, start, statuses)
+
             # -- run, holding the lease
             control = StepControl()
             started = time.monotonic()
@@ -241,6 +254,29 @@ class StepExecutor:
             return self.transitions.fail(run, wf, step, record, token, result, agent_run, events=tail)
 
     # ------------------------------------------------------------------ internals
+    def _run_child(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
+                   state: BaseModel, start: dict[str, Any], statuses: dict[str, StepStatus]) -> StepExecution:
+        """A child step (:mod:`~teamster.orchestrator.child_steps`): start its child run and park, or end -- commit or
+        dead-letter -- with the result of its settled child run."""
+        control = StepControl()
+        with self.leases.hold(run.run_id, record.step_key, token, control,
+                              renew_for=self.settings.step_timeout_seconds + LEASE_GRACE_SECONDS):
+            done = self.children.run(run, wf, step, record, token, state, start)
+        if isinstance(done, StepExecution):
+            return done
+        result, tail = done
+        if control.reason == "lease_lost":
+            tail.append(("lease_lost", {"token": token, "detail": "another worker owns the step; result dropped"}))
+            self.journal.append_many(run.run_id, tail, step=record.step_key, attempt=record.attempts)
+            return StepExecution(Delivery.LEASE_LOST, run.run_id, record.step_key, attempt=record.attempts)
+        if isinstance(result, Succeeded):
+            return self.transitions.commit(run, wf, step, record, token, result, statuses=statuses, events=tail)
+        policy = self._retry_policy(step, record).resolved(self.settings)
+        if isinstance(result, Failed) and result.retryable and \
+                record.attempts - record.attempt_base < int(policy.max_attempts or 1):
+            return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, None, events=tail)
+        return self.transitions.fail(run, wf, step, record, token, result, None, events=tail)
+
     def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, state: BaseModel,
                    start: dict[str, Any], takeover: bool, control: StepControl, extend_lease: Callable[[float], None],
                    ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:

@@ -56,6 +56,12 @@ class Keys:
         return f"{self.prefix}:inflight"
 
     @property
+    def parked(self) -> str:
+        """Sorted set: ``run_id|step_key`` of parked child steps, scored by when the watchdog checks their child run
+        (a safety net for a lost wake-up)."""
+        return f"{self.prefix}:parked"
+
+    @property
     def active_runs(self) -> str:
         """Sorted set: non-final runs scored by their progress deadline."""
         return f"{self.prefix}:active_runs"

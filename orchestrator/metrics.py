@@ -38,6 +38,7 @@ __all__ = [
     "STORE_DATA_LOST",
     "POISON_MESSAGES",
     "TOOLS_ABANDONED",
+    "CHILD_RUNS",
     "StoreCollector",
     "serve_metrics",
 ]
@@ -77,11 +78,15 @@ SPEND_COST = Counter("teamster_spend_cost_total", "Cost of live model calls (TEA
                      ["workflow", "model"])
 LEASES_ABANDONED = Counter("teamster_leases_abandoned_total",
                            "Leases no longer renewed because their step ran past its deadline plus grace")
+CHILD_RUNS = Counter("teamster_child_runs_total",
+                     "Child runs started by child steps, and how they ended for their parent step (event: started, or "
+                     "the child's status when the parent step read it)", ["workflow", "child_workflow", "event"])
 COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")
 
 
 class StoreCollector(Collector):
-    """Gauges read from Redis at scrape time: runs by status (recent), open dead-letter entries, in flight."""
+    """Gauges read from Redis at scrape time: runs by status (recent), open dead-letter entries, steps in flight,
+    child steps parked."""
 
     def __init__(self, store: RunStore, sample: int = 1000) -> None:
         self.store = store
@@ -92,10 +97,12 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         dlq = GaugeMetricFamily("teamster_dlq_depth", "Open dead-letter entries")
         inflight = GaugeMetricFamily("teamster_steps_in_flight", "Steps queued, running or waiting to retry")
+        parked = GaugeMetricFamily("teamster_steps_parked", "Child steps parked until their child run settles")
         runs = GaugeMetricFamily("teamster_runs", "Runs by status among the most recent runs", labels=["status"])
         try:
             dlq.add_metric([], float(self.client.zcard(self.keys.dlq_open)))  # type: ignore[arg-type]
             inflight.add_metric([], float(self.client.zcard(self.keys.inflight)))  # type: ignore[arg-type]
+            parked.add_metric([], float(self.client.zcard(self.keys.parked)))  # type: ignore[arg-type]
             ids = self.client.zrevrange(self.keys.runs, 0, self.sample - 1)
             counts: dict[str, int] = {}
             for status in self.store.run_statuses(ids).values():  # type: ignore[arg-type]
@@ -107,6 +114,7 @@ class StoreCollector(Collector):
             log.warning("metrics: cannot read Redis: %s", exc)
         yield dlq
         yield inflight
+        yield parked
         yield runs
 
 

@@ -60,11 +60,16 @@ RUN_WAITING = frozenset({RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN})
 
 
 class StepStatus(StrEnum):
-    """Step lifecycle: queued -> running -> (retrying -> running)* -> one terminal outcome."""
+    """Step lifecycle: queued -> running -> (retrying -> running)* -> one terminal outcome.
+
+    A child step (:meth:`~teamster.orchestrator.workflow.Workflow.child`) is ``parked`` between starting its child
+    run and that run settling: no worker thread, no lease; the child's settling transaction queues it again.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
+    PARKED = "parked"
     SUCCEEDED = "succeeded"
     SKIPPED = "skipped"
     FAILED = "failed"
@@ -77,8 +82,8 @@ STEP_TERMINAL = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED, StepStatus.
                            StepStatus.CANNOT_COMPLETE, StepStatus.NEEDS_HUMAN, StepStatus.CANCELLED})
 STEP_DONE = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})
 """Statuses that let successors proceed."""
-STEP_OPEN = frozenset({StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING})
-"""Statuses of a step that has not ended yet."""
+STEP_OPEN = frozenset({StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.PARKED})
+"""Statuses of a step that has not ended yet (a parked step is open but cannot be claimed)."""
 
 
 class DeadLetterStatus(StrEnum):
@@ -120,6 +125,10 @@ class RunRecord(BaseModel):
     updated_at: float = Field(default_factory=now)
     finished_at: float | None = None
     progress_at: float = Field(default_factory=now)
+    parent_run: str | None = None
+    """For a child run: the run whose child step started it (woken when this run settles)."""
+    parent_step: str | None = None
+    """For a child run: the step key of that child step."""
 
 
 class StepRecord(BaseModel):
@@ -169,6 +178,9 @@ class StepRecord(BaseModel):
     waiting_for: str | None = None
     """Set while a running step waits for provider capacity (limits, a cool-down, an open breaker)."""
     waiting_since: float | None = None
+    child_run: str | None = None
+    """For a child step: the child run it started (set when the step parks; the same run for every attempt)."""
+    parked_at: float | None = None
 
 
 class DeadLetterEntry(BaseModel):
@@ -245,6 +257,8 @@ class Delivery(StrEnum):
     """A redelivery of a step that had ended: nothing ran."""
     DUPLICATE = "duplicate_in_progress"
     """Another live worker holds the step's lease."""
+    PARKED = "parked"
+    """A child step started (or waits for) its child run and released its thread and lease."""
     STALE = "stale"
     """The commit was rejected (stale fencing token, or the step ended meanwhile)."""
     LEASE_LOST = "lease_lost"

@@ -16,7 +16,8 @@ from teamster.errors import InvalidOutput, WorkflowDefinitionError
 from teamster.orchestrator.models import STEP_DONE, StepRecord, StepStatus
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-__all__ = ["NewStep", "branch_key", "ready_steps", "run_complete", "skip_reason", "step_input", "apply_output"]
+__all__ = ["NewStep", "branch_key", "ready_steps", "run_complete", "skip_reason", "step_input", "child_input",
+           "apply_output"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ def step_input(wf: Workflow, step: StepDef, state: BaseModel, record: StepRecord
     return {name: dumped[name] for name in wanted if name in dumped}
 
 
+def child_input(step: StepDef, state: BaseModel, child: Workflow) -> Any:
+    """The input a child step gives its child run: ``inputs(state)``, or the child input model's fields taken from
+    the state (a model is dumped to JSON)."""
+    if step.inputs is not None:
+        value = step.inputs(state)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    dumped = state.model_dump(mode="json")
+    return {name: dumped[name] for name in child.input_model.model_fields if name in dumped}
+
+
 def _validated_state(wf: Workflow, value: Any, step_id: str) -> BaseModel:
     try:
         if isinstance(value, wf.state_model):
@@ -98,8 +109,8 @@ def _validated_state(wf: Workflow, value: Any, step_id: str) -> BaseModel:
 def apply_output(wf: Workflow, step: StepDef, state: BaseModel, output: Any) -> BaseModel:
     """The new run state after ``step`` produced ``output`` (a model, dict, or list of branch outputs).
 
-    Agent steps write into the state field named like the step when there is one, else merge their output's
-    fields into the state; function steps return state updates, merged into the state (or a whole new
+    Agent and child steps write into the state field named like the step when there is one, else merge their
+    output's fields into the state; function steps return state updates, merged into the state (or a whole new
     state); joins write the list of branch outputs; ``writes=`` overrides all of this.
     """
     if step.kind == "fan_out":
@@ -111,7 +122,7 @@ def apply_output(wf: Workflow, step: StepDef, state: BaseModel, output: Any) -> 
         data[step.writes] = output
     elif step.kind == "join":
         data[step.into or step.id] = output
-    elif step.kind == "agent" and step.id in wf.state_model.model_fields:
+    elif step.kind in ("agent", "child") and step.id in wf.state_model.model_fields:
         data[step.id] = output
     elif isinstance(output, BaseModel) and isinstance(output, wf.state_model):
         return output

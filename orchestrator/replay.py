@@ -3,9 +3,10 @@
 For every step that reached an outcome, replay re-executes the final attempt with the *current* code:
 agent steps get the journaled model responses instead of a model (a :class:`~agents.recording.RecordingModel`
 with no live model behind it) and the journaled tool results instead of running tools; function, fan-out and
-join steps re-run on the journaled state. The report compares, per step, the recorded outcome with the
-replayed one and each model request's digest with the recorded digest, so a changed prompt, input, tool set
-or agent version shows up as a difference. Nothing is written to the store.
+join steps re-run on the journaled state; child steps re-derive their child's input from the journaled state and
+take the child's recorded result (``teamster replay CHILD_RUN`` replays the child itself). The report compares, per
+step, the recorded outcome with the replayed one and each model request's digest with the recorded digest, so a
+changed prompt, input, tool set or agent version shows up as a difference. Nothing is written to the store.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from teamster.agents.runner import StepContext, run_agent
 from teamster.agents.spec import get_agent
 from teamster.orchestrator.executor import run_deterministic
 from teamster.orchestrator.models import JournalEvent
-from teamster.orchestrator.planner import skip_reason
+from teamster.orchestrator.planner import child_input, skip_reason
 from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.workflow import get_workflow
 
@@ -143,6 +144,16 @@ def replay_run(runtime: Runtime, run_id: str) -> ReplayReport:
             except Exception as exc:  # noqa: BLE001
                 reason = f"condition raised {type(exc).__name__}: {exc}"
             item.replayed = {"kind": "skipped", "reason": reason} if reason else {"kind": "would_run"}
+        elif kind == "child":
+            # the outcome is the child run's (replay that run on its own); what this run decided is the child's input
+            item.replayed = recorded
+            state = wf.state_model.model_validate(data.get("state", {}))
+            try:
+                value = child_input(step, state, step.child_workflow)
+            except Exception as exc:  # noqa: BLE001
+                value = f"inputs() raised {type(exc).__name__}: {exc}"
+            if "input" in data and value != data["input"]:
+                item.differences.append(f"child input: recorded {data['input']!r}, replayed {value!r}")
         elif kind in ("agent", "branch"):
             spec = get_agent(str(data.get("agent") or step.spec.name))
             if data.get("model"):

@@ -75,6 +75,7 @@ if #step == 0 then return {{'missing', ''}} end
 local fields = {{}}
 for i = 1, #step, 2 do fields[step[i]] = step[i + 1] end
 local status = fields['status']
+if status == {literal(StepStatus.PARKED)!r} then return {{'parked', fields['child_run'] or ''}} end
 local open = {_lua_list(STEP_OPEN)}
 if not open[status] then return {{'terminal', status}} end
 local token = tonumber(fields['fence'] or '0') + 1
@@ -101,10 +102,11 @@ return {{'claimed', tostring(token), status, step, run, tostring(attempts), tost
 """
 
 # Renews every lease a worker holds in one round trip: a lease is extended while its token still holds it (or
-# re-taken when it lapsed and nobody else took the step). Returns, per lease, 1 (held) or 0 (lost), followed by
-# the run's status (so a cancelled run stops its running steps).
-_RENEW = """
-local out = {}
+# re-taken when it lapsed and nobody else took the step, which is still running). Returns, per lease, 1 (held) or
+# 0 (lost), followed by the run's status (so a cancelled run stops its running steps). A step that ended or parked
+# deleted its lease: it is not taken again.
+_RENEW = f"""
+local out = {{}}
 local n = 0
 for i = 1, #ARGV, 4 do
   n = n + 1
@@ -115,7 +117,8 @@ for i = 1, #ARGV, 4 do
   if current == token then
     redis.call('PEXPIRE', lease, ms)
     ok = 1
-  elseif (not current) and redis.call('HGET', step, 'fence') == token then
+  elseif (not current) and redis.call('HGET', step, 'fence') == token
+      and redis.call('HGET', step, 'status') == {literal(StepStatus.RUNNING)!r} then
     redis.call('SET', lease, token, 'PX', ms)
     ok = 1
   end
@@ -126,8 +129,24 @@ end
 return out
 """
 
-# Guards on the same hash are read with one HMGET; then every write runs. All or nothing.
+# Guards on the same hash are read with one HMGET; then the conditions are evaluated (before any write) and every
+# write runs -- a conditional write only when its condition held. All or nothing. Returns 'ok' and, per condition,
+# 1 (held) or 0.
 _TX = """
+local function check(op, v, expected)
+  if op == 'eq' then return v == expected
+  elseif op == 'ne' then return v ~= expected
+  elseif op == 'in' then
+    for _, x in ipairs(expected) do if v == x then return true end end
+    return false
+  elseif op == 'nin' then
+    for _, x in ipairs(expected) do if v == x then return false end end
+    return true
+  elseif op == 'exists' then return v ~= nil
+  elseif op == 'absent' then return v == nil
+  end
+  return false
+end
 local spec = cjson.decode(ARGV[1])
 local wanted = {}
 local order = {}
@@ -146,24 +165,23 @@ for i, g in ipairs(spec.g) do
   local v
   if g.f then v = found[g.k .. '|' .. g.f] else v = redis.call('GET', KEYS[g.k]) end
   if v == false then v = nil end
-  local ok
-  if g.op == 'eq' then ok = (v == g.v)
-  elseif g.op == 'ne' then ok = (v ~= g.v)
-  elseif g.op == 'in' then
-    ok = false
-    for _, x in ipairs(g.v) do if v == x then ok = true end end
-  elseif g.op == 'nin' then
-    ok = true
-    for _, x in ipairs(g.v) do if v == x then ok = false end end
-  elseif g.op == 'exists' then ok = (v ~= nil)
-  elseif g.op == 'absent' then ok = (v == nil)
+  if not check(g.op, v, g.v) then return {'rejected', g.n, v or ''} end
+end
+local held = {}
+for i, c in ipairs(spec.c) do
+  held[i] = true
+  for _, g in ipairs(c) do
+    local v = redis.call('HGET', KEYS[g.k], g.f)
+    if v == false then v = nil end
+    if not check(g.op, v, g.v) then held[i] = false end
   end
-  if not ok then return {'rejected', g.n, v or ''} end
 end
 for _, o in ipairs(spec.o) do
-  redis.call(o.c, KEYS[o.k], unpack(o.a))
+  if (not o.w) or held[o.w] then redis.call(o.c, KEYS[o.k], unpack(o.a)) end
 end
-return {'ok'}
+local out = {'ok'}
+for i = 1, #held do out[#out + 1] = held[i] and 1 or 0 end
+return out
 """
 
 
@@ -217,6 +235,7 @@ class Tx:
         self.keys: list[str] = []
         self._index: dict[str, int] = {}
         self.guards: list[dict[str, Any]] = []
+        self.conditions: list[list[dict[str, Any]]] = []
         self.ops: list[dict[str, Any]] = []
         self.marker = marker
         self.stamp = uuid.uuid4().hex
@@ -236,34 +255,50 @@ class Tx:
         in their stored JSON form; pass Python values (enums included). A guard named ``state_version`` that
         fails raises :class:`VersionConflict`.
         """
-        guard: dict[str, Any] = {"n": name, "k": self._k(key), "op": op}
-        if field is not None:
-            guard["f"] = field
-        if op in ("in", "nin"):
-            guard["v"] = [literal(v) for v in value]
-        elif op in ("eq", "ne"):
-            guard["v"] = literal(value) if field is not None else str(value)
+        guard: dict[str, Any] = {"n": name, **self._check(key, field, op, value)}
         self.guards.append(guard)
         return self
 
-    def hset(self, key: str, values: Mapping[str, Any]) -> Tx:
-        """HSET with JSON-encoded values."""
+    def _check(self, key: str, field: str | None, op: str, value: Any) -> dict[str, Any]:
+        check: dict[str, Any] = {"k": self._k(key), "op": op}
+        if field is not None:
+            check["f"] = field
+        if op in ("in", "nin"):
+            check["v"] = [literal(v) for v in value]
+        elif op in ("eq", "ne"):
+            check["v"] = literal(value) if field is not None else str(value)
+        return check
+
+    def condition(self, *checks: tuple[str, str, str, Any]) -> int:
+        """A condition for writes that apply only when it holds, instead of rejecting the whole transaction:
+        ``(hash key, field, op, value)`` checks (ops as in :meth:`require`), all of which must hold. It is evaluated
+        after the guards and before any write. Returns its number, for ``when=`` of the writes and for the list
+        :meth:`RunStore.apply` returns."""
+        self.conditions.append([self._check(key, field, op, value) for key, field, op, value in checks])
+        return len(self.conditions)
+
+    def _op(self, op: dict[str, Any], when: int | None) -> Tx:
+        if when is not None:
+            op["w"] = when
+        self.ops.append(op)
+        return self
+
+    def hset(self, key: str, values: Mapping[str, Any], *, when: int | None = None) -> Tx:
+        """HSET with JSON-encoded values (``when``: only if that :meth:`condition` holds)."""
         if values:
-            self.ops.append({"c": "HSET", "k": self._k(key), "a": encode_fields(values)})
+            self._op({"c": "HSET", "k": self._k(key), "a": encode_fields(values)}, when)
         return self
 
-    def call(self, command: str, key: str, *args: Any) -> Tx:
+    def call(self, command: str, key: str, *args: Any, when: int | None = None) -> Tx:
         """Any other write command on ``key`` (arguments passed as strings)."""
-        self.ops.append({"c": command, "k": self._k(key), "a": [str(a) for a in args]})
-        return self
+        return self._op({"c": command, "k": self._k(key), "a": [str(a) for a in args]}, when)
 
-    def xadd(self, key: str, fields: Mapping[str, str]) -> Tx:
+    def xadd(self, key: str, fields: Mapping[str, str], *, when: int | None = None) -> Tx:
         """Append a stream entry."""
         flat: list[str] = ["*"]
         for name, value in fields.items():
             flat += [name, value]
-        self.ops.append({"c": "XADD", "k": self._k(key), "a": flat})
-        return self
+        return self._op({"c": "XADD", "k": self._k(key), "a": flat}, when)
 
 
 @dataclass(frozen=True)
@@ -272,7 +307,8 @@ class Claim:
 
     ``kind`` is ``claimed`` (token set; ``step`` and ``run`` are the records as claimed), ``busy`` (another live
     worker holds the lease), ``terminal`` (the step already ended -- its committed result is final;
-    ``step_status`` says how), ``run_final`` (the run ended; ``run_status`` says how) or ``missing``.
+    ``step_status`` says how), ``parked`` (a child step waiting for its child run, ``holder``; its run's settling
+    queues it again), ``run_final`` (the run ended; ``run_status`` says how) or ``missing``.
     ``previous`` is the step status before the claim: ``running`` means the previous holder died.
     """
 
@@ -307,18 +343,23 @@ class RunStore:
         self._tx = client.register_script(_TX)
 
     # ------------------------------------------------------------------ transactions
-    def apply(self, tx: Tx, *, retry_seconds: float | None = None) -> None:
+    def apply(self, tx: Tx, *, retry_seconds: float | None = None) -> list[bool]:
         """Apply ``tx`` atomically, retrying in place through transient Redis errors.
 
         A retry is safe: the guards make a transaction apply at most once, and a marked transaction (see
         :class:`Tx`) that was applied before Redis failed to answer is recognised by its stamp.
+
+        Returns:
+            Per :meth:`Tx.condition`, whether it held (its writes applied). A marked transaction recognised by its
+            stamp reports every condition as held (what it did is unknown; callers only re-send idempotent messages
+            for a held condition).
 
         Raises:
             VersionConflict: the ``state_version`` guard failed (nothing written; plan again).
             TxRejected: another guard failed (nothing written).
             StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
         """
-        spec = json.dumps({"g": tx.guards or [], "o": tx.ops or []})
+        spec = json.dumps({"g": tx.guards or [], "c": tx.conditions or [], "o": tx.ops or []})
         # cjson decodes [] as an empty object; both loops treat it as empty.
         deadline = time.monotonic() + (self.retry_seconds if retry_seconds is None else retry_seconds)
         delay = 0.05
@@ -335,9 +376,9 @@ class RunStore:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         if result[0] == "ok":
-            return
+            return [bool(int(flag)) for flag in result[1:]]
         if failed_once and tx.marker is not None and self._stamped(tx):
-            return  # an earlier try was applied; Redis failed before it could say so
+            return [True] * len(tx.conditions)  # an earlier try was applied; Redis failed before it could say so
         guard, actual = str(result[1]), str(result[2])
         if guard == "state_version":
             raise VersionConflict(guard, actual)
@@ -510,6 +551,8 @@ class RunStore:
             return Claim(kind, step_status=StepStatus(json.loads(result[1])))
         if kind == "run_final":
             return Claim(kind, run_status=RunStatus(json.loads(result[1])))
+        if kind == "parked":
+            return Claim(kind, step_status=StepStatus.PARKED, holder=str(json.loads(result[1])) if result[1] else "")
         return Claim(kind, holder=str(result[1]))
 
     def renew(self, leases: list[tuple[str, str, int]], lease_seconds: float) -> list[tuple[bool, RunStatus | None]]:

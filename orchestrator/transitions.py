@@ -36,6 +36,7 @@ from teamster.errors import (
     TeamsterError,
 )
 from teamster.orchestrator import metrics
+from teamster.orchestrator.children import ParentWake, cancel_tree, wake_parent
 from teamster.orchestrator.escalation import FailRun, HumanReview, Policy, RetryWith, send_alert
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import (
@@ -57,7 +58,7 @@ from teamster.orchestrator.store import Tx, TxRejected, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-__all__ = ["Transitions", "Resolution", "combine_run_status", "agent_stats", "step_label"]
+__all__ = ["Transitions", "NewRun", "Resolution", "combine_run_status", "agent_stats", "step_label"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ def agent_stats(agent_run: AgentRun | None) -> dict[str, Any]:
     return {"model_calls": agent_run.model_calls, "live_model_calls": agent_run.live_model_calls,
             "tool_calls": agent_run.tool_calls, "tokens": int(agent_run.usage.get("totalTokens", 0)),
             "duration_seconds": round(agent_run.duration_seconds, 4)}
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run ready to be written (:meth:`Transitions.prepare_run`): its workflow, record and first steps."""
+
+    wf: Workflow
+    record: RunRecord
+    first: list[NewStep]
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,12 @@ class Transitions:
         else:
             self.store.expire_run(run_id, self.settings.finished_run_ttl_seconds)
 
+    def wake_sent(self, wake: ParentWake | None, held: list[bool]) -> None:
+        """Send the parent step's message when the transaction that settled a child run queued it again."""
+        if wake is not None and wake.applied(held):
+            label = self.store.client.hget(self.keys.step(wake.run_id, wake.step_key), "label")
+            self.enqueue(wake.run_id, [wake.step_key], {wake.step_key: json.loads(label) if label else None})
+
     def entry_input(self, run: RunRecord, wf: Workflow | None, step: StepDef | None,
                     record: StepRecord | None) -> dict[str, Any] | None:
         """The input a dead-letter entry records: what the step last started with (from the journal), else what
@@ -192,9 +208,12 @@ class Transitions:
                              detail={"guard": rejected.guard, "found": rejected.actual})
 
     # ------------------------------------------------------------------ create
-    def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None,
-                   budget: RunBudget | None = None) -> tuple[str, bool]:
-        """Validate the input, then write the run and its first steps atomically; returns (run_id, created).
+    def prepare_run(self, wf: Workflow, value: Any, idempotency_key: str | None, budget: RunBudget | None = None, *,
+                    run_id: str | None = None, parent: tuple[RunRecord, str] | None = None) -> NewRun:
+        """Validate a run's input and build its record and first steps (nothing is written).
+
+        ``parent`` (the parent run and the step key) makes it a child run: it records them, shares the parent's
+        trace id, and ``run_id`` is the id derived from both.
 
         Raises:
             InvalidInput: the input is not JSON the store and the model can carry (a lone surrogate, nesting beyond
@@ -216,9 +235,9 @@ class Transitions:
         except Exception as exc:  # noqa: BLE001 - a model's own serializer or the workflow's init_state raised
             raise InvalidInput(f"input of workflow {wf.name!r} cannot be stored: {type(exc).__name__}: {exc}",
                                hint="Check the workflow's input model and init_state; nothing was written.") from None
-        if idempotency_key:
+        if run_id is None and idempotency_key:
             run_id = "run_" + uuid.uuid5(uuid.NAMESPACE_URL, f"teamster:{wf.name}:{idempotency_key}").hex[:24]
-        else:
+        elif run_id is None:
             run_id = "run_" + uuid.uuid4().hex[:24]
         t = now()
         run_budget = budget if budget is not None else wf.budget
@@ -227,31 +246,51 @@ class Transitions:
                            status=RunStatus.RUNNING, budget=run_budget.model_dump(exclude_none=True) if run_budget
                            else None, tenant=None if tenant is None else str(tenant),
                            input=input_data, state=state_data,
-                           state_schema=wf.state_schema, trace_id=new_trace_id(),
-                           idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t)
-        first = ready_steps(wf, {}, {})
-        tx = Tx()
+                           state_schema=wf.state_schema, trace_id=parent[0].trace_id if parent else new_trace_id(),
+                           idempotency_key=idempotency_key, created_at=t, updated_at=t, progress_at=t,
+                           parent_run=parent[0].run_id if parent else None, parent_step=parent[1] if parent else None)
+        return NewRun(wf, record, ready_steps(wf, {}, {}))
+
+    def new_run_ops(self, tx: Tx, new: NewRun) -> None:
+        """Add the writes that create ``new`` to ``tx``, guarded by the run not existing yet (guard ``run_absent``)."""
+        wf, record, run_id, t = new.wf, new.record, new.record.run_id, new.record.created_at
         tx.require("run_absent", self.keys.run(run_id), "run_id", "absent")
         tx.hset(self.keys.run(run_id), record.model_dump(mode="json"))
-        tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in first})
+        tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in new.first})
         tx.call("ZADD", self.keys.runs, t, run_id)
         tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
         # marks the store as holding teamster's data (once): its absence later means Redis lost the data
         tx.call("SET", self.keys.epoch, literal({"created_at": t}), "NX")
-        tx.xadd(self.keys.journal(run_id), self.journal.fields(
-            "run_created", data={"workflow": wf.name, "version": wf.version, "input": record.input,
-                                 "idempotency_key": idempotency_key, "trace_id": record.trace_id}))
-        self._new_step_ops(tx, run_id, wf, first, t)
+        created: dict[str, Any] = {"workflow": wf.name, "version": wf.version, "input": record.input,
+                                   "idempotency_key": record.idempotency_key, "trace_id": record.trace_id}
+        if record.parent_run:
+            created.update(parent_run=record.parent_run, parent_step=record.parent_step)
+        tx.xadd(self.keys.journal(run_id), self.journal.fields("run_created", data=created))
+        self._new_step_ops(tx, run_id, wf, new.first, t)
+
+    def create_run(self, wf: Workflow, value: Any, idempotency_key: str | None,
+                   budget: RunBudget | None = None) -> tuple[str, bool]:
+        """Validate the input, then write the run and its first steps atomically; returns (run_id, created).
+
+        Raises:
+            InvalidInput: see :meth:`prepare_run`.
+            PayloadRejected: see :meth:`prepare_run`.
+            IdempotencyConflict: the key was used before with another input.
+        """
+        new = self.prepare_run(wf, value, idempotency_key, budget)
+        run_id = new.record.run_id
+        tx = Tx()
+        self.new_run_ops(tx, new)
         try:
             self.store.apply(tx)
         except TxRejected:
             existing = self.store.get_run(run_id)
-            if existing.input != record.input:
+            if existing.input != new.record.input:
                 raise IdempotencyConflict(
                     f"idempotency key {idempotency_key!r} was used for run {run_id} with a different input",
                     run_id=run_id) from None
             return run_id, False
-        self.enqueue(run_id, [s.key for s in first], {s.key: step_label(wf, s.step_id) for s in first})
+        self.enqueue(run_id, [s.key for s in new.first], {s.key: step_label(wf, s.step_id) for s in new.first})
         return run_id, True
 
     # ------------------------------------------------------------------ commit
@@ -348,9 +387,11 @@ class Transitions:
                 data={"state_version": current.state_version + 1, "token": token, "reason": skipped,
                       "by": resolution.by if resolution else None, "queued": [n.key for n in new]}))
             self._new_step_ops(tx, run_id, wf, new, t, journal=False)  # the commit event lists them
+            wake = None
             if complete:
                 tx.call("ZREM", self.keys.active_runs, run_id)
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
+                wake = wake_parent(tx, self.keys, self.journal, self.settings, current, RunStatus.SUCCEEDED, t)
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
                 for run_key in (self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id),
                                 self.keys.run_dlq(run_id), self.keys.run_spend(run_id),
@@ -359,13 +400,14 @@ class Transitions:
             else:
                 tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
             try:
-                self.store.apply(tx)
+                held = self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
                     raise
                 return self._rejected(run_id, key, record, token, rejected, events)
             metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
             self.enqueue(run_id, [n.key for n in new], {n.key: step_label(wf, n.step_id) for n in new})
+            self.wake_sent(wake, held)
             if complete:
                 metrics.RUNS_FINISHED.labels(current.workflow, RunStatus.SUCCEEDED.value).inc()
                 if current.dead_letters:
@@ -534,12 +576,15 @@ class Transitions:
             if run_fields.get("status") == RunStatus.FAILED:
                 tx.call("ZREM", self.keys.active_runs, run_id)
             self.write_entry(tx, entry)
+            wake = None if requeue else wake_parent(tx, self.keys, self.journal, self.settings, current,
+                                                    RunStatus(run_fields["status"]), t, entry=entry_id)
             try:
-                self.store.apply(tx)
+                held = self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
                     raise
                 return self._rejected(run_id, key, record, token, rejected)
+            self.wake_sent(wake, held)
             metrics.STEPS.labels(current.workflow, record.step_id, error_type).inc()
             metrics.DEAD_LETTERS.labels(current.workflow, error_type).inc()
             if requeue:
@@ -582,10 +627,13 @@ class Transitions:
                                                       "step": key, "dlq_entry": entry.entry_id}})
         tx.call("ZREM", self.keys.active_runs, run.run_id)
         self.write_entry(tx, entry)
+        wake = wake_parent(tx, self.keys, self.journal, self.settings, run, RunStatus.ESCALATED, t,
+                           entry=entry.entry_id)
         try:
-            self.store.apply(tx)
+            held = self.store.apply(tx)
         except TxRejected:
             return None
+        self.wake_sent(wake, held)
         self.store.persist_run(run.run_id)
         metrics.DEAD_LETTERS.labels(run.workflow, entry.error_type).inc()
         return entry.entry_id
@@ -601,6 +649,7 @@ class Transitions:
         tx.hset(self.keys.steps(run_id), {key: StepStatus.CANCELLED})
         tx.call("DEL", self.keys.lease(run_id, key))
         tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
+        tx.call("ZREM", self.keys.parked, Keys.member(run_id, key))
         tx.xadd(self.keys.journal(run_id), self.journal.fields("step_cancelled", step=key, data={"reason": reason}))
         try:
             self.store.apply(tx)
@@ -641,37 +690,54 @@ class Transitions:
         return self.store.optimistic(f"budget {run_id}", attempt)
 
     def cancel_run(self, run_id: str, *, by: str, reason: str) -> RunRecord:
-        """Cancel a run: final status ``cancelled``, every unfinished step ``cancelled`` with the reason."""
+        """Cancel a run: final status ``cancelled``, every unfinished step ``cancelled`` with the reason.
+
+        Its child runs that are not final (running, or waiting for an operator) are cancelled with it, recursively,
+        in the same transaction: it is guarded by every one of those runs' state versions, so a child started or
+        settled meanwhile makes it plan again, and no child is left running. A child run cancelled on its own wakes
+        its parked parent step (which then fails with ``child_run_failed``)."""
 
         def attempt() -> RunRecord:
             run = self.store.get_run(run_id)
             if run.status in RUN_TERMINAL:
                 raise InvalidOperation(f"run {run_id} is already {run.status.value}; nothing to cancel")
-            open_steps = [k for k, s in self.store.step_statuses(run_id).items() if s in STEP_OPEN]
+            tree = cancel_tree(self.store, run)
             t = now()
             text = f"cancelled by {by}: {reason}"
             tx = Tx()
-            tx.require("state_version", self.keys.run(run_id), "state_version", "eq", run.state_version)
-            tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
-            tx.hset(self.keys.run(run_id), {"status": RunStatus.CANCELLED, "finished_at": t, "updated_at": t,
-                                            "state_version": run.state_version + 1,
-                                            "error": {"error_type": StepCancelled.code, "message": text}})
-            for key in open_steps:
-                tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED, "reason": text, "finished_at": t})
-                tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
-            if open_steps:
-                tx.hset(self.keys.steps(run_id), {k: StepStatus.CANCELLED for k in open_steps})
-            tx.call("ZREM", self.keys.active_runs, run_id)
-            tx.xadd(self.keys.journal(run_id), self.journal.fields("run_cancelled", data={
-                "by": by, "reason": reason, "steps_cancelled": open_steps}))
+            for node in tree.walk():
+                cancelled = node.run
+                rid = cancelled.run_id
+                why = text if cancelled is run else f"parent run {cancelled.parent_run} was cancelled by {by}: {reason}"
+                tx.require("state_version", self.keys.run(rid), "state_version", "eq", cancelled.state_version)
+                tx.require("run_status", self.keys.run(rid), "status", "nin", sorted(RUN_TERMINAL))
+                tx.hset(self.keys.run(rid), {"status": RunStatus.CANCELLED, "finished_at": t, "updated_at": t,
+                                             "state_version": cancelled.state_version + 1,
+                                             "error": {"error_type": StepCancelled.code, "message": why}})
+                for key in node.open_steps:
+                    tx.hset(self.keys.step(rid, key), {"status": StepStatus.CANCELLED, "reason": why, "finished_at": t})
+                    tx.call("ZREM", self.keys.inflight, Keys.member(rid, key))
+                    tx.call("ZREM", self.keys.parked, Keys.member(rid, key))
+                if node.open_steps:
+                    tx.hset(self.keys.steps(rid), {k: StepStatus.CANCELLED for k in node.open_steps})
+                tx.call("ZREM", self.keys.active_runs, rid)
+                data: dict[str, Any] = {"by": by, "reason": reason, "steps_cancelled": node.open_steps}
+                if cancelled is not run:
+                    data["parent_run"] = cancelled.parent_run
+                if node.children:
+                    data["children_cancelled"] = [child.run.run_id for child in node.children]
+                tx.xadd(self.keys.journal(rid), self.journal.fields("run_cancelled", data=data))
+            wake = wake_parent(tx, self.keys, self.journal, self.settings, run, RunStatus.CANCELLED, t)
             try:
-                self.store.apply(tx)
+                held = self.store.apply(tx)
             except TxRejected as rejected:
                 if rejected.guard == "state_version":
                     raise
                 raise InvalidOperation(f"run {run_id} ended while it was being cancelled") from None
-            metrics.RUNS_FINISHED.labels(run.workflow, RunStatus.CANCELLED.value).inc()
-            self._settle_retention(run_id)
+            for node in tree.walk():
+                metrics.RUNS_FINISHED.labels(node.run.workflow, RunStatus.CANCELLED.value).inc()
+                self._settle_retention(node.run.run_id)
+            self.wake_sent(wake, held)
             return self.store.get_run(run_id)
 
         return self.store.optimistic(f"cancel {run_id}", attempt)

@@ -7,7 +7,11 @@ for a retrying step. A scan takes the due members and
 * re-enqueues a running step whose lease lapsed (its worker died): the next claim takes over with a new
   fencing token, reusing the recorded model answers; after ``max_lease_expiries`` the step is dead-lettered;
 * re-sends a step queued or retrying for too long (duplicates are harmless: claims and commits are fenced);
-* escalates runs with no progress past their deadline to the dead-letter queue.
+* escalates runs with no progress past their deadline to the dead-letter queue -- except a run whose parked child
+  step waits for a child run that is still running: the child has its own deadline, and its escalation wakes the
+  parent, so the parent's deadline is pushed back instead;
+* checks parked child steps (``{prefix}:parked``): one whose child run settled without waking it (a lost wake-up) is
+  queued again; one whose own run ended (failed, cancelled) is cancelled, and its child run with it.
 
 It runs under celery beat (``teamster.watchdog`` task) or as ``teamster watchdog``; several watchdogs at
 once are safe (every action is idempotent).
@@ -20,8 +24,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from teamster.errors import TeamsterError
 from teamster.orchestrator import metrics
-from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, RunStatus, StepStatus, now
+from teamster.orchestrator.child_steps import ChildSteps
+from teamster.orchestrator.children import SETTLED_RUN, child_run_id
+from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, RunRecord, RunStatus, StepStatus, now
 from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.workflow import registered_workflows
@@ -40,6 +47,12 @@ class WatchdogReport:
     late_retries: int = 0
     escalated_runs: int = 0
     cleaned: int = 0
+    child_wakeups: int = 0
+    """Parked steps queued again because their child run had settled without waking them."""
+    deadlines_deferred: int = 0
+    """Runs past their progress deadline left running because a child run of theirs is still running."""
+    orphans_cancelled: int = 0
+    """Child runs cancelled because the run that started them ended."""
 
     def total(self) -> int:
         return sum(asdict(self).values())
@@ -59,6 +72,7 @@ class Watchdog:
         self.journal = runtime.journal
         self.settings = runtime.settings
         self.transitions = Transitions(runtime)
+        self.children = ChildSteps(runtime, self.transitions)
         self._epoch: float | None = None
 
     def scan(self, limit: int = 500) -> WatchdogReport:
@@ -69,6 +83,8 @@ class Watchdog:
         due = self.client.zrangebyscore(self.keys.inflight, "-inf", t, start=0, num=limit)
         for member in due:  # type: ignore[union-attr]
             self._check_step(str(member), t, report)
+        for member in self.client.zrangebyscore(self.keys.parked, "-inf", t, start=0, num=limit):  # type: ignore[union-attr]
+            self._check_parked(str(member), t, report)
         for run_id in self.client.zrangebyscore(self.keys.active_runs, "-inf", t, start=0, num=limit):  # type: ignore[union-attr]
             self._check_run(str(run_id), t, report)
         if report.total():
@@ -108,6 +124,10 @@ class Watchdog:
             self.client.zrem(self.keys.inflight, member)
             report.cleaned += 1
             return
+        if record.status == StepStatus.PARKED:  # watched through the parked set
+            self.client.zrem(self.keys.inflight, member)
+            report.cleaned += 1
+            return
         grace = self.settings.stuck_queued_seconds
         if record.status == StepStatus.RUNNING:
             remaining = self.store.lease_remaining(run_id, key)
@@ -132,6 +152,49 @@ class Watchdog:
         self._bump(member, t + grace)
         self.transitions.enqueue(run_id, [key], {key: record.label})
 
+    def _check_parked(self, member: str, t: float, report: WatchdogReport) -> None:
+        """A parked child step: wake it if its child settled (a lost wake-up), clean it up if its run ended."""
+        run_id, _, key = member.partition("|")
+        record = self.store.get_step(run_id, key)
+        if record is None or record.status != StepStatus.PARKED:
+            self.client.zrem(self.keys.parked, member)
+            report.cleaned += 1
+            return
+        child_id = record.child_run or child_run_id(run_id, key)
+        run_status = self.store.run_status(run_id)
+        if run_status is None or run_status in RUN_TERMINAL:
+            # the step first, so cancelling the child does not queue it again
+            self.transitions.cancel_step_if_open(run_id, key, f"run ended ({run_status or 'gone'})")
+            self.client.zrem(self.keys.parked, member)
+            if self.store.run_status(child_id) not in (*RUN_TERMINAL, None):
+                try:
+                    self.transitions.cancel_run(child_id, by="watchdog",
+                                                reason=f"its parent run {run_id} is {run_status or 'gone'}")
+                    report.orphans_cancelled += 1
+                except TeamsterError as exc:  # it ended meanwhile
+                    log.info("watchdog: child run %s not cancelled: %s", child_id, exc)
+            report.cleaned += 1
+            return
+        child_status = self.store.run_status(child_id)
+        if child_status is not None and child_status not in SETTLED_RUN:
+            self._bump_parked(member, t + self.settings.stuck_queued_seconds)
+            return
+        if self.children.wake_parked(run_id, key, child_id, child_status):
+            report.child_wakeups += 1
+        self._bump_parked(member, t + self.settings.stuck_queued_seconds)
+
+    def _bump_parked(self, member: str, score: float) -> None:
+        self.client.zadd(self.keys.parked, {member: score}, xx=True)
+
+    def _waits_for_children(self, run: RunRecord) -> bool:
+        """Whether a parked step of ``run`` waits for a child run that is still running (making its own progress,
+        under its own deadline)."""
+        parked = [key for key, status in self.store.step_statuses(run.run_id).items() if status == StepStatus.PARKED]
+        if not parked:
+            return False
+        statuses = self.store.run_statuses(child_run_id(run.run_id, key) for key in parked)
+        return any(status in (RunStatus.RUNNING, RunStatus.PENDING) for status in statuses.values())
+
     def _check_run(self, run_id: str, t: float, report: WatchdogReport) -> None:
         try:
             run = self.store.get_run(run_id)
@@ -141,7 +204,13 @@ class Watchdog:
         if run.status not in (RunStatus.RUNNING, RunStatus.PENDING):
             self.client.zrem(self.keys.active_runs, run_id)
             return
-        if self.transitions.escalate_stalled(run, registered_workflows().get(run.workflow), t - run.progress_at):
+        wf = registered_workflows().get(run.workflow)
+        if self._waits_for_children(run):
+            deadline = (wf.deadline_seconds if wf is not None else None) or self.settings.run_deadline_seconds
+            self.client.zadd(self.keys.active_runs, {run_id: t + deadline}, xx=True)
+            report.deadlines_deferred += 1
+            return
+        if self.transitions.escalate_stalled(run, wf, t - run.progress_at):
             report.escalated_runs += 1
 
     def run_forever(self, stop: threading.Event, interval: float | None = None,

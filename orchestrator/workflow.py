@@ -10,8 +10,11 @@ A step runs when all the steps it comes ``after`` are done (succeeded, or skippe
 and at least one of them succeeded; its ``when`` condition, evaluated on the run state at that moment,
 decides between running and being skipped (with the condition's name as the reason). A ``fan_out`` step
 runs its agent once per item of a list in state; its ``join`` waits for every branch and writes the list of
-outputs into state. A workflow is validated when registered: unknown agents, unknown dependencies
-(unreachable steps), cycles and fan-outs without a join are errors at import time.
+outputs into state. A ``child`` step starts a run of another registered workflow and continues with its output
+(the step is parked meanwhile: no worker thread waits). A workflow is validated when registered: unknown agents,
+unknown dependencies (unreachable steps), cycles, fan-outs without a join, and child steps whose workflow is the
+workflow itself are errors at import time (for what is checked of a child workflow, and when, see
+:meth:`Workflow.child`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from pydantic import BaseModel, create_model
 from teamster.agents.limits import RunBudget
 from teamster.agents.spec import AgentSpec, RetryPolicy, get_agent, register_agent
 from teamster.errors import UnknownAgent, UnknownWorkflow, WorkflowDefinitionError
-from teamster.orchestrator.escalation import Policy
+from teamster.orchestrator.escalation import Policy, RetryWith
 
 __all__ = ["Workflow", "StepDef", "register_workflow", "get_workflow", "registered_workflows"]
 
-StepKind = Literal["agent", "function", "fan_out", "join"]
+StepKind = Literal["agent", "function", "fan_out", "join", "child"]
 StateFn = Callable[[Any], Any]
 
 
@@ -56,6 +59,10 @@ class StepDef:
     into: str | None = None
     escalate: tuple[Policy, ...] = ()
     retry: RetryPolicy | None = None
+    workflow: str | None = None
+    """Child steps: the name of the workflow the child run runs."""
+    workflow_module: str | None = None
+    """Child steps: the module defining that workflow, when known (imported if it is not registered)."""
 
     @property
     def spec(self) -> AgentSpec[Any, Any]:
@@ -63,6 +70,17 @@ class StepDef:
         if self.agent is None:
             raise WorkflowDefinitionError(f"step {self.id!r} has no agent")
         return get_agent(self.agent)
+
+    @property
+    def child_workflow(self) -> Workflow:
+        """The workflow a child step's child run runs.
+
+        Raises:
+            UnknownWorkflow: it is not registered (and its module, when known, does not register it).
+        """
+        if self.workflow is None:
+            raise WorkflowDefinitionError(f"step {self.id!r} is not a child step")
+        return get_workflow(self.workflow, self.workflow_module)
 
 
 def _check_delegates(spec: AgentSpec[Any, Any], chain: list[str]) -> None:
@@ -141,6 +159,7 @@ class Workflow:
         caller = module or str(sys._getframe(1).f_globals.get("__name__", ""))
         self.module: str | None = caller if caller and caller != "__main__" else None
         self.steps: dict[str, StepDef] = {}
+        self._children: dict[str, Workflow] = {}
         self._validated = False
 
     # ------------------------------------------------------------------ declaration
@@ -214,7 +233,65 @@ class Workflow:
         return self._add(StepDef(id=id, kind="join", fan_out=fan_out, after=(fan_out,), into=into,
                                  writes=reduce))
 
+    def child(self, id: str, workflow: Workflow | str, *, inputs: StateFn | None = None,  # noqa: A002
+              after: str | Sequence[str] | None = None, when: Callable[[Any], bool] | None = None,
+              writes: str | Callable[[Any, Any], Any] | None = None, escalate: Sequence[Policy] = (),
+              retry: RetryPolicy | None = None) -> Workflow:
+        """Declare a child step: start a run of another registered ``workflow`` and continue with its output.
+
+        The step's first delivery starts the child run (at most once: its id is derived from this run and the step)
+        and parks the step -- no worker thread or lease waits for the child. When the child run ends or starts
+        waiting for an operator, the step is queued again: a child that succeeded gives the step its output (an
+        instance of the child's output model, written like an agent's output); any other end (escalated,
+        needs_human, failed, cancelled) fails the step with ``child_run_failed``, linking the child run and its
+        dead-letter entry, and ``escalate`` runs. Cancelling this run cancels its child runs.
+
+        What is checked when: at declaration, that ``workflow`` is not this workflow itself and that ``escalate``
+        holds no ``retry_with`` (a child step has no agent to swap). At :meth:`register`, a child workflow given as
+        a :class:`Workflow` is registered if it is not yet; a name must not be this workflow's name, and when it is
+        registered by then its output model types this step's state field. A name registered later (two modules
+        naming each other's workflows) is looked up when the step first runs -- unknown then, the step fails with
+        ``unknown_workflow`` -- and needs ``writes=`` or a state field for its output (a ``state_model``).
+
+        Args:
+            id: Step id, unique in the workflow.
+            workflow: The child workflow, or its registered name.
+            inputs: ``state -> child run input``. Default: the child input model's fields taken from the state.
+            after: Step ids this step waits for.
+            when: Condition on the state; false -> the step is skipped with the condition's name as reason.
+            writes: Where the child's output goes: a state field name, or ``(state, output) -> new state``.
+                Default: the state field named like the step, else the output's fields merged into the state.
+            escalate: Escalation policies after the step failed (``human_review()``, ``fail_run()``).
+            retry: Retry policy for retryable failures of the step itself (not of the child run).
+        """
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        if workflow is self or name == self.name:
+            raise WorkflowDefinitionError(f"workflow {self.name!r}: child step {id!r} starts {self.name!r} itself; a "
+                                          "workflow cannot be its own child")
+        if any(isinstance(policy, RetryWith) for policy in escalate):
+            raise WorkflowDefinitionError(f"workflow {self.name!r}: child step {id!r} cannot escalate with "
+                                          "retry_with() (it has no agent); use human_review() or fail_run()")
+        if isinstance(workflow, Workflow):
+            self._children[name] = workflow
+        return self._add(StepDef(
+            id=id, kind="child", fn=None, after=_as_tuple(after), when=when, when_label=_label(when), inputs=inputs,
+            writes=writes, escalate=tuple(escalate), retry=retry, workflow=name,
+            workflow_module=workflow.module if isinstance(workflow, Workflow) else None,
+        ))
+
+    def _child_output_model(self, step: StepDef) -> type[BaseModel] | None:
+        """A child step's output model, or None while its workflow is not registered."""
+        try:
+            return step.child_workflow.result_model
+        except UnknownWorkflow:
+            return None
+
     # ------------------------------------------------------------------ models
+    @property
+    def result_model(self) -> type[BaseModel]:
+        """The model of a run's output: ``output_model``, else the state model."""
+        return self.output_model or self.state_model
+
     @property
     def state_model(self) -> type[BaseModel]:
         """The run state model (generated when not given)."""
@@ -223,6 +300,10 @@ class Workflow:
             for step in self.steps.values():
                 if step.kind == "agent" and step.id not in self.input_model.model_fields:
                     fields[step.id] = (step.spec.output_model | None, None)
+                elif step.kind == "child" and step.id not in self.input_model.model_fields:
+                    model = self._child_output_model(step)
+                    if model is not None:
+                        fields[step.id] = (model | None, None)
                 elif step.kind == "join":
                     branch = self.steps[step.fan_out or ""]
                     fields[step.into or step.id] = (list[branch.spec.output_model] | None, None)  # type: ignore[name-defined]
@@ -284,6 +365,9 @@ class Workflow:
                 target = self.steps.get(step.fan_out or "")
                 if target is None or target.kind != "fan_out":
                     problems.append(f"join {step.id!r} joins {step.fan_out!r}, which is not a fan-out step")
+            if step.kind == "child" and step.workflow == self.name:
+                problems.append(f"child step {step.id!r} starts {self.name!r} itself (a workflow cannot be its own "
+                                "child)")
         for step in self.steps.values():
             if step.kind == "fan_out":
                 joins = [s.id for s in self.steps.values() if s.kind == "join" and s.fan_out == step.id]
@@ -301,6 +385,9 @@ class Workflow:
             problems.append("cycle: " + " -> ".join(cycle))
         if problems:
             raise WorkflowDefinitionError(f"workflow {self.name!r} is invalid: " + "; ".join(problems))
+        for child in self._children.values():
+            if _WORKFLOWS.get(child.name) is None:
+                register_workflow(child)
         self._check_writes()
         self._validated = True
         return self
@@ -338,9 +425,18 @@ class Workflow:
             if step.kind == "join" and (step.into or step.id) not in fields:
                 raise WorkflowDefinitionError(f"workflow {self.name!r}: join {step.id!r} writes into state field "
                                               f"{step.into or step.id!r}, which {self.state_model.__name__} lacks")
-            if step.kind != "agent":
+            if step.kind == "child":
+                model = self._child_output_model(step)
+                if model is None and step.id not in fields:
+                    raise WorkflowDefinitionError(
+                        f"workflow {self.name!r}: child step {step.id!r} starts workflow {step.workflow!r}, which is "
+                        "not registered yet, so its output has no typed place in the state: register it first, or "
+                        f"pass writes=, or give a state_model with a field {step.id!r}")
+                out_fields = set(model.model_fields) if model is not None else set()
+            elif step.kind == "agent":
+                out_fields = set(step.spec.output_model.model_fields)
+            else:
                 continue
-            out_fields = set(step.spec.output_model.model_fields)
             if step.id not in fields and not out_fields <= fields:
                 raise WorkflowDefinitionError(
                     f"workflow {self.name!r}: the output of step {step.id!r} has nowhere to go in "

@@ -59,6 +59,7 @@ __all__ = [
     "StepCancelled",
     "RunDeadlineExceeded",
     "RunBudgetExceeded",
+    "ChildRunFailed",
     "UnexpectedError",
     "LeaseLost",
     "LeaseExpiredRepeatedly",
@@ -356,6 +357,16 @@ class RunBudgetExceeded(TerminalError):
     hold the spend so far and the budget."""
 
     code = "run_budget_exceeded"
+
+
+class ChildRunFailed(TerminalError):
+    """The child run a child step started did not succeed (escalated, needs_human, failed, cancelled, or gone); its
+    details link the child run (``child_run``), its status (``child_status``) and its dead-letter entry
+    (``child_entry``), so fixing the child and retrying the parent's entry picks up the child's output."""
+
+    code = "child_run_failed"
+    default_hint = ("Look at the child run's dead-letter entry (`teamster dlq show CHILD_ENTRY`); once the child "
+                    "succeeds, retry the parent's entry: it takes the child's output without starting it again.")
 
 
 class LeaseLost(TerminalError):

@@ -254,6 +254,21 @@ class WorkflowEnvironment:
         """Start a run (validated exactly as :func:`teamster.submit` does); its steps wait in :attr:`queue`."""
         return self.client.submit(workflow, input, idempotency_key=idempotency_key, budget=budget)
 
+    def deliver(self, count: int = 1) -> list[StepExecution]:
+        """Execute the next ``count`` queued step messages (fewer when the queue runs out), in this thread; returns
+        what each did. For tests that look at a run mid-way, e.g. a child step parked while its child run has not
+        started yet. Retries go back to the end of the queue, as in :meth:`drain`."""
+        self.start()
+        assert self._executor is not None
+        done: list[StepExecution] = []
+        while len(done) < count and (message := self.queue.pop()) is not None:
+            result = self._executor.execute(*message)
+            self.deliveries.append(result)
+            done.append(result)
+            if result.status == Delivery.RETRY:
+                self.queue.enqueue(result.run_id, result.step_key)
+        return done
+
     def drain(self, max_deliveries: int = 10_000) -> int:
         """Execute queued step messages in this thread until none is left; returns how many ran.
 

@@ -93,6 +93,18 @@ def test_limits_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
     assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout
 
 
+def test_child_workflows_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Child workflows" block, saved as a test module, passes under pytest."""
+    (tmp_path / "test_readme_child.py").write_text(block("child"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_child.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"\b2 passed\b", proc.stdout), proc.stdout
+
+
 def test_limits_environment_block_is_valid_settings() -> None:
     from teamster.config.settings import load_settings  # noqa: PLC0415
 

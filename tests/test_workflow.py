@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from teamster.agents.spec import AgentSpec
 from teamster.errors import UnknownWorkflow, WorkflowDefinitionError
+from teamster.orchestrator.escalation import retry_with
 from teamster.orchestrator.models import StepStatus
 from teamster.orchestrator.planner import ready_steps, run_complete
 from teamster.orchestrator.workflow import Workflow, get_workflow
@@ -108,3 +109,50 @@ def test_planner_readiness_and_completion() -> None:
     assert run_complete(wf, done)
     done["each[1]"] = StepStatus.FAILED
     assert not run_complete(wf, done)
+
+
+# ----------------------------------------------------------------------------- child steps
+
+
+def _child_workflow(name: str) -> Workflow:
+    child = Workflow(name, input_model=In, output_model=Out)
+    child.step("label", agent)
+    return child
+
+
+def test_a_child_step_types_its_state_field_with_the_childs_output_model() -> None:
+    child = _child_workflow("wf_child_typed")  # not registered: the parent registers it
+    wf = Workflow("wf_parent_typed", input_model=In)
+    wf.child("sub", child, inputs=lambda s: {"text": s.text})
+    wf.step("after", agent, after="sub")
+    wf.register()
+    assert get_workflow("wf_child_typed") is child
+    assert wf.steps["sub"].kind == "child" and wf.steps["sub"].workflow == "wf_child_typed"
+    assert wf.state_model.model_fields["sub"].annotation == Out | None
+    assert wf.successors("sub") == ["after"]
+
+
+def test_a_workflow_cannot_be_its_own_child() -> None:
+    wf = Workflow("wf_self", input_model=In)
+    with pytest.raises(WorkflowDefinitionError, match="cannot be its own child"):
+        wf.child("again", wf)
+    with pytest.raises(WorkflowDefinitionError, match="cannot be its own child"):
+        wf.child("again", "wf_self")
+
+
+def test_a_child_step_cannot_escalate_with_retry_with() -> None:
+    wf = Workflow("wf_child_retry_with", input_model=In)
+    with pytest.raises(WorkflowDefinitionError, match="retry_with"):
+        wf.child("sub", "wf_child_typed", escalate=[retry_with(model="scripted")])
+
+
+def test_a_child_named_before_it_is_registered_needs_a_place_for_its_output() -> None:
+    wf = Workflow("wf_parent_late", input_model=In)
+    wf.child("sub", "wf_child_late")
+    with pytest.raises(WorkflowDefinitionError, match="not registered yet"):
+        wf.register()
+    late = Workflow("wf_parent_late_writes", input_model=In)
+    late.child("sub", "wf_child_late", writes=lambda state, out: state)  # looked up when the step first runs
+    late.register()
+    _child_workflow("wf_child_late").register()
+    assert late.steps["sub"].child_workflow.name == "wf_child_late"

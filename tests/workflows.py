@@ -6,6 +6,8 @@ text, so a test picks the path a run takes by what it submits.
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel, Field
 from strands.types.tools import ToolContext
 
@@ -201,3 +203,43 @@ failing.register()
 slow_deadline = Workflow("t_deadline", input_model=Doc, deadline_seconds=1.0)
 slow_deadline.step("summarize", summarize)
 slow_deadline.register()
+
+# ----------------------------------------------------------------------------- child workflows
+
+
+def _child_input(state: Doc) -> dict[str, str]:
+    """The child's input; "stall N" makes the parent step wait N s before it starts its child (worker-kill tests)."""
+    if "stall" in state.text:
+        time.sleep(float(state.text.split("stall")[1].split()[0]))
+    return {"text": state.text}
+
+
+# t_parent runs t_linear as a child run (its output, LinearOut, lands in the state field "sub") and goes on with it
+parent = Workflow("t_parent", input_model=Doc)
+parent.child("sub", "t_linear", inputs=_child_input)
+parent.step("wrap", fn=lambda s: {"text": f"{s.text} => {s.sub.report}"}, after="sub")
+parent.register()
+
+parent_review = Workflow("t_parent_review", input_model=Doc)
+parent_review.child("sub", linear, escalate=[human_review()])
+parent_review.register()
+
+# three levels: t_grand -> t_parent -> t_linear
+grand = Workflow("t_grand", input_model=Doc)
+grand.child("mid", parent)
+grand.register()
+
+parent_deadline = Workflow("t_parent_deadline", input_model=Doc, deadline_seconds=1.0)
+parent_deadline.child("sub", "t_linear")
+parent_deadline.register()
+
+# a child that can stall past its own 1 s deadline (t_deadline), under a parent with the default deadline
+parent_of_stalled = Workflow("t_parent_of_stalled", input_model=Doc)
+parent_of_stalled.child("sub", "t_deadline")
+parent_of_stalled.register()
+
+# the parent's own step fails its run (fail_run) while its child run goes on
+parent_failing = Workflow("t_parent_failing", input_model=Doc)
+parent_failing.child("sub", "t_linear", inputs=lambda s: {"text": "all fine here"})
+parent_failing.step("summarize", summarize, escalate=[fail_run()])
+parent_failing.register()

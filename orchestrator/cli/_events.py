@@ -65,7 +65,15 @@ def _model_call(data: dict[str, Any]) -> str:
 
 _SUMMARIES: dict[str, _Summary] = {
     "run_created": lambda d: _join(d.get("workflow"), f"key {d['idempotency_key']}" if d.get("idempotency_key") else "",
-                                   f"trace {d.get('trace_id')}" if d.get("trace_id") else ""),
+                                   f"trace {d.get('trace_id')}" if d.get("trace_id") else "",
+                                   f"child of {d['parent_run']} step {d.get('parent_step')}"
+                                   if d.get("parent_run") else ""),
+    "child_started": lambda d: _join(f"child run {d.get('child_run')}", d.get("workflow"),
+                                     f"input {short_json(d.get('input'), 50)}" if d.get("input") is not None else ""),
+    "child_settled": lambda d: _join(f"child run {d.get('child_run')} {d.get('status')}",
+                                     f"entry {d['dlq_entry']}" if d.get("dlq_entry") else "",
+                                     f"by {d['by']}" if d.get("by") else "", "step queued again"),
+    "step_parked": lambda d: _join(f"child run {d.get('child_run')}", _text(d.get("reason"))),
     "step_queued": lambda d: _join(d.get("kind"), _text(d.get("reason"))),
     "step_start": lambda d: _join(f"worker {d.get('worker')}", f"token {d.get('token')}",
                                   "takeover" if d.get("takeover") else "", d.get("agent"),
@@ -99,7 +107,10 @@ _SUMMARIES: dict[str, _Summary] = {
     "step_cancelled": lambda d: _text(d.get("reason")),
     "run_cancelled": lambda d: _join(f"by {d.get('by')}", _text(d.get("reason")),
                                      f"steps {', '.join(map(str, d['steps_cancelled']))}"
-                                     if d.get("steps_cancelled") else ""),
+                                     if d.get("steps_cancelled") else "",
+                                     f"with its parent run {d['parent_run']}" if d.get("parent_run") else "",
+                                     f"child runs {', '.join(map(str, d['children_cancelled']))}"
+                                     if d.get("children_cancelled") else ""),
     "tool_abandoned": lambda d: _join(d.get("tool"), _text(d.get("reason"))),
     "run_succeeded": lambda d: short_json(d.get("output"), 80),
     "dead_lettered": lambda d: _join(d.get("error_type"), short_json(d.get("message", ""), 50),

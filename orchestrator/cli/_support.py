@@ -79,6 +79,7 @@ STATUS_STYLE: dict[str, str] = {
     "queued": "cyan",
     "retrying": "yellow",
     "waiting": "yellow",
+    "parked": "blue",
     "skipped": "dim",
     "escalated": "magenta",
     "needs_human": "yellow",
@@ -561,9 +562,11 @@ def placeholder_paths(value: Any, path: str = "") -> list[str]:
 
 
 def step_example_output(workflow: str, step_id: str, module: str | None = None) -> str | None:
-    """The ``--output`` skeleton of an agent step of ``workflow``, or None (unknown, or not an agent step)."""
+    """The ``--output`` skeleton of an agent or child step of ``workflow``, or None (unknown, or another kind)."""
     try:
         step = get_workflow(workflow, module).steps[step_id.split("[", 1)[0]]
+        if step.kind == "child":
+            return example_output(step.child_workflow.result_model)
         if step.kind not in ("agent", "fan_out"):
             return None
         return example_output(step.spec.output_model)
@@ -576,7 +579,7 @@ def entry_example_output(entry: DeadLetterEntry) -> str | None:
     if entry.kind == "deadline":
         return None
     kind = _step_kind(entry.workflow, entry.step_id, entry.workflow_module)
-    if kind == "agent" or (kind == "fan_out" and "[" in entry.step_key):
+    if kind in ("agent", "child") or (kind == "fan_out" and "[" in entry.step_key):
         return step_example_output(entry.workflow, entry.step_id, entry.workflow_module)
     return None
 
@@ -601,6 +604,12 @@ def entry_next_steps(entry: DeadLetterEntry) -> list[tuple[str, str]]:
     """What an operator can do about an open entry: (explanation, exact command) pairs."""
     steps: list[tuple[str, str]] = []
     example = entry_example_output(entry)
+    child_run, child_entry = entry.details.get("child_run"), entry.details.get("child_entry")
+    if entry.error_type == "child_run_failed" and child_entry:
+        steps.append(("the child run failed: see its entry and fix it first (then retry this entry below: it takes "
+                      "the child's output, the child is not started again)", f"teamster dlq show {child_entry}"))
+    if entry.error_type == "child_run_failed" and child_run:
+        steps.append(("the child run", f"teamster runs show {child_run}"))
     if entry.kind == "needs_human" and example:
         steps.append(("answer it: supply the step's output (the run resumes)",
                       resolve_command(entry.entry_id, example)))

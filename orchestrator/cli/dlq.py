@@ -22,6 +22,7 @@ from teamster.orchestrator.cli._support import (
     placeholder_paths,
     print_command,
     print_json_block,
+    print_note,
     print_run_outcome,
     print_table,
     read_json_object,
@@ -147,6 +148,38 @@ def _print_entry(entry: DeadLetterEntry) -> None:
         ], excerpt)
 
 
+def _child_entry(client: Client, entry: DeadLetterEntry) -> DeadLetterEntry | None:
+    """The dead-letter entry of the child run a failed child step names (``child_run_failed``), if it has one."""
+    child_entry = entry.details.get("child_entry") if entry.error_type == "child_run_failed" else None
+    if not child_entry:
+        return None
+    return client.runtime.store.get_entry(str(child_entry))
+
+
+def _print_child_entry(child: DeadLetterEntry) -> None:
+    """The child run's entry, in short: why the child failed is why this step failed."""
+    console.print(f"[bold]the child run's dead-letter entry[/] ({escape(child.entry_id)}):", highlight=False)
+    print_note(f"{styled_status(child.status.value)} [red]{escape(child.error_type)}[/] at step "
+               f"{escape(child.step_key)} of {escape(child.workflow)} run {escape(child.run_id)}: "
+               f"{escape(short_json(child.message, 200))}")
+    if child.status == DeadLetterStatus.OPEN:
+        print_note("fix the child first (its entry shows how); once the child run succeeds, retry this entry: "
+                   "the step takes the child's output, the child is not started again")
+    print_command(f"teamster dlq show {child.entry_id}")
+
+
+def _print_parent(client: Client, entry: DeadLetterEntry) -> None:
+    """For an entry of a child run: its parent, which waits on (or failed with) this run."""
+    try:
+        run = client.status(entry.run_id)
+    except Exception:  # noqa: BLE001 - the run may have expired; the entry stands on its own
+        return
+    if run.parent_run:
+        print_note(f"this run is a child run of {escape(run.parent_run)} (step {escape(run.parent_step or '?')}): "
+                   "once it succeeds, retry the parent's entry (if it has one) to go on with its output")
+        print_command(f"teamster runs show {run.parent_run}")
+
+
 def _next_steps(entry: DeadLetterEntry) -> list[tuple[str, str]]:
     if entry.status != DeadLetterStatus.OPEN:
         return [("the run", f"teamster runs show {entry.run_id}")]
@@ -163,7 +196,11 @@ def show_entry(entry_id: EntryId, as_json: AsJson = False) -> None:
     `dlq resolve` command it suggests holds a skeleton of the step's output whose every value is a
     `<fill in: ...>` placeholder: replace them before running it.
 
-    With `--json`: `{"entry": ENTRY, "next": [{"what": ..., "command": ...}, ...]}`.
+    A child step that failed because its child run did not succeed (`child_run_failed`) shows the child run's own
+    entry and the command to look at it: fix the child, then retry this entry (the child is not started again).
+
+    With `--json`: `{"entry": ENTRY, "next": [{"what": ..., "command": ...}, ...]}`, plus `"child_entry": ENTRY`
+    for a `child_run_failed` entry whose child run has one.
 
     Examples:
 
@@ -175,11 +212,16 @@ def show_entry(entry_id: EntryId, as_json: AsJson = False) -> None:
     client = make_client()
     entry = client.dlq.get(entry_id)
     redact = redactor(client.settings)
+    child = _child_entry(client, entry)
     if as_json:
         echo_json({"entry": redacted_dump(entry, redact),
+                   **({"child_entry": redacted_dump(child, redact)} if child is not None else {}),
                    "next": [{"what": what, "command": command} for what, command in _next_steps(entry)]})
         return
     _print_entry(redacted(entry, redact))
+    if child is not None:
+        _print_child_entry(redacted(child, redact))
+    _print_parent(client, entry)
     if entry.status != DeadLetterStatus.OPEN:
         console.print(f"This entry is closed ({escape(entry.status.value)}). The run:", highlight=False)
         print_command(f"teamster runs show {entry.run_id}")

@@ -190,7 +190,13 @@ def _status_cell(step: StepRecord) -> str:
     return styled_status("waiting") if _waiting(step) else styled_status(step.status.value)
 
 
-def _reason_cell(step: StepRecord) -> str:
+def _reason_cell(step: StepRecord, children: dict[str, RunStatus | None]) -> str:
+    if step.child_run:
+        status = children.get(step.child_run)
+        text = f"child run {step.child_run} ({status.value if status else 'gone'})"
+        if step.status not in (StepStatus.PARKED, StepStatus.SUCCEEDED, StepStatus.QUEUED) and step.reason:
+            text += f"; {step.reason}"
+        return escape(text)
     if _waiting(step):
         since = f" for {fmt_duration(max(0.0, time.time() - step.waiting_since))}" if step.waiting_since else ""
         return escape(f"waiting{since} ({step.waiting_for})")
@@ -229,15 +235,17 @@ def _delegations(events: list[JournalEvent]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _print_steps(steps: list[StepRecord], retries: list[JournalEvent],
-                 delegations: dict[str, list[dict[str, Any]]] | None = None) -> None:
+                 delegations: dict[str, list[dict[str, Any]]] | None = None,
+                 children: dict[str, RunStatus | None] | None = None) -> None:
     """The step timeline. When the console is narrow, the reason and worker columns follow the table instead of
     squeezing it; the reasons of earlier attempts of retried steps follow it too. Model calls, tokens and cost are
-    what the step spent over all its attempts (replayed answers cost nothing)."""
+    what the step spent over all its attempts (replayed answers cost nothing); a child step's reason names its child
+    run and that run's status now."""
     rows: list[list[str]] = []
     for step in steps:
         rows.append([escape(step.step_key), escape(step.kind), _status_cell(step), str(step.attempts),
                      fmt_duration(step.duration_seconds), str(step.spend_calls), str(step.spend_tokens),
-                     _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step)])
+                     _cost(step.spend_cost), escape(step.worker or "-"), _reason_cell(step, children or {})])
         for item in (delegations or {}).get(step.step_key, []):  # its delegated calls, as nested steps
             duration = item["duration_seconds"]
             rows.append([escape(item["step_key"]), "delegate", styled_status(item["status"]), str(item["attempts"]),
@@ -277,14 +285,17 @@ def show_run(
     keys, bearer tokens, secret-named fields) are printed as `[REDACTED]`.
 
     A step waiting for provider capacity (shared limits, a cool-down after a 429, an open circuit breaker) shows
-    as `waiting`, with what it waits for and since when. The run's spend (model calls, tokens, cost over all its
-    steps, retries and escalations) is shown against its budget; each step's over all its attempts.
+    as `waiting`, with what it waits for and since when. A child step names its child run and that run's status
+    (`parked` while the child runs); a child run names its parent run and step. The run's spend (model calls,
+    tokens, cost over all its steps, retries and escalations) is shown against its budget; each step's over all its
+    attempts.
 
     An agent step's delegated calls (agents it called as tools) follow it as nested steps, `STEP/AGENT#N`, with
     their status, model calls and tokens (`teamster journal RUN_ID` has every event of them).
 
     With `--json`: `{"run": RUN, "spend": SPEND, "steps": [STEP, ...]}`, each step with its `retries` (the
-    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt) and its `delegations`.
+    journal's retry events: attempt, error_type, message, delay_seconds, next_attempt) and its `delegations`, and a
+    child step with `child` (`run_id`, `status`).
 
     Examples:
 
@@ -301,10 +312,14 @@ def show_run(
     delegations = _delegations(client.journal(run_id, types=["delegation_start", "delegation_result",
                                                              "delegation_reused"]))
     spend = client.spend(run_id)
+    children = client.runtime.store.run_statuses(step.child_run for step in steps if step.child_run)
     if as_json:
         echo_json({"run": redacted_dump(run, redact), "spend": spend,
                    "steps": [{**redacted_dump(step, redact), "retries": redact(_retry_data(step, retries)),
-                              "delegations": delegations.get(step.step_key, [])} for step in steps]})
+                              "delegations": delegations.get(step.step_key, []),
+                              **({"child": {"run_id": step.child_run, "status": _value(children.get(step.child_run))}}
+                                 if step.child_run else {})}
+                             for step in steps]})
         return
     run = redacted(run, redact)
     steps = [redacted(step, redact) for step in steps]
@@ -325,8 +340,12 @@ def show_run(
     header.add_row("spent", _spend_text(spend) + (f" of {_budget_text(run.budget)}" if run.budget else ""))
     if run.tenant:
         header.add_row("tenant", escape(run.tenant))
+    if run.parent_run:
+        header.add_row("parent run", f"{escape(run.parent_run)} (step {escape(run.parent_step or '?')})")
     console.print(header)
-    _print_steps(steps, retries, delegations)
+    _print_steps(steps, retries, delegations, children)
+    child_commands = [f"teamster runs show {child}" for child, status in children.items()
+                      if status not in (RunStatus.SUCCEEDED, None)]
     if run.status == RunStatus.SUCCEEDED:
         console.print("[bold]output:[/]")
         print_json_block(run.output or {})
@@ -339,7 +358,11 @@ def show_run(
             print_note(f"step: {escape(str(error['step']))}")
         if error.get("dlq_entry"):
             print_note(f"dead-letter entry: {escape(str(error['dlq_entry']))}")
-    print_commands(run_next_steps(run)[1:])
+    print_commands(child_commands + run_next_steps(run)[1:])
+
+
+def _value(status: RunStatus | None) -> str | None:
+    return status.value if status is not None else None
 
 
 def _spend_text(spend: dict[str, float]) -> str:
@@ -521,6 +544,9 @@ def cancel_run(
     = None,
 ) -> None:
     """Cancel a run that is not final: it ends as `cancelled`, and so does every step not yet finished.
+
+    Its child runs that are not final are cancelled with it, recursively. A child run cancelled on its own lets its
+    parent's step go on: it fails with `child_run_failed` (and its escalation policy runs).
 
     A step a worker is running when the run is cancelled cannot commit its result. A run that already
     succeeded, failed or was cancelled is refused (exit code 1).

@@ -33,6 +33,9 @@ class ProviderLimits(BaseModel):
         concurrency: Calls in flight at once (a slot of a killed worker frees itself when its lease lapses).
         period_seconds: The period ``rpm`` and ``tpm`` count over: a minute, as providers count, unless yours
             counts per second (or a test wants a short one).
+        margin_seconds: Added to the period before a request's place is given to another: the provider counts a
+            request when it arrives, some time after it was granted here (the network, a busy worker), so without a
+            margin two requests granted a period apart may arrive in the same provider window. Default 0.25 s.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -41,6 +44,7 @@ class ProviderLimits(BaseModel):
     tpm: int = Field(default=0, ge=0)
     concurrency: int = Field(default=0, ge=0)
     period_seconds: float = Field(default=60.0, gt=0, le=3600)
+    margin_seconds: float = Field(default=0.25, ge=0, le=60)
 
     @property
     def limited(self) -> bool:

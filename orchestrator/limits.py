@@ -289,7 +289,8 @@ class RedisGate:
                 int(settings.breaker_open_seconds * 1000),
                 "" if budget.max_model_calls is None else budget.max_model_calls,
                 "" if budget.max_tokens is None else budget.max_tokens,
-                "" if budget.max_cost is None else repr(budget.max_cost), int(limits.period_seconds * 1000),
+                "" if budget.max_cost is None else repr(budget.max_cost),
+                int((limits.period_seconds + limits.margin_seconds) * 1000),
                 "1" if coordinated else "0"]
         started = time.monotonic()
         waiting = False

@@ -22,7 +22,7 @@ from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.transitions import Transitions
 from teamster.orchestrator.watchdog import Watchdog
 from teamster.orchestrator.workflow import get_workflow
-from teamster.testing import model_calls_key
+from teamster.testing import InProcessQueue, model_calls_key
 from tests.harness import Worker, wait_settled, wait_until
 from tests.workflows import effects_key
 
@@ -80,9 +80,9 @@ def test_concurrent_duplicate_deliveries_run_the_step_once(client: Client, worke
 def test_stale_fencing_token_cannot_commit(client: Client) -> None:
     """Worker A's lease lapses, worker B takes the step over; A's late commit is rejected and recorded."""
     settings = client.settings
-    node_a = Runtime(settings, client.runtime.client, client.runtime.enqueuer, worker="A")
-    node_b = Runtime(settings, client.runtime.client, client.runtime.enqueuer, worker="B")
-    # no worker consumes this prefix's queue in this test: create the run through the store directly
+    # the step messages go to an in-process queue nobody reads: the module's worker must not take the step
+    node_a = Runtime(settings, client.runtime.client, InProcessQueue(), worker="A")
+    node_b = Runtime(settings, client.runtime.client, InProcessQueue(), worker="B")
     run_id, _ = Transitions(node_a).create_run(get_workflow("t_linear"), {"text": "fencing"}, None)
     claim_a = node_a.store.claim(run_id, "summarize", "A", lease_seconds=0.2)
     assert claim_a.kind == "claimed"

@@ -194,7 +194,8 @@ class TeamsterSettings(BaseSettings):
     worker_pool: Literal["threads", "prefork", "solo"] = Field(
         default="threads",
         description="Celery pool for `teamster worker` (default 'threads': agent steps are I/O bound). gevent and "
-        "eventlet are refused: strands runs each agent call with asyncio.run, which fails under green threads.",
+        "eventlet are refused: agent steps run on the worker's own asyncio event loop thread, which green threads "
+        "cannot share.",
     )
     worker_concurrency: int = Field(
         default=8, ge=1,

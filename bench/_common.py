@@ -33,7 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 from teamster.config.embedded import EmbeddedRedis
+from teamster.orchestrator.client import Client
 from teamster.orchestrator.processes import WorkerProcess, WorkerStartError
+from teamster.orchestrator.store import decode_fields
 
 __all__ = [
     "run_main",
@@ -387,6 +389,17 @@ class BenchEnv:
             except Exception as exc:  # noqa: BLE001 - keep stopping the others
                 console.print(f"[yellow]could not stop worker {worker.name}: {exc}[/]")
         self.workers.clear()
+
+    def step_records(self, client: Client, run_ids: Sequence[str], step_id: str) -> list[dict[str, Any]]:
+        """The decoded records of step ``step_id`` of ``run_ids`` (pipelined, 500 at a time; missing ones left out)."""
+        keys = client.runtime.keys
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(run_ids), 500):
+            pipe = self.client.pipeline(transaction=False)
+            for run_id in run_ids[i:i + 500]:
+                pipe.hgetall(keys.step(run_id, step_id))
+            out += [decode_fields(raw) for raw in pipe.execute() if raw]
+        return out
 
     def discard(self, prefix: str) -> None:
         """Delete a phase's keys (only needed on a shared ``--redis-url``; a private Redis is thrown away)."""

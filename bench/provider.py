@@ -56,7 +56,6 @@ from bench.model_server import ModelServerProcess
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import StepStatus
-from teamster.orchestrator.store import decode_fields
 
 __all__ = ["main", "build_parser", "floor_requests", "parse_scenarios"]
 
@@ -225,7 +224,7 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
     logs = "".join(w.log() for w in procs)
     for w in procs:  # a warm stop: running steps finish and commit (nothing is left running)
         w.stop(timeout=latency + 60)
-    steps = _read_steps(env, client, run_ids)
+    steps = env.step_records(client, run_ids, SINGLE_STEP)
     in_window = [s for s in steps if s.get("finished_at") and w_start <= s["finished_at"] <= w_end
                  and s["status"] == StepStatus.SUCCEEDED]
     intervals = [(s["started_at"], s["finished_at"] or w_end) for s in steps if s.get("started_at")]
@@ -242,16 +241,6 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
             "errors": failed, "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": left_running,
             "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window))}
 
-
-def _read_steps(env: BenchEnv, client: Client, run_ids: list[str]) -> list[dict[str, Any]]:
-    keys = client.runtime.keys
-    out = []
-    for i in range(0, len(run_ids), 500):
-        pipe = env.client.pipeline(transaction=False)
-        for run_id in run_ids[i:i + 500]:
-            pipe.hgetall(keys.step(run_id, SINGLE_STEP))
-        out += [decode_fields(raw) for raw in pipe.execute() if raw]
-    return out
 
 
 # --------------------------------------------------------------------------- main

@@ -150,8 +150,9 @@ def markdown(results: dict[str, dict[str, Any] | None], failed: dict[str, str]) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.all",
-        description="Run overhead, concurrency, recovery and scaling at their default sizes (each in its own "
-                    "process), then write bench/results/summary.json and print a markdown summary table.",
+        description=f"Run {', '.join(BENCHMARKS)} at their default sizes (each in its own process, about 25 "
+                    "minutes in all on 2 cores), then write bench/results/summary.json and print a markdown summary "
+                    "table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="Comma-separated benchmarks to run.")

@@ -84,6 +84,11 @@ class Keys:
         """Set: dead-letter entry ids of one run."""
         return f"{self.prefix}:run:{run_id}:dlq"
 
+    def applied(self, stamp: str) -> str:
+        """String, short-lived: the stamp of a transaction without a marker of its own (see ``store.Tx``), so a retry
+        after a lost reply recognises that it was applied."""
+        return f"{self.prefix}:applied:{stamp}"
+
     @staticmethod
     def member(run_id: str, step_key: str) -> str:
         """Member of the in-flight set."""

@@ -228,7 +228,9 @@ class Tx:
 
     Args:
         marker: ``(hash key, field)`` the transaction stamps with a unique id: when Redis fails after applying
-            it but before answering, the retried apply finds its own stamp and knows it was applied.
+            it but before answering, the retried apply finds its own stamp and knows it was applied. Without one,
+            :meth:`RunStore.apply` stamps a short-lived key of its own (``{prefix}:applied:{stamp}``), so every
+            transaction is recognised; a marker on a hash the transaction writes anyway saves that key.
     """
 
     def __init__(self, marker: tuple[str, str] | None = None) -> None:
@@ -237,7 +239,7 @@ class Tx:
         self.guards: list[dict[str, Any]] = []
         self.conditions: list[list[dict[str, Any]]] = []
         self.ops: list[dict[str, Any]] = []
-        self.marker = marker
+        self.marker: tuple[str, str | None] | None = marker
         self.stamp = uuid.uuid4().hex
         if marker is not None:
             self.hset(marker[0], {marker[1]: self.stamp})
@@ -346,22 +348,26 @@ class RunStore:
     def apply(self, tx: Tx, *, retry_seconds: float | None = None) -> list[bool]:
         """Apply ``tx`` atomically, retrying in place through transient Redis errors.
 
-        A retry is safe: the guards make a transaction apply at most once, and a marked transaction (see
-        :class:`Tx`) that was applied before Redis failed to answer is recognised by its stamp.
+        A retry is safe: the guards make a transaction apply at most once, and a transaction that was applied
+        before Redis failed to answer is recognised by its stamp (see :class:`Tx`) instead of failing its own guards.
 
         Returns:
-            Per :meth:`Tx.condition`, whether it held (its writes applied). A marked transaction recognised by its
-            stamp reports every condition as held (what it did is unknown; callers only re-send idempotent messages
-            for a held condition).
+            Per :meth:`Tx.condition`, whether it held (its writes applied). A transaction recognised by its stamp
+            reports every condition as held (what it did is unknown; callers only re-send idempotent messages for a
+            held condition).
 
         Raises:
             VersionConflict: the ``state_version`` guard failed (nothing written; plan again).
             TxRejected: another guard failed (nothing written).
             StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
         """
+        window = self.retry_seconds if retry_seconds is None else retry_seconds
+        if tx.marker is None:  # stamped all the same, in a key that outlives every retry of this apply
+            tx.marker = (self.keys.applied(tx.stamp), None)
+            tx.call("SET", tx.marker[0], tx.stamp, "EX", int(window) + 60)
         spec = json.dumps({"g": tx.guards or [], "c": tx.conditions or [], "o": tx.ops or []})
         # cjson decodes [] as an empty object; both loops treat it as empty.
-        deadline = time.monotonic() + (self.retry_seconds if retry_seconds is None else retry_seconds)
+        deadline = time.monotonic() + window
         delay = 0.05
         failed_once = False
         while True:
@@ -377,7 +383,7 @@ class RunStore:
                 delay = min(delay * 2, 2.0)
         if result[0] == "ok":
             return [bool(int(flag)) for flag in result[1:]]
-        if failed_once and tx.marker is not None and self._stamped(tx):
+        if failed_once and self._stamped(tx):
             return [True] * len(tx.conditions)  # an earlier try was applied; Redis failed before it could say so
         guard, actual = str(result[1]), str(result[2])
         if guard == "state_version":
@@ -386,8 +392,11 @@ class RunStore:
 
     def _stamped(self, tx: Tx) -> bool:
         assert tx.marker is not None
+        key, field = tx.marker
         try:
-            return bool(self.client.hget(tx.marker[0], tx.marker[1]) == literal(tx.stamp))
+            if field is None:
+                return bool(self.client.get(key) == tx.stamp)
+            return bool(self.client.hget(key, field) == literal(tx.stamp))
         except redis.RedisError:
             return False
 

@@ -1,0 +1,92 @@
+"""The store's transactions against a real Redis: a write whose reply is lost is recognised, not failed.
+
+Redis can apply a transaction and then fail to answer (a connection reset, a timeout). The store retries the write in
+place; its guards make the retry a no-op, and the transaction's stamp tells the store that the first try was applied,
+so the caller sees success instead of its own guard failing. The lost reply is injected by wrapping the store's
+script call: the script really runs on the real Redis, only its answer is dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.models import RunStatus
+from teamster.orchestrator.store import RunStore, Tx, TxRejected
+from teamster.testing import WorkflowEnvironment
+
+
+def _lose_replies(store: RunStore, times: int = 1) -> list[int]:
+    """Make the next ``times`` transactions apply on Redis and then fail as if their reply was lost."""
+    real: Callable[..., Any] = store._tx
+    lost: list[int] = []
+
+    def lossy(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if len(lost) < times:
+            lost.append(1)
+            raise redis.ConnectionError("Connection reset by peer (injected after the script ran)")
+        return result
+
+    store._tx = lossy  # type: ignore[method-assign]
+    return lost
+
+
+@pytest.fixture()
+def store(redis_client: redis.Redis) -> Iterator[RunStore]:
+    keys = Keys(f"teamster-test-store-{uuid.uuid4().hex[:8]}")
+    yield RunStore(redis_client, keys, retry_seconds=5)
+    for key in redis_client.scan_iter(match=f"{keys.prefix}:*"):
+        redis_client.delete(key)
+
+
+def _create(store: RunStore, key: str, tx: Tx) -> Tx:
+    tx.require("new", key, "status", "absent")
+    tx.hset(key, {"status": "created"})
+    return tx
+
+
+def test_an_unmarked_transaction_applied_before_its_reply_was_lost_succeeds(store: RunStore) -> None:
+    key = f"{store.keys.prefix}:thing"
+    tx = _create(store, key, Tx())
+    held = tx.condition((key, "first", "absent", None))
+    tx.call("HSET", key, "first", "yes", when=held)
+    lost = _lose_replies(store)
+    assert store.apply(tx) == [True]  # not TxRejected('new'): the retry found the stamp of the first try
+    assert lost == [1]
+    assert store.client.hgetall(key) == {"status": '"created"', "first": "yes"}
+    stamp_key = store.keys.applied(tx.stamp)
+    assert store.client.get(stamp_key) == tx.stamp and 0 < store.client.ttl(stamp_key) <= 65
+
+
+def test_a_marked_transaction_is_recognised_by_its_own_field_and_writes_no_stamp_key(store: RunStore) -> None:
+    key = f"{store.keys.prefix}:step"
+    tx = _create(store, key, Tx(marker=(key, "last_write")))
+    _lose_replies(store)
+    assert store.apply(tx) == []
+    assert store.client.exists(store.keys.applied(tx.stamp)) == 0
+
+
+def test_a_transaction_that_really_fails_its_guard_still_fails_after_a_lost_reply(store: RunStore) -> None:
+    key = f"{store.keys.prefix}:taken"
+    store.client.hset(key, "status", '"other"')
+    _lose_replies(store)
+    with pytest.raises(TxRejected) as rejected:
+        store.apply(_create(store, key, Tx()))  # applied nothing on either try: no stamp to find
+    assert rejected.value.guard == "new"
+
+
+def test_a_submit_whose_reply_is_lost_creates_the_run_once_and_queues_its_first_step() -> None:
+    with WorkflowEnvironment(["tests.workflows"]) as env:
+        lost = _lose_replies(env.runtime.store)
+        run_id = env.submit("t_linear", {"text": "a reply that never came"})
+        assert lost == [1]
+        assert len(env.queue) == 1  # the first step was sent: without the stamp, create_run saw its own run
+        env.drain()
+        assert env.client.status(run_id).status == RunStatus.SUCCEEDED
+        assert len(env.client.runs()) == 1

@@ -25,7 +25,7 @@ from strands.types.tools import ToolSpec
 
 from teamster.agents.classify import classify_exception
 from teamster.agents.limits import ModelGate
-from teamster.errors import ModelTimeout, error_from_code
+from teamster.errors import StepCancelled, error_from_code
 
 __all__ = ["ModelExchange", "RecordingModel", "ReplayExhausted", "request_digest"]
 
@@ -210,9 +210,10 @@ class RecordingModel(Model):
             if permit is not None and self.gate is not None:
                 await self.gate.release(permit, acc.usage, classify_exception(exc))
             raise
-        except BaseException:  # cancelled (deadline, lease lost): give the capacity back all the same
+        except BaseException:  # cancelled (deadline, lease lost, run cancelled): give the capacity back all the same
             if permit is not None and self.gate is not None:
-                await asyncio.shield(self.gate.release(permit, acc.usage, ModelTimeout("the call was cancelled")))
+                # teamster stopped the call, the provider did not fail it: no evidence for the circuit breaker
+                await asyncio.shield(self.gate.release(permit, acc.usage, StepCancelled("the call was cancelled")))
             raise
         if permit is not None and self.gate is not None:
             await self.gate.release(permit, acc.usage, None)

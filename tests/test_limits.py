@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from bench.model_server import ModelServer
 from teamster import AgentSpec, ProviderLimits, RetryPolicy, RunBudget, Workflow, retry_with
+from teamster.agents.recording import RecordingModel
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import (
     InvalidInput,
@@ -41,7 +42,7 @@ from teamster.orchestrator.client import Client
 from teamster.orchestrator.executor import StepExecutor
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.limits import Limiter, RedisGate
-from teamster.testing import WorkflowEnvironment, finish, throttle
+from teamster.testing import ScriptedModel, WorkflowEnvironment, finish, throttle
 from tests.harness import Worker, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
@@ -517,3 +518,28 @@ def test_doctor_shows_each_providers_limits_and_their_state_now(redis_url: str,
     unlimited = found["openai:unlimited"]
     assert unlimited["status"] == "WARN" and "none shared" in unlimited["detail"]
     assert "TEAMSTER_PROVIDER_LIMITS='{\"openai:unlimited\"" in unlimited["fix"]
+
+
+def test_cancelled_calls_give_their_slot_back_and_do_not_open_the_breaker(
+        gate_settings: TeamsterSettings, redis_url: str) -> None:
+    """A call teamster stops (deadline, lease lost, run cancelled) says nothing about the provider's health."""
+    async def scenario() -> None:
+        for i in range(3):  # breaker_errors=2: three provider errors would open it
+            model = RecordingModel(ScriptedModel([finish({"word": "late"})], latency=30),
+                                   gate=_gate(gate_settings, redis_url, f"c{i}"), model_ref=MODEL)
+            call = asyncio.ensure_future(_drain(model.stream([{"role": "user", "content": [{"text": "hi"}]}])))
+            await _until(lambda m=model: m.live_calls == 1)  # holds the slot, waiting for its answer
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        other = _gate(gate_settings, redis_url, "next")
+        permit = await asyncio.wait_for(other.acquire(MODEL, 1), 5)  # concurrency 1: every slot was given back
+        assert other.waited_seconds == 0  # and no breaker stood in the way
+        await other.release(permit, {}, None)
+
+    asyncio.run(scenario())
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass

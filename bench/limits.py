@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4", help="Numbers of worker processes (default 1,2,4).")
     parser.add_argument("--concurrency", type=int, default=8, help="Threads per worker (default 8).")
-    parser.add_argument("--rate", type=int, default=30, help="Requests the server accepts per window (default 100).")
+    parser.add_argument("--rate", type=int, default=100, help="Requests the server accepts per window (default 100).")
     parser.add_argument("--rate-window", type=float, default=10.0,
                         help="The server's rate-limit window in seconds (default 10).")
     parser.add_argument("--latency", type=float, default=0.2, help="Model latency in seconds (default 0.2).")

@@ -80,11 +80,6 @@ class DaemonExecutor(concurrent.futures.ThreadPoolExecutor):
             with self._lock:
                 self._idle += 1
 
-    def busy(self) -> int:
-        """Threads running work right now (abandoned tools included)."""
-        with self._lock:
-            return len(self._pool_threads) - self._idle
-
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
@@ -118,19 +113,14 @@ class AgentLoop:
         self._ready.wait()
 
     @classmethod
-    def shared(cls, tool_threads: int | None = None) -> AgentLoop:
-        """The process's loop (created on first use, and again in a forked child).
-
-        Args:
-            tool_threads: Executor size when the loop is created now (default ``TEAMSTER_TOOL_THREADS``).
-        """
+    def shared(cls) -> AgentLoop:
+        """The process's loop (created on first use, and again in a forked child), its executor sized by
+        ``TEAMSTER_TOOL_THREADS``."""
         with cls._lock:
             if cls._shared is None or cls._shared_pid != os.getpid() or not cls._shared.thread.is_alive():
-                if tool_threads is None:
-                    from teamster.config.settings import get_settings  # noqa: PLC0415
+                from teamster.config.settings import get_settings  # noqa: PLC0415
 
-                    tool_threads = get_settings().tool_threads
-                cls._shared = AgentLoop(tool_threads)
+                cls._shared = AgentLoop(get_settings().tool_threads)
                 cls._shared_pid = os.getpid()
             return cls._shared
 
@@ -142,23 +132,3 @@ class AgentLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coro`` on the loop; returns a thread-safe future."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the loop and wait for its result (at most ``timeout`` seconds, then cancel it).
-
-        Raises:
-            TimeoutError: not done within ``timeout`` (the coroutine is cancelled).
-            RuntimeError: called from the loop's own thread (it would wait for itself).
-        """
-        if threading.current_thread() is self.thread:
-            raise RuntimeError("AgentLoop.run() called from the agent loop itself; await the coroutine instead")
-        future = self.submit(coro)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"not done within {timeout}s") from None
-
-    def in_loop(self) -> bool:
-        """True when called from the loop's thread."""
-        return threading.current_thread() is self.thread

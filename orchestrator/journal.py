@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +19,7 @@ import redis
 
 from teamster.agents.delegation import DelegationMemory
 from teamster.agents.recording import ModelExchange
+from teamster.orchestrator.connection import retrying
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import JournalEvent, now
 
@@ -110,6 +110,8 @@ class Journal:
         payload_cap: Largest journaled payload (bytes).
         model_response_cap: Largest recorded model exchange (bytes) -- kept whole for replay when it fits.
         redact_patterns: Extra regular expressions to redact.
+        retry_seconds: How long :meth:`append` retries through transient Redis errors (the runtime passes
+            ``TEAMSTER_STORE_RETRY_SECONDS``, as for store writes).
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, payload_cap: int = 16 * 1024,
@@ -144,19 +146,16 @@ class Journal:
 
     def append(self, run_id: str, event_type: str, *, step: str | None = None, attempt: int | None = None,
                data: dict[str, Any] | None = None) -> str:
-        """Append one event; returns its stream id. Transient Redis errors are retried for a few seconds (an
-        event appended twice after a lost reply is harmless; a lost one is not)."""
+        """Append one event; returns its stream id. Transient Redis errors are retried like a store write (an
+        event appended twice after a lost reply is harmless; a lost one is not).
+
+        Raises:
+            StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
+        """
         fields = self.fields(event_type, step=step, attempt=attempt, data=data)
-        delay = 0.05
-        deadline = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                return str(self.client.xadd(self.keys.journal(run_id), fields))  # type: ignore[arg-type]
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        key = self.keys.journal(run_id)
+        return str(retrying(lambda: self.client.xadd(key, fields),  # type: ignore[arg-type]
+                            self.retry_seconds, "journal append"))
 
     def append_many(self, run_id: str, events: Iterable[tuple[str, dict[str, Any]]], *, step: str | None = None,
                     attempt: int | None = None) -> None:

@@ -62,7 +62,8 @@ class Runtime:
         self.store = RunStore(self.client, self.keys, retry_seconds=self.settings.store_retry_seconds)
         self.journal = Journal(self.client, self.keys, payload_cap=self.settings.journal_payload_cap,
                                model_response_cap=self.settings.journal_model_response_cap,
-                               redact_patterns=self.settings.redact_patterns)
+                               redact_patterns=self.settings.redact_patterns,
+                               retry_seconds=self.settings.store_retry_seconds)
         self._limiter: Limiter | None = None
 
     @property

@@ -15,8 +15,6 @@ encoding: everything else gets typed records and enums (the Lua scripts take the
 from __future__ import annotations
 
 import json
-import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 
 from teamster.errors import RunNotFound, StoreUnavailable, TeamsterError
+from teamster.orchestrator.connection import retrying
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import (
     RUN_TERMINAL,
@@ -50,7 +49,6 @@ __all__ = [
     "MAX_CAS",
 ]
 
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -367,23 +365,17 @@ class RunStore:
             tx.call("SET", tx.marker[0], tx.stamp, "EX", int(window) + 60)
         spec = json.dumps({"g": tx.guards or [], "c": tx.conditions or [], "o": tx.ops or []})
         # cjson decodes [] as an empty object; both loops treat it as empty.
-        deadline = time.monotonic() + window
-        delay = 0.05
-        failed_once = False
-        while True:
-            try:
-                result = self._tx(keys=tx.keys, args=[spec])
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                failed_once = True
-                if time.monotonic() + delay > deadline:
-                    raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
-                log.warning("store write failed (%s); retrying in %.2fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        tries = 0
+
+        def once() -> Any:
+            nonlocal tries
+            tries += 1
+            return self._tx(keys=tx.keys, args=[spec])
+
+        result = retrying(once, window, "store write")
         if result[0] == "ok":
             return [bool(int(flag)) for flag in result[1:]]
-        if failed_once and self._stamped(tx):
+        if tries > 1 and self._stamped(tx):
             return [True] * len(tx.conditions)  # an earlier try was applied; Redis failed before it could say so
         guard, actual = str(result[1]), str(result[2])
         if guard == "state_version":

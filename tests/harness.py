@@ -7,6 +7,7 @@ stops and kills them.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 import uuid
@@ -58,6 +59,13 @@ class Worker(WorkerProcess):
 
     def __enter__(self) -> Worker:
         return self.start()
+
+def ctrl_c_works() -> None:
+    """``preexec_fn`` for a child process a test stops with SIGINT, as Ctrl-C would: Python raises
+    KeyboardInterrupt only when SIGINT is not ignored at start-up, and a child inherits an ignored SIGINT -- which is
+    what a test run started in the background of a non-interactive shell (``cmd &``, CI scripts) has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
     """Poll ``predicate`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""

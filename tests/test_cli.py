@@ -31,7 +31,7 @@ from teamster.orchestrator.cli import app
 from teamster.orchestrator.cli._common import console, err_console
 from teamster.orchestrator.cli.local import ping_workers
 from teamster.orchestrator.client import Client
-from tests.harness import Worker
+from tests.harness import Worker, ctrl_c_works
 
 pytestmark = pytest.mark.integration
 
@@ -457,7 +457,7 @@ def test_demo_then_operator_commands_on_the_embedded_redis(tmp_path: Path) -> No
 def test_demo_ctrl_c_stops_the_worker(tmp_path: Path) -> None:
     env = _embedded_env(tmp_path)
     proc = subprocess.Popen(_python_cli("demo", "--tickets", "400"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_works)
     try:
         assert proc.stdout is not None
         node = None

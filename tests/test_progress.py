@@ -33,7 +33,7 @@ from teamster.orchestrator.cli import app
 from teamster.orchestrator.cli._common import console, err_console
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import JournalEvent, RunStatus
-from tests.harness import Worker, child_env, wait_settled, wait_until
+from tests.harness import Worker, child_env, ctrl_c_works, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -290,7 +290,8 @@ def test_runs_watch_stops_on_ctrl_c_and_the_run_goes_on(idle: Client, tmp_path: 
     env = child_env(workflow_modules=MODULES)
     with out.open("w") as stdout:
         proc = subprocess.Popen([sys.executable, "-m", "teamster.orchestrator.cli", "runs", "watch", run_id],
-                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=ctrl_c_works)
         try:
             wait_until(lambda: "step_queued" in out.read_text() or proc.poll() is not None, timeout=60,
                        message="runs watch printed nothing")

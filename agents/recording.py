@@ -56,11 +56,18 @@ class ReplayExhausted(RuntimeError):
     """Replay needed a model response that was never recorded (the run took another path)."""
 
 
+def _request_body(messages: Messages, tool_specs: Sequence[ToolSpec] | None, system_prompt: str | None) -> str:
+    return json.dumps({"m": messages, "t": sorted(s["name"] for s in tool_specs or []), "s": system_prompt},
+                      sort_keys=True, default=str)
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
 def request_digest(messages: Messages, tool_specs: Sequence[ToolSpec] | None, system_prompt: str | None) -> str:
     """A short digest of what was sent to the model (detects changed prompts, inputs or tools on replay)."""
-    body = json.dumps({"m": messages, "t": sorted(s["name"] for s in tool_specs or []), "s": system_prompt},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
+    return _digest(_request_body(messages, tool_specs, system_prompt))
 
 
 def _events_from(exchange: ModelExchange) -> list[StreamEvent]:
@@ -137,15 +144,16 @@ class RecordingModel(Model):
         gate: Asked before, and told after, every live call (provider limits, run budget); recorded responses
             pass without it.
         model_ref: The provider string the gate knows the model by (``openai:gpt-4o``).
-        estimate: The tokens a call's request may use (reserved from the provider's tokens-per-minute).
+        reserve_tokens: Room for the answer, added to a request's estimated tokens (about 4 characters per token of
+            the request's text) when the gate reserves them from the provider's tokens per minute.
     """
 
     def __init__(self, inner: Model | None, on_exchange: Callable[[ModelExchange], None] | None = None,
                  recorded: Sequence[ModelExchange] = (), *, gate: ModelGate | None = None, model_ref: str = "",
-                 estimate: Callable[[Messages], int] | None = None) -> None:
+                 reserve_tokens: int = 0) -> None:
         self.gate = gate
         self.model_ref = model_ref
-        self.estimate = estimate
+        self.reserve_tokens = reserve_tokens
         self.inner = inner
         self.on_exchange = on_exchange
         self.recorded = list(recorded)
@@ -176,7 +184,8 @@ class RecordingModel(Model):
         with self._lock:
             index = self.calls
             self.calls += 1
-        digest = request_digest(messages, tool_specs, system_prompt)
+        body = _request_body(messages, tool_specs, system_prompt)  # serialised once: digest and token estimate
+        digest = _digest(body)
         request = {"messages": len(messages), "tools": sorted(s["name"] for s in tool_specs or []),
                    "last_message": messages[-1] if messages else None}
         if index < len(self.recorded):
@@ -195,7 +204,7 @@ class RecordingModel(Model):
             raise ReplayExhausted(f"replay needs model call {index + 1} but only {len(self.recorded)} were recorded")
         permit = None
         if self.gate is not None:  # may wait for capacity, or refuse (the run's budget is spent)
-            permit = await self.gate.acquire(self.model_ref, self.estimate(messages) if self.estimate else 0)
+            permit = await self.gate.acquire(self.model_ref, len(body) // 4 + self.reserve_tokens)
         self.live_calls += 1
         acc = _Accumulator()
         started = time.monotonic()

@@ -296,12 +296,8 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
     tools += delegates
     guard.allow(tool.tool_name for tool in delegates)
 
-    reserve = settings.model_max_tokens
-
-    def estimate(messages: Any) -> int:  # what the provider may count: the request's text, and the answer's room
-        return len(json.dumps(messages, default=str)) // 4 + reserve
-
-    recording = RecordingModel(inner, on_exchange, recorded, gate=gate, model_ref=model_ref, estimate=estimate)
+    recording = RecordingModel(inner, on_exchange, recorded, gate=gate, model_ref=model_ref,
+                               reserve_tokens=settings.model_max_tokens)
     envelope = outcome_envelope(spec.output_model)  # type: ignore[arg-type]  # a class is hashable
     agent = Agent(
         model=recording,

@@ -40,6 +40,7 @@ from teamster.agents.limits import RunBudget
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import DeadLetterNotFound, RunNotFound, RunTimeout, StoreUnavailable, TeamsterError
 from teamster.orchestrator.client import Client, settled_result
+from teamster.orchestrator.connection import pool_options
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import JournalEvent, RunRecord
 from teamster.orchestrator.progress import BATCH, Follower, Until
@@ -93,15 +94,7 @@ class AsyncClient:
         """The ``redis.asyncio`` client (``decode_responses=True``), on this client's own pool (built on first use,
         bound to the running event loop)."""
         if self._redis is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.redis_url,
-                max_connections=self.settings.redis_pool_size,
-                timeout=self.settings.redis_pool_timeout,
-                decode_responses=True,
-                socket_connect_timeout=5,
-                socket_timeout=30,
-                health_check_interval=30,
-            )
+            pool = aioredis.BlockingConnectionPool.from_url(self.redis_url, **pool_options(self.settings))
             self._redis = aioredis.Redis(connection_pool=pool)
         return self._redis
 

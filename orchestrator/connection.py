@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -21,30 +21,29 @@ from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import StoreUnavailable
 
-__all__ = ["redis_client", "retrying"]
+__all__ = ["redis_client", "pool_options", "retrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def pool_options(settings: TeamsterSettings) -> dict[str, Any]:
+    """Options of every teamster connection pool, sync or asyncio (``BlockingConnectionPool.from_url``): sized to the
+    worker's concurrency, waiting ``TEAMSTER_REDIS_POOL_TIMEOUT`` for a free connection, ``decode_responses=True``."""
+    return {"max_connections": settings.redis_pool_size, "timeout": settings.redis_pool_timeout,
+            "decode_responses": True, "socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30}
+
+
 @functools.lru_cache(maxsize=8)
-def _client(url: str, max_connections: int, pool_timeout: float) -> redis.Redis:
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=pool_timeout,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        retry_on_timeout=True,
-        health_check_interval=30,
-    )
+def _client(url: str, options: tuple[tuple[str, Any], ...]) -> redis.Redis:
+    # store writes and journal appends are guarded or harmless to repeat, so a timed-out command may be re-sent
+    pool = redis.BlockingConnectionPool.from_url(url, retry_on_timeout=True, **dict(options))
     return redis.Redis(connection_pool=pool)
 
 
 def redis_client(settings: TeamsterSettings, url: str | None = None) -> redis.Redis:
     """The process-wide Redis client for ``settings`` (``decode_responses=True``)."""
-    return _client(url or resolve_redis_url(settings), settings.redis_pool_size, settings.redis_pool_timeout)
+    return _client(url or resolve_redis_url(settings), tuple(sorted(pool_options(settings).items())))
 
 
 def retrying(call: Callable[[], T], seconds: float, what: str) -> T:

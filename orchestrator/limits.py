@@ -42,6 +42,7 @@ from teamster.errors import (
     TeamsterError,
 )
 from teamster.orchestrator import metrics
+from teamster.orchestrator.connection import pool_options
 from teamster.orchestrator.keys import Keys
 
 __all__ = ["Limiter", "RedisGate", "limit_name", "provider_state"]
@@ -205,9 +206,8 @@ class Limiter:
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=self.settings.redis_pool_size, timeout=self.settings.redis_pool_timeout,
-                decode_responses=True, socket_connect_timeout=5, socket_timeout=30)
+            # no retry_on_timeout: re-sending an acquire that timed out could take a second slot
+            pool = aioredis.BlockingConnectionPool.from_url(self.url, **pool_options(self.settings))
             client = aioredis.Redis(connection_pool=pool)
             found = _LoopClient(client, client.register_script(_ACQUIRE), client.register_script(_RELEASE),
                                 client.register_script(_RENEW))

@@ -182,8 +182,9 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: 
 
     Provider clients and their connection pools (sized to the worker's concurrency) are built once per process --
     per event loop for async ones -- and shared by every step: strands would otherwise build a new HTTP client, with
-    a new TLS context, for every request. The provider's own timeouts are set from the step's budget
-    (``timeout``); teamster's deadline cancels the call anyway.
+    a new TLS context, for every request. An OpenAI-compatible request carries the step's budget (``timeout``) as
+    its own timeout; the shared Anthropic and Bedrock clients time out after ``TEAMSTER_STEP_TIMEOUT_SECONDS``.
+    Either way teamster's deadline cancels the call when the step's budget is spent.
 
     Raises:
         ConfigurationError: see :func:`check_provider`.

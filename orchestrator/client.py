@@ -337,9 +337,7 @@ def settled_result(run: RunRecord) -> BaseModel | None:
             holds the dead-letter error.
     """
     if run.status == RunStatus.SUCCEEDED:
-        wf = get_workflow(run.workflow, run.workflow_module)
-        model = wf.output_model or wf.state_model
-        return model.model_validate(run.output or {})
+        return get_workflow(run.workflow, run.workflow_module).result_model.model_validate(run.output or {})
     if run.status in RUN_TERMINAL or run.status in RUN_WAITING:
         error = run.error or {}
         hint = ("An operator can act on it: `teamster dlq show " + str(error.get("dlq_entry")) + "`"

@@ -246,10 +246,10 @@ class Workflow:
         needs_human, failed, cancelled) fails the step with ``child_run_failed``, linking the child run and its
         dead-letter entry, and ``escalate`` runs. Cancelling this run cancels its child runs.
 
-        What is checked when: at declaration, that ``workflow`` is not this workflow itself and that ``escalate``
-        holds no ``retry_with`` (a child step has no agent to swap). At :meth:`register`, a child workflow given as
-        a :class:`Workflow` is registered if it is not yet; a name must not be this workflow's name, and when it is
-        registered by then its output model types this step's state field. A name registered later (two modules
+        What is checked when: at declaration, that ``workflow`` (a :class:`Workflow` or a name) is not this workflow
+        itself and that ``escalate`` holds no ``retry_with`` (a child step has no agent to swap). At :meth:`register`,
+        a child workflow given as a :class:`Workflow` is registered if it is not yet, and a child registered by then
+        types this step's state field with its output model. A name registered later (two modules
         naming each other's workflows) is looked up when the step first runs -- unknown then, the step fails with
         ``unknown_workflow`` -- and needs ``writes=`` or a state field for its output (a ``state_model``).
 

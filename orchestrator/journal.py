@@ -166,8 +166,9 @@ class Journal:
         pipe.execute()
 
     def read(self, run_id: str, *, types: Iterable[str] | None = None, step: str | None = None,
-             after: str = "-", count: int | None = None) -> list[JournalEvent]:
-        """Events of a run in order, optionally filtered by type and step."""
+             after: str = "-", count: int | None = None, step_prefix: str | None = None) -> list[JournalEvent]:
+        """Events of a run in order, optionally filtered by type, step, or steps whose name starts with
+        ``step_prefix`` (filtered before their data is decoded)."""
         wanted = set(types) if types else None
         start = after if after == "-" else f"({after}"
         raw = self.client.xrange(self.keys.journal(run_id), min=start, max="+", count=count)
@@ -176,6 +177,8 @@ class Journal:
             if wanted is not None and fields.get("type") not in wanted:
                 continue
             if step is not None and fields.get("step") != step:
+                continue
+            if step_prefix is not None and not fields.get("step", "").startswith(step_prefix):
                 continue
             events.append(_decode(event_id, fields))
         return events
@@ -207,9 +210,7 @@ class Journal:
         ones from any attempt, and -- when ``takeover_attempt`` died mid-step -- the answers its unfinished
         delegations recorded."""
         memory = DelegationMemory()
-        prefix = f"{step}/"
-        nested = [e for e in self.read(run_id, types=("delegation_result", "model_call", "outcome"))
-                  if e.step and e.step.startswith(prefix)]
+        nested = self.read(run_id, types=("delegation_result", "model_call", "outcome"), step_prefix=f"{step}/")
         for event in nested:
             key = str(event.data.get("delegation_key") or "")
             if event.type == "delegation_result" and key and event.data.get("reusable", True):
@@ -227,13 +228,8 @@ class Journal:
             calls.setdefault(key, []).append(ModelExchange.model_validate(
                 {k: v for k, v in event.data.items() if k != "delegation_key"}))
         for key, exchanges in calls.items():
-            prefix_run: list[ModelExchange] = []
-            for exchange in sorted(exchanges, key=lambda x: x.call_index):
-                if exchange.error or exchange.call_index != len(prefix_run):
-                    break
-                prefix_run.append(exchange)
-            if prefix_run:
-                memory.exchanges[key] = prefix_run
+            if resumable := _leading_run(exchanges):
+                memory.exchanges[key] = resumable
         return memory
 
     def reusable_exchanges(self, run_id: str, step: str, attempt: int) -> list[ModelExchange]:
@@ -244,12 +240,17 @@ class Journal:
         """
         if any(e.attempt == attempt for e in self.read(run_id, types=("outcome",), step=step)):
             return []
-        prefix: list[ModelExchange] = []
-        for exchange in sorted(self.exchanges(run_id, step, attempt), key=lambda x: x.call_index):
-            if exchange.error or exchange.call_index != len(prefix):
-                break
-            prefix.append(exchange)
-        return prefix
+        return _leading_run(self.exchanges(run_id, step, attempt))
+
+
+def _leading_run(exchanges: Iterable[ModelExchange]) -> list[ModelExchange]:
+    """The successful exchanges ``0, 1, 2...`` up to the first gap or failure: what a conversation resumes from."""
+    run: list[ModelExchange] = []
+    for exchange in sorted(exchanges, key=lambda x: x.call_index):
+        if exchange.error or exchange.call_index != len(run):
+            break
+        run.append(exchange)
+    return run
 
 
 def _decode(event_id: str, fields: dict[str, str]) -> JournalEvent:

@@ -172,8 +172,6 @@ class ChildSteps:
             try:
                 self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 if rejected.guard in ("run_absent", "child_status"):
                     return None
                 # the attempt's start is kept; the child was not started (nor the step parked)

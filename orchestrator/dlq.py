@@ -140,8 +140,6 @@ class DeadLetterQueue:
             try:
                 self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while retrying ({rejected.guard})") from None
 
         self.store.optimistic(f"retry {entry_id}", attempt, gives_up=InvalidOperation)
@@ -223,8 +221,6 @@ class DeadLetterQueue:
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while discarding ({rejected.guard})") from None
 
         self.store.optimistic(f"discard {entry_id}", attempt, gives_up=InvalidOperation)

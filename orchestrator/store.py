@@ -205,7 +205,7 @@ def decode_fields(raw: Mapping[str, str] | list[str]) -> dict[str, Any]:
     return out
 
 
-class TxRejected(Exception):
+class _GuardFailed(Exception):
     """A guard of a :class:`Tx` did not hold; nothing was written.
 
     Attributes:
@@ -219,8 +219,17 @@ class TxRejected(Exception):
         self.actual = actual
 
 
-class VersionConflict(TxRejected):
-    """The run's state version moved since the transaction was planned: plan it again."""
+class TxRejected(_GuardFailed):
+    """A guard of a :class:`Tx` other than ``state_version`` did not hold; nothing was written.
+
+    Not raised for a state-version conflict (:class:`VersionConflict`, a sibling): inside
+    :meth:`RunStore.optimistic` that one passes through ``except TxRejected`` to the retry loop.
+    """
+
+
+class VersionConflict(_GuardFailed):
+    """The ``state_version`` guard did not hold -- the run's state version moved since the transaction was planned:
+    plan it again (:meth:`RunStore.optimistic`). Nothing was written. Not a :class:`TxRejected`."""
 
 
 class Tx:
@@ -255,7 +264,7 @@ class Tx:
 
         ``op`` is ``eq``, ``ne``, ``in``, ``nin`` (value: list), ``exists`` or ``absent``. Values are compared
         in their stored JSON form; pass Python values (enums included). A guard named ``state_version`` that
-        fails raises :class:`VersionConflict`.
+        fails raises :class:`VersionConflict`; any other raises :class:`TxRejected`.
         """
         guard: dict[str, Any] = {"n": name, **self._check(key, field, op, value)}
         self.guards.append(guard)
@@ -357,8 +366,9 @@ class RunStore:
             held condition).
 
         Raises:
-            VersionConflict: the ``state_version`` guard failed (nothing written; plan again).
-            TxRejected: another guard failed (nothing written).
+            VersionConflict: the ``state_version`` guard failed (nothing written; plan again). Not a
+                :class:`TxRejected`: inside :meth:`optimistic` it reaches the retry loop past ``except TxRejected``.
+            TxRejected: any other guard failed (nothing written).
             StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
         """
         window = self.retry_seconds if retry_seconds is None else retry_seconds

@@ -54,7 +54,7 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.store import Tx, TxRejected, literal
+from teamster.orchestrator.store import Tx, TxRejected, VersionConflict, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
@@ -402,8 +402,6 @@ class Transitions:
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 return self._rejected(run_id, key, record, token, rejected, events)
             metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
             self.enqueue(run_id, [n.key for n in new], {n.key: step_label(wf, n.step_id) for n in new})
@@ -581,8 +579,6 @@ class Transitions:
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 return self._rejected(run_id, key, record, token, rejected)
             self.wake_sent(wake, held)
             metrics.STEPS.labels(current.workflow, record.step_id, error_type).inc()
@@ -631,7 +627,7 @@ class Transitions:
                            entry=entry.entry_id)
         try:
             held = self.store.apply(tx)
-        except TxRejected:
+        except (TxRejected, VersionConflict):  # the run moved on (or ended) since it was read
             return None
         self.wake_sent(wake, held)
         self.store.persist_run(run.run_id)
@@ -681,9 +677,7 @@ class Transitions:
                 "by": by, "reason": reason, "old": run.budget, "new": new, "spend": spend}))
             try:
                 self.store.apply(tx)
-            except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
+            except TxRejected:
                 raise InvalidOperation(f"run {run_id} ended while its budget was being changed") from None
             return self.store.get_run(run_id)
 
@@ -730,9 +724,7 @@ class Transitions:
             wake = wake_parent(tx, self.keys, self.journal, self.settings, run, RunStatus.CANCELLED, t)
             try:
                 held = self.store.apply(tx)
-            except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
+            except TxRejected:
                 raise InvalidOperation(f"run {run_id} ended while it was being cancelled") from None
             for node in tree.walk():
                 metrics.RUNS_FINISHED.labels(node.run.workflow, RunStatus.CANCELLED.value).inc()

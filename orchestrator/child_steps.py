@@ -35,7 +35,7 @@ from teamster.orchestrator.models import Delivery, RunRecord, RunStatus, StepExe
 from teamster.orchestrator.planner import child_input
 from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.store import Tx, TxRejected
-from teamster.orchestrator.transitions import NewRun, Transitions, step_label
+from teamster.orchestrator.transitions import NewRun, Transitions, run_deadline_seconds, step_label
 from teamster.orchestrator.workflow import StepDef, Workflow
 
 __all__ = ["ChildSteps"]
@@ -165,8 +165,7 @@ class ChildSteps:
             tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, member)
             tx.call("ZADD", self.keys.parked, t + self.settings.stuck_queued_seconds, member)
-            tx.call("ZADD", self.keys.active_runs, t + (wf.deadline_seconds or self.settings.run_deadline_seconds),
-                    run_id)
+            tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
             events: Events = [("step_start", start), event]
             self.transitions._journal_ops(tx, run_id, key, record.attempts, events)
             try:

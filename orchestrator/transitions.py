@@ -25,6 +25,7 @@ from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeed
 from teamster.agents.payload import check_payload
 from teamster.agents.runner import AgentRun, validate_input
 from teamster.agents.spec import RetryPolicy
+from teamster.config.settings import TeamsterSettings
 from teamster.errors import (
     IdempotencyConflict,
     InvalidInput,
@@ -58,7 +59,8 @@ from teamster.orchestrator.store import Tx, TxRejected, VersionConflict, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-__all__ = ["Transitions", "NewRun", "Resolution", "combine_run_status", "agent_stats", "step_label"]
+__all__ = ["Transitions", "NewRun", "Resolution", "combine_run_status", "agent_stats", "step_label",
+           "run_deadline_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,12 @@ def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
     order = {RunStatus.PENDING: 0, RunStatus.RUNNING: 0, RunStatus.NEEDS_HUMAN: 1, RunStatus.ESCALATED: 2,
              RunStatus.FAILED: 3}
     return new if order.get(new, 0) >= order.get(current, 0) else current
+
+
+def run_deadline_seconds(wf: Workflow | None, settings: TeamsterSettings) -> float:
+    """How long a run of ``wf`` may go without progress before the watchdog escalates it: the workflow's own
+    ``deadline_seconds``, else ``run_deadline_seconds`` (also when the workflow cannot be loaded, ``wf`` None)."""
+    return (wf.deadline_seconds if wf is not None else None) or settings.run_deadline_seconds
 
 
 def step_label(wf: Workflow, step_id: str) -> str:
@@ -148,9 +156,6 @@ class Transitions:
         tx.require("state_version", self.keys.run(run_id), "state_version", "eq", state_version)
         tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
         return tx
-
-    def _deadline(self, wf: Workflow) -> float:
-        return wf.deadline_seconds or self.settings.run_deadline_seconds
 
     def _settle_retention(self, run_id: str) -> None:
         """A finished run without open dead-letter entries expires after the TTL; one with open entries never."""
@@ -258,7 +263,7 @@ class Transitions:
         tx.hset(self.keys.run(run_id), record.model_dump(mode="json"))
         tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in new.first})
         tx.call("ZADD", self.keys.runs, t, run_id)
-        tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
+        tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
         # marks the store as holding teamster's data (once): its absence later means Redis lost the data
         tx.call("SET", self.keys.epoch, literal({"created_at": t}), "NX")
         created: dict[str, Any] = {"workflow": wf.name, "version": wf.version, "input": record.input,
@@ -398,7 +403,7 @@ class Transitions:
                                 *(self.keys.step(run_id, k) for k in after)):
                     tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             else:
-                tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
+                tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:

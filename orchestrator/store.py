@@ -620,11 +620,8 @@ class RunStore:
 
     # ------------------------------------------------------------------ retention
     def run_keys(self, run_id: str) -> list[str]:
-        """Every key of one run."""
-        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id), self.keys.run_dlq(run_id),
-                self.keys.run_spend(run_id)]
-        keys += [self.keys.step(run_id, k) for k in self.client.hkeys(self.keys.steps(run_id))]  # type: ignore[union-attr]
-        return keys
+        """Every key of one run (its steps read from the run's step index; see :meth:`Keys.run_keys`)."""
+        return self.keys.run_keys(run_id, self.client.hkeys(self.keys.steps(run_id)))
 
     def expire_run(self, run_id: str, ttl_seconds: int) -> None:
         """Let a finished run (and its journal) expire after ``ttl_seconds``."""

@@ -398,9 +398,7 @@ class Transitions:
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
                 wake = wake_parent(tx, self.keys, self.journal, self.settings, current, RunStatus.SUCCEEDED, t)
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
-                for run_key in (self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id),
-                                self.keys.run_dlq(run_id), self.keys.run_spend(run_id),
-                                *(self.keys.step(run_id, k) for k in after)):
+                for run_key in self.keys.run_keys(run_id, after):
                     tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             else:
                 tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)

@@ -554,7 +554,7 @@ class RunStore:
             keys=[self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.steps(run_id),
                   self.keys.inflight, self.keys.run(run_id)],
             args=[int(lease_seconds * 1000), literal(t), literal(worker), Keys.member(run_id, step_key),
-                  t + lease_seconds, step_key],
+                  t + lease_seconds],
         )
         kind = str(result[0])
         if kind == "claimed":

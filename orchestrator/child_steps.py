@@ -29,13 +29,13 @@ from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeed
 from teamster.agents.runner import validate_input
 from teamster.errors import ChildRunFailed, InvalidInput, InvalidOutput, RunNotFound, TeamsterError
 from teamster.orchestrator import metrics
-from teamster.orchestrator.children import SETTLED_RUN, ParentWake, child_run_id
+from teamster.orchestrator.children import SETTLED_RUN, ParentWake, child_run_id, requeue_parked_ops
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import Delivery, RunRecord, RunStatus, StepExecution, StepRecord, StepStatus, now
 from teamster.orchestrator.planner import child_input
 from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.store import Tx, TxRejected
-from teamster.orchestrator.transitions import NewRun, Transitions, step_label
+from teamster.orchestrator.transitions import NewRun, Transitions, run_deadline_seconds, step_label
 from teamster.orchestrator.workflow import StepDef, Workflow
 
 __all__ = ["ChildSteps"]
@@ -88,19 +88,13 @@ class ChildSteps:
     def wake_parked(self, run_id: str, key: str, child_id: str, child_status: RunStatus | None) -> bool:
         """The watchdog's safety net: queue a parked child step again whose child run settled (or is gone) without
         waking it, and send it. Returns whether it was still parked on that child."""
-        t = now()
-        member = Keys.member(run_id, key)
         tx = Tx()
         tx.require("step_status", self.keys.step(run_id, key), "status", "eq", StepStatus.PARKED)
         tx.require("child_run", self.keys.step(run_id, key), "child_run", "eq", child_id)
-        tx.hset(self.keys.step(run_id, key), {"status": StepStatus.QUEUED, "queued_at": t,
-                                              "reason": f"child run {child_id} is {child_status or 'gone'}"})
-        tx.hset(self.keys.steps(run_id), {key: StepStatus.QUEUED})
-        tx.call("ZREM", self.keys.parked, member)
-        tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, member)
-        tx.xadd(self.keys.journal(run_id), self.rt.journal.fields("child_settled", step=key, data={
-            "child_run": child_id, "status": child_status or "missing", "by": "watchdog",
-            "reason": "the child settled without waking the step"}))
+        requeue_parked_ops(tx, self.keys, self.rt.journal, self.settings, run_id, key, now(),
+                           reason=f"child run {child_id} is {child_status or 'gone'}",
+                           settled={"child_run": child_id, "status": child_status or "missing", "by": "watchdog",
+                                    "reason": "the child settled without waking the step"})
         try:
             self.store.apply(tx)
         except TxRejected:
@@ -165,15 +159,12 @@ class ChildSteps:
             tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, member)
             tx.call("ZADD", self.keys.parked, t + self.settings.stuck_queued_seconds, member)
-            tx.call("ZADD", self.keys.active_runs, t + (wf.deadline_seconds or self.settings.run_deadline_seconds),
-                    run_id)
+            tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
             events: Events = [("step_start", start), event]
             self.transitions._journal_ops(tx, run_id, key, record.attempts, events)
             try:
                 self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 if rejected.guard in ("run_absent", "child_status"):
                     return None
                 # the attempt's start is kept; the child was not started (nor the step parked)

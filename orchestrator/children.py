@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import RunNotFound
@@ -24,7 +25,8 @@ from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import RUN_TERMINAL, STEP_OPEN, RunRecord, RunStatus, StepStatus
 from teamster.orchestrator.store import RunStore, Tx
 
-__all__ = ["child_run_id", "wake_parent", "ParentWake", "CancelTree", "cancel_tree", "SETTLED_RUN"]
+__all__ = ["child_run_id", "wake_parent", "requeue_parked_ops", "ParentWake", "CancelTree", "cancel_tree",
+           "SETTLED_RUN"]
 
 SETTLED_RUN = frozenset({*RUN_TERMINAL, RunStatus.ESCALATED, RunStatus.NEEDS_HUMAN})
 """Run statuses that wake a parked parent: final, or waiting for an operator."""
@@ -50,6 +52,20 @@ class ParentWake:
         return len(held) >= self.condition and held[self.condition - 1]
 
 
+def requeue_parked_ops(tx: Tx, keys: Keys, journal: Journal, settings: TeamsterSettings, run_id: str, key: str,
+                       t: float, *, reason: str, settled: dict[str, Any], when: int | None = None) -> None:
+    """Add to ``tx`` the writes that queue parked step ``key`` of ``run_id`` again: its record and index entry
+    ``queued`` (with ``reason``), out of the parked set, into the in-flight set, and a ``child_settled`` journal event
+    with ``settled`` as its data. The caller guards them (``when``: only if that :meth:`Tx.condition` holds)."""
+    step = keys.step(run_id, key)
+    member = Keys.member(run_id, key)
+    tx.hset(step, {"status": StepStatus.QUEUED, "queued_at": t, "reason": reason}, when=when)
+    tx.hset(keys.steps(run_id), {key: StepStatus.QUEUED}, when=when)
+    tx.call("ZREM", keys.parked, member, when=when)
+    tx.call("ZADD", keys.inflight, t + settings.stuck_queued_seconds, member, when=when)
+    tx.xadd(keys.journal(run_id), journal.fields("child_settled", step=key, data=settled), when=when)
+
+
 def wake_parent(tx: Tx, keys: Keys, journal: Journal, settings: TeamsterSettings, child: RunRecord,
                 status: RunStatus, t: float, *, entry: str | None = None) -> ParentWake | None:
     """Add to ``tx`` (which settles ``child`` as ``status``) the writes that queue its parked parent step again, if
@@ -60,14 +76,9 @@ def wake_parent(tx: Tx, keys: Keys, journal: Journal, settings: TeamsterSettings
     parent, key = child.parent_run, child.parent_step
     step = keys.step(parent, key)
     held = tx.condition((step, "status", "eq", StepStatus.PARKED), (step, "child_run", "eq", child.run_id))
-    member = Keys.member(parent, key)
-    tx.hset(step, {"status": StepStatus.QUEUED, "queued_at": t, "reason": f"child run {child.run_id} is {status}"},
-            when=held)
-    tx.hset(keys.steps(parent), {key: StepStatus.QUEUED}, when=held)
-    tx.call("ZREM", keys.parked, member, when=held)
-    tx.call("ZADD", keys.inflight, t + settings.stuck_queued_seconds, member, when=held)
-    tx.xadd(keys.journal(parent), journal.fields("child_settled", step=key, data={
-        "child_run": child.run_id, "workflow": child.workflow, "status": status, "dlq_entry": entry}), when=held)
+    requeue_parked_ops(tx, keys, journal, settings, parent, key, t, reason=f"child run {child.run_id} is {status}",
+                       settled={"child_run": child.run_id, "workflow": child.workflow, "status": status,
+                                "dlq_entry": entry}, when=held)
     return ParentWake(parent, key, held)
 
 

@@ -26,7 +26,7 @@ from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import DeadLetterEntry, DeadLetterStatus, Delivery, RunStatus, StepStatus, now
 from teamster.orchestrator.runtime import Runtime
 from teamster.orchestrator.store import Tx, TxRejected
-from teamster.orchestrator.transitions import Resolution, Transitions
+from teamster.orchestrator.transitions import Resolution, Transitions, run_deadline_seconds
 from teamster.orchestrator.workflow import get_workflow
 
 __all__ = ["DeadLetterQueue"]
@@ -131,8 +131,7 @@ class DeadLetterQueue:
                 tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds,
                         Keys.member(run.run_id, entry.step_key))
             tx.hset(self.keys.run(run.run_id), run_fields)
-            deadline = wf.deadline_seconds or self.settings.run_deadline_seconds
-            tx.call("ZADD", self.keys.active_runs, t + deadline, run.run_id)
+            tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run.run_id)
             self.transitions.close_entry(tx, entry_id, DeadLetterStatus.RETRIED, by, reason)
             tx.xadd(self.keys.journal(run.run_id), self.journal.fields(
                 "dlq_retry", step=entry.step_key,
@@ -140,8 +139,6 @@ class DeadLetterQueue:
             try:
                 self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while retrying ({rejected.guard})") from None
 
         self.store.optimistic(f"retry {entry_id}", attempt, gives_up=InvalidOperation)
@@ -223,8 +220,6 @@ class DeadLetterQueue:
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 raise InvalidOperation(f"entry {entry_id} changed while discarding ({rejected.guard})") from None
 
         self.store.optimistic(f"discard {entry_id}", attempt, gives_up=InvalidOperation)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -176,13 +176,7 @@ class StepExecutor:
         step = wf.steps.get(record.step_id) if wf is not None else None
         outcome = failed_from(error)
         tail = [("outcome", {"outcome": outcome.model_dump(mode="json"), "unexpected": type(exc).__name__})]
-        if step is not None and error.retryable:
-            policy = self._retry_policy(step, record).resolved(self.settings)
-            if record.attempts - record.attempt_base < int(policy.max_attempts or 1):
-                assert wf is not None
-                return self.transitions.schedule_retry(run, wf, step, record, claim.token, outcome, policy, None,
-                                                       events=tail)
-        return self.transitions.fail(run, wf, step, record, claim.token, outcome, None, events=tail)
+        return self._retry_or_fail(run, wf, step, record, claim.token, outcome, None, tail)
 
     def _execute_claimed(self, claim: Claim) -> StepExecution:
         assert claim.run is not None and claim.step is not None
@@ -239,21 +233,37 @@ class StepExecutor:
             metrics.STEP_SECONDS.labels(run.workflow, step.id).observe(time.monotonic() - started)
 
             # -- end: commit, retry or dead-letter
-            if control.reason == "lease_lost" or (isinstance(result, Failed) and result.error_type == "lease_lost"):
-                tail.append(("lease_lost", {"token": token, "detail": "another worker owns the step; result dropped"}))
-                self.journal.append_many(run_id, tail, step=step_key, attempt=record.attempts)
-                return StepExecution(Delivery.LEASE_LOST, run_id, step_key, attempt=record.attempts)
-            if isinstance(result, Succeeded):
-                return self.transitions.commit(run, wf, step, record, token, result, agent_run=agent_run,
-                                               statuses=statuses, events=tail)
-            policy = self._retry_policy(step, record).resolved(self.settings)
-            if isinstance(result, Failed) and result.retryable and \
-                    record.attempts - record.attempt_base < int(policy.max_attempts or 1):
-                return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, agent_run,
-                                                       events=tail)
-            return self.transitions.fail(run, wf, step, record, token, result, agent_run, events=tail)
+            return self._end_attempt(run, wf, step, record, token, result, tail, control, agent_run, statuses)
 
     # ------------------------------------------------------------------ internals
+    def _end_attempt(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
+                     result: StepResult, tail: list[tuple[str, dict[str, Any]]], control: StepControl,
+                     agent_run: AgentRun | None, statuses: dict[str, StepStatus]) -> StepExecution:
+        """The end of an attempt that ran while holding the lease: its result dropped when the lease was lost
+        (another worker owns the step), else committed, retried or dead-lettered; ``tail`` (the attempt's last
+        journal events) goes out with it."""
+        if control.reason == "lease_lost" or (isinstance(result, Failed) and result.error_type == "lease_lost"):
+            tail.append(("lease_lost", {"token": token, "detail": "another worker owns the step; result dropped"}))
+            self.journal.append_many(run.run_id, tail, step=record.step_key, attempt=record.attempts)
+            return StepExecution(Delivery.LEASE_LOST, run.run_id, record.step_key, attempt=record.attempts)
+        if isinstance(result, Succeeded):
+            return self.transitions.commit(run, wf, step, record, token, result, agent_run=agent_run,
+                                           statuses=statuses, events=tail)
+        return self._retry_or_fail(run, wf, step, record, token, result, agent_run, tail)
+
+    def _retry_or_fail(self, run: RunRecord, wf: Workflow | None, step: StepDef | None, record: StepRecord,
+                       token: int, result: Failed | CannotComplete | NeedsHuman, agent_run: AgentRun | None,
+                       tail: Sequence[tuple[str, dict[str, Any]]]) -> StepExecution:
+        """An attempt that did not succeed: a retryable failure with attempts left under the step's retry policy is
+        retried, anything else dead-lettered (``wf``/``step`` None: the workflow cannot be loaded; no retry)."""
+        if step is not None and isinstance(result, Failed) and result.retryable:
+            policy = self._retry_policy(step, record).resolved(self.settings)
+            if record.attempts - record.attempt_base < int(policy.max_attempts or 1):
+                assert wf is not None
+                return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, agent_run,
+                                                       events=tail)
+        return self.transitions.fail(run, wf, step, record, token, result, agent_run, events=tail)
+
     def _run_child(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,
                    state: BaseModel, start: dict[str, Any], statuses: dict[str, StepStatus]) -> StepExecution:
         """A child step (:mod:`~teamster.orchestrator.child_steps`): start its child run and park, or end -- commit or
@@ -264,18 +274,8 @@ class StepExecutor:
             done = self.children.run(run, wf, step, record, token, state, start)
         if isinstance(done, StepExecution):
             return done
-        result, tail = done
-        if control.reason == "lease_lost":
-            tail.append(("lease_lost", {"token": token, "detail": "another worker owns the step; result dropped"}))
-            self.journal.append_many(run.run_id, tail, step=record.step_key, attempt=record.attempts)
-            return StepExecution(Delivery.LEASE_LOST, run.run_id, record.step_key, attempt=record.attempts)
-        if isinstance(result, Succeeded):
-            return self.transitions.commit(run, wf, step, record, token, result, statuses=statuses, events=tail)
-        policy = self._retry_policy(step, record).resolved(self.settings)
-        if isinstance(result, Failed) and result.retryable and \
-                record.attempts - record.attempt_base < int(policy.max_attempts or 1):
-            return self.transitions.schedule_retry(run, wf, step, record, token, result, policy, None, events=tail)
-        return self.transitions.fail(run, wf, step, record, token, result, None, events=tail)
+        result, tail = done  # a lost lease shows in control.reason (a child's failure is child_run_failed)
+        return self._end_attempt(run, wf, step, record, token, result, tail, control, None, statuses)
 
     def _run_agent(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, state: BaseModel,
                    start: dict[str, Any], takeover: bool, control: StepControl, extend_lease: Callable[[float], None],

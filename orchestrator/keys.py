@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["Keys"]
@@ -88,6 +89,13 @@ class Keys:
         """String, short-lived: the stamp of a transaction without a marker of its own (see ``store.Tx``), so a retry
         after a lost reply recognises that it was applied."""
         return f"{self.prefix}:applied:{stamp}"
+
+    def run_keys(self, run_id: str, step_keys: Iterable[str]) -> list[str]:
+        """Every key of one run whose steps are ``step_keys`` (what a finished run's retention expires or keeps)."""
+        keys = [self.run(run_id), self.steps(run_id), self.journal(run_id), self.run_dlq(run_id),
+                self.run_spend(run_id)]
+        keys += [self.step(run_id, k) for k in step_keys]
+        return keys
 
     @staticmethod
     def member(run_id: str, step_key: str) -> str:

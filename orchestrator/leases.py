@@ -51,7 +51,6 @@ class LeaseKeeper:
         self.lease_seconds = lease_seconds
         self._held: dict[int, _Held] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
@@ -78,15 +77,10 @@ class LeaseKeeper:
             with self._lock:
                 self._held.pop(id(item), None)
 
-    def held(self) -> int:
-        """Leases held right now."""
-        with self._lock:
-            return len(self._held)
-
     def _loop(self) -> None:
         period = self.lease_seconds / 3.0
         while True:
-            self._wake.wait(period)
+            time.sleep(period)
             with self._lock:
                 if not self._held:
                     self._thread = None

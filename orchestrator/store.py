@@ -203,7 +203,7 @@ def decode_fields(raw: Mapping[str, str] | list[str]) -> dict[str, Any]:
     return out
 
 
-class TxRejected(Exception):
+class _GuardFailed(Exception):
     """A guard of a :class:`Tx` did not hold; nothing was written.
 
     Attributes:
@@ -217,8 +217,17 @@ class TxRejected(Exception):
         self.actual = actual
 
 
-class VersionConflict(TxRejected):
-    """The run's state version moved since the transaction was planned: plan it again."""
+class TxRejected(_GuardFailed):
+    """A guard of a :class:`Tx` other than ``state_version`` did not hold; nothing was written.
+
+    Not raised for a state-version conflict (:class:`VersionConflict`, a sibling): inside
+    :meth:`RunStore.optimistic` that one passes through ``except TxRejected`` to the retry loop.
+    """
+
+
+class VersionConflict(_GuardFailed):
+    """The ``state_version`` guard did not hold -- the run's state version moved since the transaction was planned:
+    plan it again (:meth:`RunStore.optimistic`). Nothing was written. Not a :class:`TxRejected`."""
 
 
 class Tx:
@@ -253,7 +262,7 @@ class Tx:
 
         ``op`` is ``eq``, ``ne``, ``in``, ``nin`` (value: list), ``exists`` or ``absent``. Values are compared
         in their stored JSON form; pass Python values (enums included). A guard named ``state_version`` that
-        fails raises :class:`VersionConflict`.
+        fails raises :class:`VersionConflict`; any other raises :class:`TxRejected`.
         """
         guard: dict[str, Any] = {"n": name, **self._check(key, field, op, value)}
         self.guards.append(guard)
@@ -355,8 +364,9 @@ class RunStore:
             held condition).
 
         Raises:
-            VersionConflict: the ``state_version`` guard failed (nothing written; plan again).
-            TxRejected: another guard failed (nothing written).
+            VersionConflict: the ``state_version`` guard failed (nothing written; plan again). Not a
+                :class:`TxRejected`: inside :meth:`optimistic` it reaches the retry loop past ``except TxRejected``.
+            TxRejected: any other guard failed (nothing written).
             StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
         """
         window = self.retry_seconds if retry_seconds is None else retry_seconds
@@ -536,7 +546,7 @@ class RunStore:
             keys=[self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.steps(run_id),
                   self.keys.inflight, self.keys.run(run_id)],
             args=[int(lease_seconds * 1000), literal(t), literal(worker), Keys.member(run_id, step_key),
-                  t + lease_seconds, step_key],
+                  t + lease_seconds],
         )
         kind = str(result[0])
         if kind == "claimed":
@@ -602,11 +612,8 @@ class RunStore:
 
     # ------------------------------------------------------------------ retention
     def run_keys(self, run_id: str) -> list[str]:
-        """Every key of one run."""
-        keys = [self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id), self.keys.run_dlq(run_id),
-                self.keys.run_spend(run_id)]
-        keys += [self.keys.step(run_id, k) for k in self.client.hkeys(self.keys.steps(run_id))]  # type: ignore[union-attr]
-        return keys
+        """Every key of one run (its steps read from the run's step index; see :meth:`Keys.run_keys`)."""
+        return self.keys.run_keys(run_id, self.client.hkeys(self.keys.steps(run_id)))
 
     def expire_run(self, run_id: str, ttl_seconds: int) -> None:
         """Let a finished run (and its journal) expire after ``ttl_seconds``."""

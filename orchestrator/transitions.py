@@ -25,6 +25,7 @@ from teamster.agents.outcomes import CannotComplete, Failed, NeedsHuman, Succeed
 from teamster.agents.payload import check_payload
 from teamster.agents.runner import AgentRun, validate_input
 from teamster.agents.spec import RetryPolicy
+from teamster.config.settings import TeamsterSettings
 from teamster.errors import (
     IdempotencyConflict,
     InvalidInput,
@@ -54,11 +55,12 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import NewStep, apply_output, branch_key, ready_steps, run_complete, step_input
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.store import Tx, TxRejected, literal
+from teamster.orchestrator.store import Tx, TxRejected, VersionConflict, literal
 from teamster.orchestrator.tracing import new_trace_id
 from teamster.orchestrator.workflow import StepDef, Workflow
 
-__all__ = ["Transitions", "NewRun", "Resolution", "combine_run_status", "agent_stats", "step_label"]
+__all__ = ["Transitions", "NewRun", "Resolution", "combine_run_status", "agent_stats", "step_label",
+           "run_deadline_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,12 @@ def combine_run_status(current: RunStatus, new: RunStatus) -> RunStatus:
     order = {RunStatus.PENDING: 0, RunStatus.RUNNING: 0, RunStatus.NEEDS_HUMAN: 1, RunStatus.ESCALATED: 2,
              RunStatus.FAILED: 3}
     return new if order.get(new, 0) >= order.get(current, 0) else current
+
+
+def run_deadline_seconds(wf: Workflow | None, settings: TeamsterSettings) -> float:
+    """How long a run of ``wf`` may go without progress before the watchdog escalates it: the workflow's own
+    ``deadline_seconds``, else ``run_deadline_seconds`` (also when the workflow cannot be loaded, ``wf`` None)."""
+    return (wf.deadline_seconds if wf is not None else None) or settings.run_deadline_seconds
 
 
 def step_label(wf: Workflow, step_id: str) -> str:
@@ -148,9 +156,6 @@ class Transitions:
         tx.require("state_version", self.keys.run(run_id), "state_version", "eq", state_version)
         tx.require("run_status", self.keys.run(run_id), "status", "nin", sorted(RUN_TERMINAL))
         return tx
-
-    def _deadline(self, wf: Workflow) -> float:
-        return wf.deadline_seconds or self.settings.run_deadline_seconds
 
     def _settle_retention(self, run_id: str) -> None:
         """A finished run without open dead-letter entries expires after the TTL; one with open entries never."""
@@ -258,7 +263,7 @@ class Transitions:
         tx.hset(self.keys.run(run_id), record.model_dump(mode="json"))
         tx.hset(self.keys.steps(run_id), {s.key: StepStatus.QUEUED for s in new.first})
         tx.call("ZADD", self.keys.runs, t, run_id)
-        tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
+        tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
         # marks the store as holding teamster's data (once): its absence later means Redis lost the data
         tx.call("SET", self.keys.epoch, literal({"created_at": t}), "NX")
         created: dict[str, Any] = {"workflow": wf.name, "version": wf.version, "input": record.input,
@@ -393,17 +398,13 @@ class Transitions:
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
                 wake = wake_parent(tx, self.keys, self.journal, self.settings, current, RunStatus.SUCCEEDED, t)
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
-                for run_key in (self.keys.run(run_id), self.keys.steps(run_id), self.keys.journal(run_id),
-                                self.keys.run_dlq(run_id), self.keys.run_spend(run_id),
-                                *(self.keys.step(run_id, k) for k in after)):
+                for run_key in self.keys.run_keys(run_id, after):
                     tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             else:
-                tx.call("ZADD", self.keys.active_runs, t + self._deadline(wf), run_id)
+                tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 return self._rejected(run_id, key, record, token, rejected, events)
             metrics.STEPS.labels(current.workflow, step.id, status.value).inc()
             self.enqueue(run_id, [n.key for n in new], {n.key: step_label(wf, n.step_id) for n in new})
@@ -581,8 +582,6 @@ class Transitions:
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
                 return self._rejected(run_id, key, record, token, rejected)
             self.wake_sent(wake, held)
             metrics.STEPS.labels(current.workflow, record.step_id, error_type).inc()
@@ -631,7 +630,7 @@ class Transitions:
                            entry=entry.entry_id)
         try:
             held = self.store.apply(tx)
-        except TxRejected:
+        except (TxRejected, VersionConflict):  # the run moved on (or ended) since it was read
             return None
         self.wake_sent(wake, held)
         self.store.persist_run(run.run_id)
@@ -681,9 +680,7 @@ class Transitions:
                 "by": by, "reason": reason, "old": run.budget, "new": new, "spend": spend}))
             try:
                 self.store.apply(tx)
-            except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
+            except TxRejected:
                 raise InvalidOperation(f"run {run_id} ended while its budget was being changed") from None
             return self.store.get_run(run_id)
 
@@ -730,9 +727,7 @@ class Transitions:
             wake = wake_parent(tx, self.keys, self.journal, self.settings, run, RunStatus.CANCELLED, t)
             try:
                 held = self.store.apply(tx)
-            except TxRejected as rejected:
-                if rejected.guard == "state_version":
-                    raise
+            except TxRejected:
                 raise InvalidOperation(f"run {run_id} ended while it was being cancelled") from None
             for node in tree.walk():
                 metrics.RUNS_FINISHED.labels(node.run.workflow, RunStatus.CANCELLED.value).inc()

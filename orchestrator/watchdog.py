@@ -30,7 +30,7 @@ from teamster.orchestrator.child_steps import ChildSteps
 from teamster.orchestrator.children import SETTLED_RUN, child_run_id
 from teamster.orchestrator.models import RUN_TERMINAL, STEP_TERMINAL, RunRecord, RunStatus, StepStatus, now
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.transitions import Transitions
+from teamster.orchestrator.transitions import Transitions, run_deadline_seconds
 from teamster.orchestrator.workflow import registered_workflows
 
 __all__ = ["Watchdog", "WatchdogReport"]
@@ -206,8 +206,7 @@ class Watchdog:
             return
         wf = registered_workflows().get(run.workflow)
         if self._waits_for_children(run):
-            deadline = (wf.deadline_seconds if wf is not None else None) or self.settings.run_deadline_seconds
-            self.client.zadd(self.keys.active_runs, {run_id: t + deadline}, xx=True)
+            self.client.zadd(self.keys.active_runs, {run_id: t + run_deadline_seconds(wf, self.settings)}, xx=True)
             report.deadlines_deferred += 1
             return
         if self.transitions.escalate_stalled(run, wf, t - run.progress_at):

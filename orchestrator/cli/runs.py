@@ -308,9 +308,10 @@ def show_run(
     redact = redactor(client.settings)
     run = client.status(run_id)
     steps = client.steps(run_id)
-    retries = client.journal(run_id, types=["retry"])
-    delegations = _delegations(client.journal(run_id, types=["delegation_start", "delegation_result",
-                                                             "delegation_reused"]))
+    delegation_types = ("delegation_start", "delegation_result", "delegation_reused")
+    events = client.journal(run_id, types=["retry", *delegation_types])  # one read of the stream for both
+    retries = [event for event in events if event.type == "retry"]
+    delegations = _delegations([event for event in events if event.type in delegation_types])
     spend = client.spend(run_id)
     children = client.runtime.store.run_statuses(step.child_run for step in steps if step.child_run)
     if as_json:

@@ -28,7 +28,6 @@ import concurrent.futures
 import itertools
 import json
 import math
-import os
 import re
 import resource
 import select
@@ -480,10 +479,10 @@ class ModelServerProcess(_Lifecycle):
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the server process so far (the last reading once it stopped)."""
+        from bench._common import cpu_seconds  # noqa: PLC0415 - the server process itself does not need it
+
         if self.process is not None and self.process.poll() is None:
-            with open(f"/proc/{self.process.pid}/stat") as stat:  # utime and stime: fields 14 and 15
-                fields = stat.read().rpartition(")")[2].split()
-            self._cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            self._cpu = cpu_seconds(self.process.pid)  # the server starts no processes: its own CPU
         return self._cpu
 
     def stop(self) -> None:

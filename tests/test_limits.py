@@ -520,6 +520,35 @@ def test_doctor_shows_each_providers_limits_and_their_state_now(redis_url: str,
     assert "TEAMSTER_PROVIDER_LIMITS='{\"openai:unlimited\"" in unlimited["fix"]
 
 
+def test_doctor_sums_each_tenants_state_and_shows_the_models_a_provider_key_limits(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate keys a limit by model and tenant (limit_name), and a provider's own key limits each of its models on
+    its own: doctor reads the keys the gate writes."""
+    limits = json.dumps({MODEL: {"rpm": 100, "concurrency": 2}, "anthropic": {"concurrency": 3}})
+    settings = load_settings(key_prefix=_prefix(), provider_limits=limits)
+    for name, value in {"TEAMSTER_REDIS_URL": redis_url, "TEAMSTER_KEY_PREFIX": settings.key_prefix,
+                        "TEAMSTER_PROVIDER_LIMITS": limits, "TEAMSTER_MODEL": MODEL,
+                        "OPENAI_API_KEY": "sk-test"}.items():
+        monkeypatch.setenv(name, value)
+
+    async def hold() -> None:  # one call in flight each, for a tenant
+        for model, tenant in ((MODEL, "acme"), ("anthropic:gate-test", "ops@acme.example")):
+            gate = Limiter(settings, redis_url).gate(run_id="r", step_key=tenant, budget=None, tenant=tenant,
+                                                     agent_limits=None, workflow="wf")
+            await gate.acquire(model, 1)
+            for task in gate._renewals.values():
+                task.cancel()
+
+    asyncio.run(hold())
+    report = json.loads(_cli("doctor", "--json").stdout)
+    found = {c["detail"].split(": ")[0]: c for c in report["checks"] if c["name"] == "provider limits"}
+    assert "now 1 in flight, 1 requests" in found[MODEL]["detail"], found[MODEL]
+    provider = found["anthropic"]
+    assert provider["status"] == "OK", provider
+    assert "3 concurrent (TEAMSTER_PROVIDER_LIMITS, for each anthropic model on its own)" in provider["detail"]
+    assert "anthropic:gate-test 1 in flight, 1 requests" in provider["detail"], provider
+
+
 def test_cancelled_calls_give_their_slot_back_and_do_not_open_the_breaker(
         gate_settings: TeamsterSettings, redis_url: str) -> None:
     """A call teamster stops (deadline, lease lost, run cancelled) says nothing about the provider's health."""

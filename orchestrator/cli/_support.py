@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
@@ -34,10 +34,12 @@ if TYPE_CHECKING:
     from teamster.orchestrator.journal import Redactor
 
 __all__ = [
+    "AsJson",
     "make_client",
     "read_json_arg",
     "read_json_object",
     "fmt_time",
+    "fmt_clock",
     "fmt_when",
     "new_table",
     "fmt_duration",
@@ -71,6 +73,10 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
+                                      "(secrets redacted, like the tables).")]
+"""The ``--json`` option of the commands that print tables."""
 
 STATUS_STYLE: dict[str, str] = {
     "succeeded": "green",
@@ -173,6 +179,11 @@ def fmt_time(ts: float | None) -> str:
     if not ts:
         return "-"
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_clock(ts: float) -> str:
+    """The time of day of a timestamp with milliseconds, ``HH:MM:SS.mmm`` (a journal event's)."""
+    return fmt_time(ts)[11:] + f".{int(ts * 1000) % 1000:03d}"
 
 
 def fmt_when(ts: float | None) -> str:

@@ -32,6 +32,8 @@ from teamster.orchestrator.cli._support import (
     mask_url,
     new_table,
     print_table,
+    redacted,
+    redactor,
     resolve_command,
     styled_status,
 )
@@ -117,13 +119,12 @@ def _follow(client: Client, item: _Item, timeout: float) -> None:
     """Print the progress of one run as it happens: what an app gets from ``Client.events`` (and the terminal from
     ``teamster runs watch``)."""
     from teamster.orchestrator.cli.runs import _print_event  # noqa: PLC0415 - keeps `teamster --help` fast
-    from teamster.orchestrator.journal import Redactor  # noqa: PLC0415
 
     console.print(f"\n[bold]{escape(item.label)}[/], live (what `Client.events(run_id)` yields and "
                   f"`teamster runs watch {escape(item.run_id)}` prints):", highlight=False, soft_wrap=True)
-    redact = Redactor(client.settings.redact_patterns)
+    redact = redactor(client.settings)
     for event in client.events(item.run_id, types=_FOLLOWED, timeout=timeout):
-        _print_event(event.model_copy(update={"data": redact(event.data)}))
+        _print_event(redacted(event, redact))
     console.print()
 
 

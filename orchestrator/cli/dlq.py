@@ -13,6 +13,7 @@ from teamster.orchestrator.cli._common import console, handle_errors
 from teamster.orchestrator.cli._events import summarize_event
 from teamster.orchestrator.cli._support import (
     PLACEHOLDER,
+    AsJson,
     Column,
     echo_json,
     entry_next_steps,
@@ -52,10 +53,6 @@ Wait = Annotated[bool, typer.Option("--wait", "-w", help="Wait until the run is 
 Timeout = Annotated[float, typer.Option(help="Seconds --wait waits (the run goes on afterwards).")]
 EntryId = Annotated[str, typer.Argument(metavar="ENTRY_ID",
                                         help="The dead-letter entry id (`teamster dlq list` shows them).")]
-
-
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
-                                      "(secrets redacted, like the tables).")]
 
 
 @dlq_app.command("list")

@@ -9,6 +9,7 @@ enough; a provider without credentials is a warning (``teamster demo`` needs non
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
@@ -170,7 +171,7 @@ def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], pur
     import redis  # noqa: PLC0415
 
     from teamster.agents.spec import registered_agents  # noqa: PLC0415
-    from teamster.orchestrator.limits import Limiter, provider_state  # noqa: PLC0415
+    from teamster.orchestrator.limits import Limiter  # noqa: PLC0415
 
     limiter = Limiter(settings, url)
     own = {spec.model or settings.model: spec.limits for spec in registered_agents().values() if spec.limits}
@@ -178,7 +179,7 @@ def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], pur
     conn = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=3, decode_responses=True)
     try:
         for model in sorted((providers | set(settings.provider_limits) | set(own)) - {"scripted"}):
-            limits = own.get(model) or limiter.limits_for(model)
+            limits = limiter.limits_for(model, own.get(model))
             price = limiter.price_of(model)
             cost = f"; price {price.input:g}/{price.output:g} per million tokens in/out" if price else ""
             if not limits.limited:
@@ -190,15 +191,20 @@ def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], pur
                     + json.dumps({model: {"rpm": 500, "tpm": 200000, "concurrency": 50}}) + "'"
                     if purpose == "production" else ""))
                 continue
-            state = provider_state(conn, settings.key_prefix, model, period_seconds=limits.period_seconds,
-                                   breaker_errors=settings.breaker_errors)
             period = "minute" if limits.period_seconds == 60 else f"{limits.period_seconds:g} s"
             parts = [f"{limits.rpm} requests" if limits.rpm else "", f"{limits.tpm} tokens" if limits.tpm else ""]
             shape = " and ".join(p for p in parts if p)
             described = ", ".join(x for x in (f"{shape} per {period}" if shape else "",
                                               f"{limits.concurrency} concurrent" if limits.concurrency else "") if x)
+            if ":" not in model and model in settings.provider_limits and model not in own:
+                checks.append(_provider_key_check(conn, settings, model, limits, f"{model}: {described}", period,
+                                                  cost))
+                continue
+            state, tenants = _live_state(conn, settings, model, limits)
             now = (f"now {state['in_flight']} in flight, {state['requests']} requests and {state['tokens']} tokens "
                    f"this {period}, {state['waiting']} waiting")
+            if tenants:
+                now += f" (over {tenants} tenant{'s' if tenants != 1 else ''}, each with these limits)"
             source = "the agent's own limits" if model in own else "TEAMSTER_PROVIDER_LIMITS"
             detail = f"{model}: {described} ({source}); {now}{cost}"
             if state["breaker"] == "open":
@@ -217,6 +223,78 @@ def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], pur
     finally:
         conn.close()
     return checks
+
+
+_LIMIT_KEY_PARTS = ("slots", "log", "tokens", "queue", "alive")
+"""The keys of one limit name, ``{prefix}:limit:{name}:{part}`` (orchestrator/limits.py ``RedisGate._limit_keys``)."""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _limit_names(conn: Any, prefix: str, pattern: str) -> dict[str, set[str]]:
+    """The limit names with keys in Redis now (``{prefix}:limit:{name}:{part}`` matching
+    ``{prefix}:limit:{pattern}``), by model.
+
+    A limit name is a model, or ``model@tenant`` for a workflow with a tenant key (``limits.limit_name``); a model
+    id has no ``@``, a tenant may.
+    """
+    start = f"{prefix}:limit:"
+    found: dict[str, set[str]] = {}
+    for key in conn.scan_iter(match=f"{_glob_escape(start)}{pattern}", count=1000):
+        name, _, part = key[len(start):].rpartition(":")
+        if part in _LIMIT_KEY_PARTS:
+            found.setdefault(name.partition("@")[0], set()).add(name)
+    return found
+
+
+def _live_state(conn: Any, settings: TeamsterSettings, model: str, limits: Any,
+                names: set[str] | None = None) -> tuple[dict[str, Any], int]:
+    """One model's shared limits now and how many tenants have keys: its health (cool-down, breaker: per model) and
+    its counters (in flight, requests, tokens, waiting) summed over the model's own keys and each tenant's."""
+    from teamster.orchestrator.limits import provider_state  # noqa: PLC0415
+
+    def read(name: str) -> dict[str, Any]:
+        return provider_state(conn, settings.key_prefix, name, period_seconds=limits.period_seconds,
+                              breaker_errors=settings.breaker_errors)
+
+    if names is None:
+        names = _limit_names(conn, settings.key_prefix, f"{_glob_escape(model)}@*").get(model, set())
+    tenants = sorted(names - {model})
+    state = read(model)
+    for name in tenants:
+        counted = read(name)
+        for field in ("in_flight", "requests", "tokens", "waiting"):
+            state[field] += counted[field]
+    return state, len(tenants)
+
+
+def _provider_key_check(conn: Any, settings: TeamsterSettings, provider: str, limits: Any, described: str,
+                        period: str, cost: str) -> Check:
+    """A provider's own key in TEAMSTER_PROVIDER_LIMITS: it limits each of the provider's models (without a key of
+    its own) on its own, so its state now is each such model's that has keys in Redis."""
+    found = _limit_names(conn, settings.key_prefix, f"{_glob_escape(provider)}[:@]*")
+    models = sorted(m for m in found if m == provider or m not in settings.provider_limits)
+    detail = f"{described} (TEAMSTER_PROVIDER_LIMITS, for each {provider} model on its own)"
+    nows, warnings, fixes = [], [], []
+    for model in models:
+        state, tenants = _live_state(conn, settings, model, limits, found[model])
+        over = f" over {tenants} tenant{'s' if tenants != 1 else ''}" if tenants else ""
+        nows.append(f"{model} {state['in_flight']} in flight, {state['requests']} requests and {state['tokens']} "
+                    f"tokens this {period}, {state['waiting']} waiting{over}, breaker {state['breaker']}")
+        if state["breaker"] == "open":
+            warnings.append(f"{model}: circuit breaker OPEN for {state['breaker_seconds']:.0f} s more after "
+                            f"{state['errors']} errors in a row")
+            fixes.append("The provider is failing: calls wait, then one probe decides. Check the provider's status "
+                         "page and the worker logs.")
+        elif state["cooldown_seconds"]:
+            warnings.append(f"{model}: cooling down for {state['cooldown_seconds']:.1f} s after a 429")
+            fixes.append("If this recurs, lower the limits to what the provider really allows.")
+    now = f"now {'; '.join(nows)}" if nows else f"no {provider} model has calls now"
+    detail = f"{detail}; {now}{cost}" + "".join(f"; {w}" for w in warnings)
+    return Check("provider limits", "WARN" if warnings else "OK", detail, " ".join(dict.fromkeys(fixes)))
 
 
 def _settings_table(settings: TeamsterSettings) -> Table:

@@ -15,8 +15,10 @@ from teamster.errors import InvalidInput, InvalidOperation
 from teamster.orchestrator.cli._common import console, err_console, handle_errors
 from teamster.orchestrator.cli._events import summarize_event
 from teamster.orchestrator.cli._support import (
+    AsJson,
     Column,
     echo_json,
+    fmt_clock,
     fmt_duration,
     fmt_time,
     fmt_when,
@@ -46,9 +48,6 @@ REPLAY_DIFFERS = 3
 runs_app = typer.Typer(help="List runs, show one run with its step timeline and spend, wait for a run, watch its "
                        "events live, cancel a run, change a run's budget.",
                        no_args_is_help=True, rich_markup_mode="markdown")
-
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables "
-                                      "(secrets redacted, like the tables).")]
 
 
 @handle_errors
@@ -308,9 +307,10 @@ def show_run(
     redact = redactor(client.settings)
     run = client.status(run_id)
     steps = client.steps(run_id)
-    retries = client.journal(run_id, types=["retry"])
-    delegations = _delegations(client.journal(run_id, types=["delegation_start", "delegation_result",
-                                                             "delegation_reused"]))
+    delegation_types = ("delegation_start", "delegation_result", "delegation_reused")
+    events = client.journal(run_id, types=["retry", *delegation_types])  # one read of the stream for both
+    retries = [event for event in events if event.type == "retry"]
+    delegations = _delegations([event for event in events if event.type in delegation_types])
     spend = client.spend(run_id)
     children = client.runtime.store.run_statuses(step.child_run for step in steps if step.child_run)
     if as_json:
@@ -478,7 +478,7 @@ def _print_event(event: JournalEvent) -> None:
     summary = summarize_event(event.type, event.data)
     text = Text(f"{where}: " if where and summary else where, style="bold")
     text.append(summary)
-    grid.add_row(fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}",
+    grid.add_row(fmt_clock(event.ts),
                  Text(event.type, style=_EVENT_STYLE.get(event.type, "")), text)
     console.print(grid)
 
@@ -606,7 +606,7 @@ def journal(
     if not events:
         console.print("no journal events match")
         return
-    rows = [[fmt_time(event.ts)[11:] + f".{int(event.ts * 1000) % 1000:03d}", escape(event.step or "-"),
+    rows = [[fmt_clock(event.ts), escape(event.step or "-"),
              str(event.attempt) if event.attempt is not None else "", escape(event.type),
              escape(summarize_event(event.type, event.data))] for event in events]
     print_table(f"[bold]journal of {escape(run_id)}: {len(events)} event(s)[/]", [

@@ -68,41 +68,35 @@ def test_progress_block_follows_runs_on_a_real_worker() -> None:
     assert re.fullmatch(r"needs_human run_[0-9a-f]+:policy_review:\d+", waiting[-1]), waiting
 
 
-def test_testing_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
-    """The "Test your workflows" block, saved as a test module next to the workflow block, passes under pytest."""
-    (tmp_path / "readme_claims.py").write_text(block("workflow"))
-    (tmp_path / "test_readme_claims.py").write_text(block("testing"))
+def _passes_as_a_users_test_module(tmp_path: Path, modules: dict[str, str], test_module: str, passed: int,
+                                   on_path: tuple[Path, ...] = (ROOT,)) -> None:
+    """Save README blocks as a user's modules (``{file name: block name}``), run ``test_module`` under pytest in a
+    fresh process, and check it passes with ``passed`` tests."""
+    for name, block_name in modules.items():
+        (tmp_path / name).write_text(block(block_name))
     env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in on_path)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_claims.py")],
+                           "--rootdir", str(tmp_path), str(tmp_path / test_module)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"\b3 passed\b", proc.stdout), proc.stdout
+    assert re.search(rf"\b{passed} passed\b", proc.stdout), proc.stdout
+
+
+def test_testing_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
+    """The "Test your workflows" block, saved as a test module next to the workflow block, passes under pytest."""
+    _passes_as_a_users_test_module(tmp_path, {"readme_claims.py": "workflow", "test_readme_claims.py": "testing"},
+                                   "test_readme_claims.py", 3, on_path=(tmp_path, ROOT))
 
 
 def test_limits_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
     """The "Provider limits and run budgets" block, saved as a test module, passes under pytest."""
-    (tmp_path / "test_readme_limits.py").write_text(block("limits"))
-    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_limits.py")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout
+    _passes_as_a_users_test_module(tmp_path, {"test_readme_limits.py": "limits"}, "test_readme_limits.py", 1)
 
 
 def test_child_workflows_block_runs_as_a_users_own_test_module(tmp_path: Path) -> None:
     """The "Child workflows" block, saved as a test module, passes under pytest."""
-    (tmp_path / "test_readme_child.py").write_text(block("child"))
-    env = {k: v for k, v in os.environ.items() if k not in ("TEAMSTER_WORKFLOW_MODULES", "PYTHONPATH")}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--rootdir", str(tmp_path), str(tmp_path / "test_readme_child.py")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"\b2 passed\b", proc.stdout), proc.stdout
+    _passes_as_a_users_test_module(tmp_path, {"test_readme_child.py": "child"}, "test_readme_child.py", 2)
 
 
 def test_limits_environment_block_is_valid_settings() -> None:

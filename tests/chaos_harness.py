@@ -4,9 +4,9 @@ Workers load this module through ``TEAMSTER_WORKFLOW_MODULES="teamster.examples.
 
 * ``chaos_triage`` -- a copy of the example ``ticket_triage`` workflow whose classify agent tags the ticket
   with :func:`chaos_tag_ticket`, a side effect kept in a Redis ledger: ``HSETNX`` keyed by the tool call's
-  idempotency key, with a counter of applications per key. The example's own ``tag_ticket`` keeps its ledger
-  in worker memory, which a SIGKILL erases; this ledger survives worker kills and Redis restarts (AOF), so
-  the chaos test checks "applied exactly once per key" against Redis.
+  idempotency key and a counter of applications per key, written together by one Lua script. The example's own
+  ``tag_ticket`` keeps its ledger in worker memory, which a SIGKILL erases; this ledger survives worker kills and
+  Redis restarts (AOF), so the chaos test checks "applied exactly once per key" against Redis.
 * ``rogue_tools`` -- a one-step workflow whose scripted agent asks for a tool outside its allow-list (the
   side-effect tool above); the guard must block it before it runs.
 
@@ -84,6 +84,15 @@ def ledger_keys(prefix: str) -> tuple[str, str, str]:
     return effects_key(prefix, LEDGER), effects_key(prefix, APPLIED), effects_key(prefix, CALLS)
 
 
+_APPLY_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  return 1
+end
+return 0
+"""
+
+
 @tool
 def chaos_tag_ticket(ticket_id: str, tag: str, tool_context: ToolContext) -> dict[str, object]:
     """Tag a ticket in the helpdesk (a side effect applied at most once per idempotency key, kept in Redis)."""
@@ -92,8 +101,9 @@ def chaos_tag_ticket(ticket_id: str, tag: str, tool_context: ToolContext) -> dic
     ledger, applied, calls = ledger_keys(settings.key_prefix)
     key = idempotency_key(tool_context)
     client.hincrby(calls, key, 1)
-    if client.hsetnx(ledger, key, f"{ticket_id}:{tag}"):
-        client.hincrby(applied, key, 1)
+    # the effect and its count in one script: Redis killed between two separate commands would leave an effect
+    # without its count (seen once under a CPU hog), and the retried call would find the effect already applied
+    if client.eval(_APPLY_ONCE, 2, ledger, applied, key, f"{ticket_id}:{tag}"):
         return {"ticket_id": ticket_id, "tag": tag, "applied": True}
     return {"ticket_id": ticket_id, "tag": tag, "applied": False}
 

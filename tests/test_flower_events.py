@@ -101,3 +101,17 @@ def test_flower_sees_names_failures_and_retry_reasons(client: Client, worker: Wo
     # only workers send events: the submitting client is not a worker in Flower
     hostnames = {e.get("hostname") for e in log.events if e.get("type", "").startswith("task-")}
     assert hostnames and all(str(h).startswith("flowerview@") for h in hostnames), hostnames
+
+
+def test_sending_a_step_subscribes_to_no_result_channel(client: Client) -> None:
+    """Nobody waits on a step task's Celery result: sending one must not subscribe to its result channel (nor leave
+    an unsubscribe for the AsyncResult's finalizer to send)."""
+    from teamster.orchestrator.enqueue import CeleryEnqueuer  # noqa: PLC0415
+
+    enqueuer = CeleryEnqueuer.for_settings(client.settings, client.redis_url)
+    consumer = enqueuer.app.backend.result_consumer
+    run_id = f"run_{'0' * 24}"  # no such run: a worker answers it as missing
+    enqueuer.enqueue(run_id, "nothing")
+    # Celery's Redis result consumer opens its pubsub on the first subscription; the AsyncResult send_task returned
+    # is already gone, so a subscription would also have been undone by now (SUBSCRIBE, then UNSUBSCRIBE from __del__)
+    assert consumer._pubsub is None  # noqa: SLF001 - no public way to ask whether it ever subscribed

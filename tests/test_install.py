@@ -186,7 +186,12 @@ def test_the_wheel_works_inside_a_celery_project_with_its_own_tasks_config_and_a
 def test_demo_runs_from_a_project_with_its_own_tasks_py(installed: Path, project: Path, tmp_path: Path) -> None:
     env = _env(tmp_path)
     env.pop("TEAMSTER_REDIS_URL")  # the demo's own embedded Redis
-    demo = subprocess.run([str(installed / "teamster"), "demo", "--tickets", "4", "--timeout", "120"], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=300)
+    try:
+        demo = subprocess.run([str(installed / "teamster"), "demo", "--tickets", "4", "--timeout", "120"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    finally:  # the embedded Redis outlives the demo by design (`teamster redis stop` ends it)
+        stopped = subprocess.run([str(installed / "teamster"), "redis", "stop"], cwd=project, env=env,
+                                 capture_output=True, text=True, timeout=60)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "summary: " in demo.stdout and "4 succeeded" in demo.stdout
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr

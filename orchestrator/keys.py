@@ -28,6 +28,15 @@ class Keys:
         """Hash: one step record."""
         return f"{self.prefix}:run:{run_id}:step:{step_key}"
 
+    def limit(self, name: str) -> str:
+        """Base of one shared provider limit's keys, ``{base}:slots|log|tokens|queue|alive`` (``name``: a provider
+        string, or ``model@tenant``; see ``limits.LIMIT_KEY_PARTS``)."""
+        return f"{self.prefix}:limit:{name}"
+
+    def provider(self, model: str) -> str:
+        """Base of one provider string's health keys, ``{base}:cooldown|errors|open|probe`` (every worker's)."""
+        return f"{self.prefix}:provider:{model}"
+
     def run_spend(self, run_id: str) -> str:
         """Hash: what the run spent across its steps (model_calls, tokens, cost), for its budget."""
         return f"{self.prefix}:run:{run_id}:spend"

@@ -45,7 +45,7 @@ from teamster.orchestrator import metrics
 from teamster.orchestrator.connection import pool_options
 from teamster.orchestrator.keys import Keys
 
-__all__ = ["Limiter", "RedisGate", "limit_name", "provider_state"]
+__all__ = ["Limiter", "RedisGate", "LIMIT_KEY_PARTS", "limit_name", "provider_state"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ _WAIT_LABEL = {"cooldown": "the provider asked every worker to back off (429/529
                "concurrency": "the provider's concurrent-call limit", "limit": "the provider's limits"}
 
 
+LIMIT_KEY_PARTS = ("slots", "log", "tokens", "queue", "alive")
+"""The keys of one limit, ``{Keys.limit(name)}:{part}``: held slots, the request log, reserved tokens, the queue of
+waiting calls and its members' liveness."""
+
+
 def limit_name(model: str, tenant: str | None = None) -> str:
     """The limit key of a provider string (``openai:gpt-4o``), optionally per tenant."""
     return f"{model}@{tenant}" if tenant else model
@@ -265,9 +270,8 @@ class RedisGate:
         return self._waited
 
     def _limit_keys(self, model: str) -> list[str]:
-        base = f"{self.keys.prefix}:limit:{limit_name(model, self.tenant)}"
-        health = f"{self.keys.prefix}:provider:{model}"
-        return [f"{base}:slots", f"{base}:log", f"{base}:tokens", f"{base}:queue", f"{base}:alive",
+        base, health = self.keys.limit(limit_name(model, self.tenant)), self.keys.provider(model)
+        return [*(f"{base}:{part}" for part in LIMIT_KEY_PARTS),
                 f"{health}:cooldown", f"{health}:errors", f"{health}:open", f"{health}:probe",
                 self.keys.run_spend(self.run_id), self.keys.step(self.run_id, self.step_key)]
 
@@ -414,7 +418,8 @@ def provider_state(client: Any, prefix: str, model: str, *, period_seconds: floa
     (steps queued for capacity), ``cooldown_seconds`` left, ``breaker`` (``closed``/``open``/``half-open``),
     ``breaker_seconds`` left while open and ``errors`` (provider errors in a row).
     """
-    base, health = f"{prefix}:limit:{model}", f"{prefix}:provider:{model}"
+    keys = Keys(prefix)
+    base, health = keys.limit(model), keys.provider(model)
     seconds, micros = client.time()
     now_ms = seconds * 1000 + micros // 1000
     pipe = client.pipeline(transaction=False)

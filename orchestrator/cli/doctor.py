@@ -225,10 +225,6 @@ def _limit_checks(settings: TeamsterSettings, url: str, providers: set[str], pur
     return checks
 
 
-_LIMIT_KEY_PARTS = ("slots", "log", "tokens", "queue", "alive")
-"""The keys of one limit name, ``{prefix}:limit:{name}:{part}`` (orchestrator/limits.py ``RedisGate._limit_keys``)."""
-
-
 def _glob_escape(text: str) -> str:
     """``text`` matched literally by a Redis SCAN pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -241,11 +237,14 @@ def _limit_names(conn: Any, prefix: str, pattern: str) -> dict[str, set[str]]:
     A limit name is a model, or ``model@tenant`` for a workflow with a tenant key (``limits.limit_name``); a model
     id has no ``@``, a tenant may.
     """
-    start = f"{prefix}:limit:"
+    from teamster.orchestrator.keys import Keys  # noqa: PLC0415
+    from teamster.orchestrator.limits import LIMIT_KEY_PARTS  # noqa: PLC0415 - keeps `teamster --help` fast
+
+    start = Keys(prefix).limit("")
     found: dict[str, set[str]] = {}
     for key in conn.scan_iter(match=f"{_glob_escape(start)}{pattern}", count=1000):
         name, _, part = key[len(start):].rpartition(":")
-        if part in _LIMIT_KEY_PARTS:
+        if part in LIMIT_KEY_PARTS:
             found.setdefault(name.partition("@")[0], set()).add(name)
     return found
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -138,6 +139,10 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
         # the flower process reused the same embedded server (no second one was recorded)
         assert json.loads((tmp_path / "embedded" / "embedded.json").read_text()) == record
 
+        # Flower sees tasks only through live events: submit once its event receiver has heard the worker (its
+        # healthcheck answers before that; a run sent earlier would be missed, as it was once in a full run)
+        wait_until(lambda: re.search(r'flower_worker_online\{worker="emb@[^"]*"\} 1', _get(
+            f"http://127.0.0.1:{port}/metrics")[1]), timeout=30, interval=0.5)
         settings = load_settings(redis_url=record["url"], key_prefix="flowertest", workflow_modules=MODULES.split(","))
         run_id = Client(settings).submit("t_linear", {"text": "seen by flower"})
         wait_settled(Client(settings), run_id)

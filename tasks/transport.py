@@ -8,6 +8,16 @@ down with it. This transport decodes and checks the envelope first: a poison ite
 acknowledged); the worker keeps running. Messages with a valid envelope but an undecodable body, a refused content
 type or an unknown task are handled by :class:`~teamster.tasks.consumer.TeamsterConsumer`.
 
+It also leaves step messages out of kombu's ack emulation. kombu tracks every unacknowledged message in Redis (a
+MULTI/ZADD/HSET/EXEC when it is received, a MULTI/ZREM/HDEL/EXEC when it is acknowledged) so that it can deliver it
+again after ``visibility_timeout``. A step's delivery is already tracked by the run store: the step is in the in-flight
+set from the moment it is queued, its lease says who runs it, and the watchdog re-sends a step that was lost -- queued
+and never claimed, or claimed by a worker that died -- long before the visibility timeout. Tracking it twice cost 8 of
+a step's Redis commands and a tenth of its worker CPU, and kombu's copy could only ever deliver a duplicate late (the
+claim then refuses it). Step messages a worker still holds are handed back to their queue on a clean shutdown or a
+requeue, from memory, as kombu does for every message on transports without ack emulation; every other task (run
+starts on the control queue, other Celery apps' tasks) keeps kombu's tracking.
+
 Celery uses it through ``broker_transport`` (see :mod:`teamster.config.celeryconfig`).
 """
 
@@ -19,11 +29,13 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 
+from teamster.config.celeryconfig import STEP_TASK
 from teamster.orchestrator import metrics
 
-__all__ = ["Transport", "Channel", "envelope_problem", "RAW_LOG_LIMIT"]
+__all__ = ["Transport", "Channel", "QoS", "run_store_tracked", "envelope_problem", "RAW_LOG_LIMIT"]
 
 log = logging.getLogger("teamster.worker")
 
@@ -56,8 +68,74 @@ def poison(queue: str, raw: bytes | str, reason: str) -> None:
     log.error("dropped a poison message from queue %s: %s; raw bytes %r%s", queue, reason, preview, more)
 
 
+def run_store_tracked(message: Any) -> bool:
+    """Whether the run store tracks this message's delivery (a step message), so kombu need not."""
+    headers = getattr(message, "headers", None)
+    return isinstance(headers, dict) and headers.get("task") == STEP_TASK
+
+
+class QoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's Redis ack emulation, except for step messages (see the module docstring).
+
+    A step message is held in memory only, like any message on a transport without ack emulation: acknowledging it
+    writes nothing to Redis; requeueing it, or restoring it when the channel closes, pushes it back onto its queue.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._untracked: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if run_store_tracked(message):
+            self._untracked.add(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self._untracked:
+            self._untracked.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if delivery_tag in self._untracked:
+            if requeue:
+                self._push_back([self._delivered[delivery_tag]], leftmost=True)
+            self._untracked.discard(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+        else:
+            super().reject(delivery_tag, requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self._flush()  # drop what was acknowledged meanwhile (acks may come from other threads)
+        held = [self._delivered[tag] for tag in list(self._delivered) if tag in self._untracked]
+        with self.channel.conn_or_acquire(client) as conn:
+            self._push_back(held, client=conn)
+            for tag in list(self._delivered):
+                if tag not in self._untracked:
+                    self.restore_by_tag(tag, client=conn)
+        self._untracked.clear()
+        self._delivered.clear()
+
+    def _push_back(self, messages: list[Any], *, leftmost: bool = False, client: Any = None) -> None:
+        """Put held step messages back onto their queues (marked redelivered), in one round trip."""
+        if not messages:
+            return
+        with self.channel.conn_or_acquire(client) as conn:
+            pipe = conn.pipeline()
+            for message in messages:
+                info = message.delivery_info
+                self.channel._do_restore_message(message._raw, info["exchange"], info["routing_key"], pipe, leftmost)
+            pipe.execute()
+
+
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
-    """A Redis channel whose BRPOP reader refuses what it cannot decode instead of raising."""
+    """A Redis channel whose BRPOP reader refuses what it cannot decode instead of raising, and whose
+    acknowledgements leave step messages to the run store (:class:`QoS`)."""
+
+    QoS = QoS
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

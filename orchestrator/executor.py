@@ -71,6 +71,13 @@ StepResult = Succeeded | CannotComplete | NeedsHuman | Failed
 LEASE_GRACE_SECONDS = 5.0
 """How long past its deadline a step's lease is still renewed (then a stuck step is left to the watchdog)."""
 
+HELD_EVENTS = frozenset({"step_start", "agent_start", "validation", "outcome"})
+"""Journal events that may wait (up to :data:`HOLD_SECONDS`) to share a round trip with the next one. Every other
+event -- a model call above all, which a takeover reuses -- is written as soon as it arrives, with what waits."""
+
+HOLD_SECONDS = 0.05
+"""How long held events wait for company before they are written on their own (live progress lags at most this)."""
+
 
 def spec_for(step: StepDef, record: StepRecord) -> AgentSpec[Any, Any]:
     """The agent a step runs now: its own, or the fallback agent/model an escalation chose."""
@@ -311,7 +318,9 @@ class StepExecutor:
 
         The agent's events (model calls, tool calls, validation, outcome) arrive from the loop through a queue:
         the loop never waits for Redis, and this thread -- which would otherwise only wait -- appends them in
-        order, pipelined. ``step_start`` goes out with the first batch.
+        order, pipelined. Lifecycle events (:data:`HELD_EVENTS`: ``step_start``, ``agent_start``, ...) wait up to
+        :data:`HOLD_SECONDS` for the next event, so a step start goes out with the first model call; what follows the
+        last model call (validation, outcome) is returned to go out with the step's end, in its transaction.
         """
         run_id, step_key, attempt = context.run_id, context.step_id, context.attempt
         events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
@@ -321,16 +330,18 @@ class StepExecutor:
             recorded=recorded, control=control, context=context, gate=gate, memory=memory))
         future.add_done_callback(lambda _: events.put(None))
         pending: list[tuple[str, dict[str, Any]]] = [("step_start", start)]
-        started = time.monotonic()
+        started = held_since = time.monotonic()
         finished = False
         while not finished:
             # the deadline moves by the time the step spent waiting for provider capacity
             deadline = started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS
+            wait = deadline - time.monotonic()
+            if pending:
+                wait = min(wait, held_since + HOLD_SECONDS - time.monotonic())
             try:
-                item = events.get(timeout=max(0.0, deadline - time.monotonic())) if not pending else \
-                    events.get_nowait()
+                item = events.get(timeout=max(0.0, wait))
             except queue.Empty:
-                if pending:
+                if pending:  # held long enough: written on their own
                     self._journal_batch(run_id, step_key, attempt, spec, pending)
                     pending = []
                     continue
@@ -339,16 +350,18 @@ class StepExecutor:
                 break  # the loop did not return in time: abandon the step (below)
             if item is None:
                 finished = True
-            else:
-                pending.append(item)
-            if finished or len(pending) >= 64:
+                continue
+            if not pending:
+                held_since = time.monotonic()
+            pending.append(item)
+            if item[0] not in HELD_EVENTS or len(pending) >= 64:
                 self._journal_batch(run_id, step_key, attempt, spec, pending)
                 pending = []
         if finished:
             while (item := self._next(events)) is not None:
                 pending.append(item)
-            # what follows the last model call (validation, criteria, outcome) goes out with the step's end
-            cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind == "model_call"), default=0)
+            # what follows the last event that cannot wait (validation, criteria, outcome) goes out with the step's end
+            cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind not in HELD_EVENTS), default=0)
             self._journal_batch(run_id, step_key, attempt, spec, pending[:cut])
             self._journal_batch(run_id, step_key, attempt, spec, pending[cut:], write=False)
             agent_run = future.result()

@@ -293,10 +293,17 @@ class Tx:
         return self
 
     def hset(self, key: str, values: Mapping[str, Any], *, when: int | None = None) -> Tx:
-        """HSET with JSON-encoded values (``when``: only if that :meth:`condition` holds)."""
-        if values:
-            self._op({"c": "HSET", "k": self._k(key), "a": encode_fields(values)}, when)
-        return self
+        """HSET with JSON-encoded values (``when``: only if that :meth:`condition` holds). Joins the previous
+        write when that is an HSET of the same hash under the same condition (one command instead of two; a field
+        set twice keeps its last value, as it would)."""
+        if not values:
+            return self
+        k = self._k(key)
+        last = self.ops[-1] if self.ops else None
+        if last is not None and last["c"] == "HSET" and last["k"] == k and last.get("w") == when:
+            last["a"] += encode_fields(values)
+            return self
+        return self._op({"c": "HSET", "k": k, "a": encode_fields(values)}, when)
 
     def call(self, command: str, key: str, *args: Any, when: int | None = None) -> Tx:
         """Any other write command on ``key`` (arguments passed as strings)."""

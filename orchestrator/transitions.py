@@ -400,8 +400,7 @@ class Transitions:
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
                 for run_key in self.keys.run_keys(run_id, after):
                     tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
-            else:
-                tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)
+            # else: the run's deadline in the active set is not moved; the watchdog reads progress_at when it is due
             try:
                 held = self.store.apply(tx)
             except TxRejected as rejected:

@@ -7,7 +7,9 @@ for a retrying step. A scan takes the due members and
 * re-enqueues a running step whose lease lapsed (its worker died): the next claim takes over with a new
   fencing token, reusing the recorded model answers; after ``max_lease_expiries`` the step is dead-lettered;
 * re-sends a step queued or retrying for too long (duplicates are harmless: claims and commits are fenced);
-* escalates runs with no progress past their deadline to the dead-letter queue -- except a run whose parked child
+* escalates runs with no progress past their deadline to the dead-letter queue (a run's score in the active set is
+  its deadline as of when it was set; a step commit does not move it, so a due run whose ``progress_at`` is recent
+  only gets its score moved) -- except a run whose parked child
   step waits for a child run that is still running: the child has its own deadline, and its escalation wakes the
   parent, so the parent's deadline is pushed back instead;
 * checks parked child steps (``{prefix}:parked``): one whose child run settled without waking it (a lost wake-up) is
@@ -205,6 +207,10 @@ class Watchdog:
             self.client.zrem(self.keys.active_runs, run_id)
             return
         wf = registered_workflows().get(run.workflow)
+        deadline = run_deadline_seconds(wf, self.settings)
+        if run.progress_at + deadline > t:  # progress since the score was set (commits leave it to this check)
+            self.client.zadd(self.keys.active_runs, {run_id: run.progress_at + deadline}, xx=True)
+            return
         if self._waits_for_children(run):
             self.client.zadd(self.keys.active_runs, {run_id: t + run_deadline_seconds(wf, self.settings)}, xx=True)
             report.deadlines_deferred += 1

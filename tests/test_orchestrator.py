@@ -247,6 +247,23 @@ def test_watchdog_escalates_a_run_without_progress(env: WorkflowEnvironment) -> 
     assert entry.kind == "deadline" and entry.step_key == "summarize"
 
 
+def test_a_run_that_made_progress_is_not_escalated_when_its_old_deadline_comes(env: WorkflowEnvironment) -> None:
+    """Commits do not move a run's score in the active set; the watchdog reads progress_at when the score is due."""
+    keys = env.runtime.keys
+    run_id = env.client.submit("t_linear", {"text": "making progress"})
+    env.deliver()  # the first step commits: progress
+    run = env.client.status(run_id)
+    assert run.status.value == "running" and run.state_version == 1
+    env.runtime.client.zadd(keys.active_runs, {run_id: 0.0})  # its deadline as first set, long past
+    report = env.watchdog_scan()
+    assert report.escalated_runs == 0 and env.client.status(run_id).status.value == "running"
+    score = env.runtime.client.zscore(keys.active_runs, run_id)
+    assert score == pytest.approx(run.progress_at + env.settings.run_deadline_seconds)
+    env.drain()
+    assert env.client.status(run_id).status.value == "succeeded"
+    assert env.runtime.client.zscore(keys.active_runs, run_id) is None
+
+
 def test_cancel_stops_the_run_and_records_why(client: Client, worker: Worker) -> None:
     run_id = client.submit("t_linear", {"text": "slow 2 cancel me"})
     wait_until(lambda: statuses(client, run_id).get("summarize") == "running", timeout=10)

@@ -106,8 +106,8 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
             out.append(["recovery", f"lease {row['lease_seconds']:g}s: kill -> commit (median / max of "
                                     f"{row['reps']})",
                         f"{fmt(row['total_median_s'], 1)} s / {fmt(row['total_max_s'], 1)} s",
-                        f"visibility timeout {s['celery_default_visibility_timeout']} s (Celery default) / "
-                        f"{s['visibility_timeout']} s (teamster)",
+                        f"Celery alone: visibility timeout {s['celery_default_visibility_timeout']} s (default) / "
+                        f"{s['visibility_timeout']} s (TEAMSTER_VISIBILITY_TIMEOUT)",
                         f"{fmt(row['vs_celery_default'], 0)}x / {fmt(row['vs_teamster_vt'], 0)}x sooner"])
     elif name == "scaling":
         base = next((x for x in r["summary"] if x["workers"] == 1), r["summary"][0])

@@ -9,6 +9,10 @@ teamster's Celery configuration (JSON, acks_late, prefetch off, Redis result bac
   latency) producing a tiny structured output, with leases, journal, fenced commits and state versions;
 * raw Celery: ``--runs`` ``celery.chain`` s of five ``bench.noop`` tasks with the Redis result backend.
 
+One difference is teamster's design, not the set-up: kombu's ack emulation (its unacked hash, 8 commands per message)
+tracks the noop tasks, as it tracks any Celery task on Redis, but not step messages, whose delivery the run store
+tracks instead (see ``teamster/tasks/transport.py``).
+
 Phases: warm-up; idle Redis traffic (subtracted from the command counts); a throughput phase (all runs
 submitted at once, open loop, in ``--rounds`` alternating blocks); a latency phase (``--latency-runs`` runs
 one after the other on an otherwise idle worker).

@@ -115,7 +115,7 @@ def one_recovery(env: BenchEnv, client: Client, keys: Keys, pool: WorkerPool, le
     victim = pool.by_pid(int(record.worker.rsplit(":", 1)[1]))
     offset = rng.uniform(args.kill_min, args.kill_max_fraction * args.step_seconds)
     time.sleep(max(0.0, call_seen + offset - time.monotonic()))
-    lease_left_ms = int(redis.pttl(keys.lease(run_id, SINGLE_STEP)))
+    lease_left_ms = int(client.runtime.store.lease_remaining(run_id, SINGLE_STEP) * 1000)
     t_kill = time.time()
     victim.kill()
     status = redis.hget(keys.step(run_id, SINGLE_STEP), "status")

@@ -156,7 +156,6 @@ class ChildSteps:
             tx.hset(self.keys.steps(run_id), {key: StepStatus.PARKED})
             tx.hset(self.keys.run(run_id), {"state_version": current.state_version + 1, "updated_at": t,
                                             "progress_at": t})
-            tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, member)
             tx.call("ZADD", self.keys.parked, t + self.settings.stuck_queued_seconds, member)
             tx.call("ZADD", self.keys.active_runs, t + run_deadline_seconds(wf, self.settings), run_id)

@@ -1,4 +1,4 @@
-"""Redis key naming of the run store, the journal, leases and the dead-letter queue (one place)."""
+"""Redis key naming of the run store, the journal and the dead-letter queue (one place)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,6 @@ class Keys:
     def run_spend(self, run_id: str) -> str:
         """Hash: what the run spent across its steps (model_calls, tokens, cost), for its budget."""
         return f"{self.prefix}:run:{run_id}:spend"
-
-    def lease(self, run_id: str, step_key: str) -> str:
-        """String with a TTL: the fencing token of the worker currently holding the step."""
-        return f"{self.prefix}:lease:{run_id}:{step_key}"
 
     def journal(self, run_id: str) -> str:
         """Stream: the run's journal."""

@@ -152,6 +152,8 @@ class StepRecord(BaseModel):
     attempt_base: int = 0
     fence: int = 0
     lease_expiries: int = 0
+    lease_until: float | None = None
+    """While running: when its worker's lease runs out (Redis server time; renewed every lease_seconds/3)."""
     worker: str | None = None
     queued_at: float = Field(default_factory=now)
     started_at: float | None = None

@@ -1,4 +1,4 @@
-"""The run store on Redis: runs, versioned state, step records, leases with fencing tokens.
+"""The run store on Redis: runs, versioned state, step records with their leases and fencing tokens.
 
 Writes that must go together go together: every multi-key change is a :class:`Tx` -- guards (compare a
 field with an expected value) plus writes -- executed by one Lua script, so it applies entirely or not at
@@ -66,9 +66,11 @@ def _lua_list(values: Iterable[Any]) -> str:
 
 
 # A claim reads the step, its run and the run's step index and takes the lease in one round trip, so the worker
-# needs no further read before running the step. The lease is taken with SET NX: a live holder makes it "busy".
+# needs no further read before running the step. The lease is a field of the step record, next to its fencing token:
+# ``lease_until`` (Redis server time, seconds). A running step whose lease has not run out is "busy"; a running step
+# whose lease ran out lost its worker and is taken over (a new token, ``lease_expiries`` + 1).
 _CLAIM = f"""
-local step = redis.call('HGETALL', KEYS[2])
+local step = redis.call('HGETALL', KEYS[1])
 if #step == 0 then return {{'missing', ''}} end
 local fields = {{}}
 for i = 1, #step, 2 do fields[step[i]] = step[i + 1] end
@@ -76,51 +78,50 @@ local status = fields['status']
 if status == {literal(StepStatus.PARKED)!r} then return {{'parked', fields['child_run'] or ''}} end
 local open = {_lua_list(STEP_OPEN)}
 if not open[status] then return {{'terminal', status}} end
-local token = tonumber(fields['fence'] or '0') + 1
-if not redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[1]) then
-  return {{'busy', redis.call('GET', KEYS[1]) or ''}}
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+if status == {literal(StepStatus.RUNNING)!r} and tonumber(fields['lease_until'] or '0') > now then
+  return {{'busy', fields['fence'] or ''}}
 end
-local run = redis.call('HGETALL', KEYS[5])
+local run = redis.call('HGETALL', KEYS[4])
 local run_status = ''
 for i = 1, #run, 2 do if run[i] == 'status' then run_status = run[i + 1] end end
 local final = {_lua_list(RUN_TERMINAL)}
-if #run == 0 or final[run_status] then
-  redis.call('DEL', KEYS[1])
-  if #run == 0 then return {{'missing', ''}} end
-  return {{'run_final', run_status}}
-end
+if #run == 0 then return {{'missing', ''}} end
+if final[run_status] then return {{'run_final', run_status}} end
+local token = tonumber(fields['fence'] or '0') + 1
 local expiries = tonumber(fields['lease_expiries'] or '0')
 if status == {literal(StepStatus.RUNNING)!r} then expiries = expiries + 1 end
 local attempts = tonumber(fields['attempts'] or '0') + 1
-redis.call('HSET', KEYS[2], 'status', {literal(StepStatus.RUNNING)!r}, 'started_at', ARGV[2], 'worker', ARGV[3],
-           'next_retry_at', 'null', 'fence', token, 'attempts', attempts, 'lease_expiries', expiries)
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+local lease_until = string.format('%.6f', now + tonumber(ARGV[1]) / 1000)
+redis.call('HSET', KEYS[1], 'status', {literal(StepStatus.RUNNING)!r}, 'started_at', ARGV[2], 'worker', ARGV[3],
+           'next_retry_at', 'null', 'fence', token, 'attempts', attempts, 'lease_expiries', expiries,
+           'lease_until', lease_until)
+redis.call('ZADD', KEYS[3], lease_until, ARGV[4])
 return {{'claimed', tostring(token), status, step, run, tostring(attempts), tostring(expiries),
-        redis.call('HGETALL', KEYS[3])}}
+        redis.call('HGETALL', KEYS[2]), lease_until}}
 """
 
-# Renews every lease a worker holds in one round trip: a lease is extended while its token still holds it (or
-# re-taken when it lapsed and nobody else took the step, which is still running). Returns, per lease, 1 (held) or
-# 0 (lost), followed by the run's status (so a cancelled run stops its running steps). A step that ended or parked
-# deleted its lease: it is not taken again.
+# Renews every lease a worker holds in one round trip: a lease is extended while its token is still the step's and the
+# step is still running (a lapsed lease nobody took over is simply extended again). Returns, per lease, 1 (held) or 0
+# (lost), followed by the run's status (so a cancelled run stops its running steps).
 _RENEW = f"""
 local out = {{}}
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local n = 0
-for i = 1, #ARGV, 4 do
+for i = 1, #ARGV, 3 do
   n = n + 1
-  local lease, step, run = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
-  local token, ms, due, member = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local current = redis.call('GET', lease)
+  local step, run = KEYS[2 * n - 1], KEYS[2 * n]
+  local token, ms, member = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local current = redis.call('HMGET', step, 'fence', 'status')
   local ok = 0
-  if current == token then
-    redis.call('PEXPIRE', lease, ms)
-    ok = 1
-  elseif (not current) and redis.call('HGET', step, 'fence') == token
-      and redis.call('HGET', step, 'status') == {literal(StepStatus.RUNNING)!r} then
-    redis.call('SET', lease, token, 'PX', ms)
+  if current[1] == token and current[2] == {literal(StepStatus.RUNNING)!r} then
+    local lease_until = string.format('%.6f', now + tonumber(ms) / 1000)
+    redis.call('HSET', step, 'lease_until', lease_until)
+    redis.call('ZADD', KEYS[#KEYS], lease_until, member)
     ok = 1
   end
-  if ok == 1 then redis.call('ZADD', KEYS[#KEYS], due, member) end
   out[#out + 1] = ok
   out[#out + 1] = redis.call('HGET', run, 'status') or ''
 end
@@ -550,16 +551,16 @@ class RunStore:
         """Take the step's lease with a new fencing token (see :class:`Claim`)."""
         t = now()
         result = self._claim(
-            keys=[self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.steps(run_id),
-                  self.keys.inflight, self.keys.run(run_id)],
-            args=[int(lease_seconds * 1000), literal(t), literal(worker), Keys.member(run_id, step_key),
-                  t + lease_seconds],
+            keys=[self.keys.step(run_id, step_key), self.keys.steps(run_id), self.keys.inflight,
+                  self.keys.run(run_id)],
+            args=[int(lease_seconds * 1000), literal(t), literal(worker), Keys.member(run_id, step_key)],
         )
         kind = str(result[0])
         if kind == "claimed":
             step = decode_fields(result[3])
             step.update(status=StepStatus.RUNNING, started_at=t, worker=worker, next_retry_at=None,
-                        fence=int(result[1]), attempts=int(result[5]), lease_expiries=int(result[6]))
+                        fence=int(result[1]), attempts=int(result[5]), lease_expiries=int(result[6]),
+                        lease_until=float(result[8]))
             index = result[7]
             statuses = {k: StepStatus(json.loads(v)) for k, v in zip(index[::2], index[1::2], strict=True)}
             return Claim("claimed", int(result[1]), StepStatus(json.loads(result[2])),
@@ -577,30 +578,39 @@ class RunStore:
         """Extend the leases ``(run_id, step_key, token)`` still held by their tokens, in one round trip.
 
         Returns:
-            Per lease: whether it is still held (renewed, or re-taken after lapsing), and its run's status.
+            Per lease: whether it is still held (its token is the step's and the step runs), and its run's status.
         """
         if not leases:
             return []
         keys: list[str] = []
         args: list[Any] = []
-        due = now() + lease_seconds
         for run_id, step_key, token in leases:
-            keys += [self.keys.lease(run_id, step_key), self.keys.step(run_id, step_key), self.keys.run(run_id)]
-            args += [str(token), int(lease_seconds * 1000), due, Keys.member(run_id, step_key)]
+            keys += [self.keys.step(run_id, step_key), self.keys.run(run_id)]
+            args += [str(token), int(lease_seconds * 1000), Keys.member(run_id, step_key)]
         keys.append(self.keys.inflight)
         flat = self._renew(keys=keys, args=args)
         return [(bool(held), RunStatus(json.loads(status)) if status else None)
                 for held, status in zip(flat[::2], flat[1::2], strict=True)]
 
+    def _lease(self, run_id: str, step_key: str) -> tuple[int | None, float]:
+        """The token holding the step's lease (None: nobody -- not running, or its lease ran out) and the seconds
+        left on it, by Redis's clock."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.keys.step(run_id, step_key), ["status", "fence", "lease_until"])
+        pipe.time()
+        (status, fence, until), (seconds, micros) = pipe.execute()
+        if status != literal(StepStatus.RUNNING) or not until:
+            return None, 0.0
+        left = float(until) - (int(seconds) + int(micros) / 1e6)
+        return (int(fence) if fence and left > 0 else None), max(0.0, left)
+
     def lease_holder(self, run_id: str, step_key: str) -> int | None:
         """The fencing token holding the lease, if any."""
-        value = self.client.get(self.keys.lease(run_id, step_key))
-        return int(value) if value else None  # type: ignore[arg-type]
+        return self._lease(run_id, step_key)[0]
 
     def lease_remaining(self, run_id: str, step_key: str) -> float:
-        """Seconds left on the step's lease (0 when it lapsed or never existed)."""
-        remaining_ms = self.client.pttl(self.keys.lease(run_id, step_key))
-        return max(0.0, int(remaining_ms) / 1000.0) if remaining_ms is not None else 0.0  # type: ignore[arg-type]
+        """Seconds left on the step's lease (0 when it lapsed or the step is not running)."""
+        return self._lease(run_id, step_key)[1]
 
     # ------------------------------------------------------------------ dead-letter entries
     def get_entry(self, entry_id: str) -> DeadLetterEntry | None:

@@ -382,7 +382,6 @@ class Transitions:
                 tx.call("HINCRBY", self.keys.step(run_id, key), "fence", 1)  # zombies holding old tokens lose
             tx.hset(self.keys.steps(run_id), {key: status, **{n.key: StepStatus.QUEUED for n in new}})
             tx.hset(self.keys.run(run_id), run_fields)
-            tx.call("DEL", self.keys.lease(run_id, key))
             tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
             if resolution is not None:
                 self.close_entry(tx, resolution.entry_id, DeadLetterStatus.RESOLVED, resolution.by, resolution.reason)
@@ -448,7 +447,6 @@ class Transitions:
             "status": StepStatus.RETRYING, "next_retry_at": t + delay, "outcome": result.model_dump(mode="json"),
             **agent_stats(agent_run)})
         self._spend_ops(tx, run.run_id, key, agent_run)
-        tx.call("DEL", self.keys.lease(run.run_id, key))
         tx.call("ZADD", self.keys.inflight, t + delay + self.settings.stuck_queued_seconds,
                 Keys.member(run.run_id, key))
         self._journal_ops(tx, run.run_id, key, record.attempts, events)
@@ -568,7 +566,6 @@ class Transitions:
             self._spend_ops(tx, run_id, key, agent_run)
             tx.hset(self.keys.steps(run_id), {key: status})
             tx.hset(self.keys.run(run_id), run_fields)
-            tx.call("DEL", self.keys.lease(run_id, key))
             if requeue:
                 tx.call("ZADD", self.keys.inflight, t + self.settings.stuck_queued_seconds, Keys.member(run_id, key))
             else:
@@ -645,7 +642,6 @@ class Transitions:
             tx.require("fence", self.keys.step(run_id, key), "fence", "eq", token)
         tx.hset(self.keys.step(run_id, key), {"status": StepStatus.CANCELLED, "reason": reason, "finished_at": now()})
         tx.hset(self.keys.steps(run_id), {key: StepStatus.CANCELLED})
-        tx.call("DEL", self.keys.lease(run_id, key))
         tx.call("ZREM", self.keys.inflight, Keys.member(run_id, key))
         tx.call("ZREM", self.keys.parked, Keys.member(run_id, key))
         tx.xadd(self.keys.journal(run_id), self.journal.fields("step_cancelled", step=key, data={"reason": reason}))

@@ -19,6 +19,7 @@ from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import RunStatus
 from teamster.orchestrator.store import RunStore, Tx, TxRejected
 from teamster.testing import WorkflowEnvironment
+from tests.harness import wait_until
 
 
 def _lose_replies(store: RunStore, times: int = 1) -> list[int]:
@@ -90,3 +91,33 @@ def test_a_submit_whose_reply_is_lost_creates_the_run_once_and_queues_its_first_
         env.drain()
         assert env.client.status(run_id).status == RunStatus.SUCCEEDED
         assert len(env.client.runs()) == 1
+
+
+# ----------------------------------------------------------------------------- leases: a field of the step record
+
+
+def test_a_lease_is_the_step_records_own_field_busy_until_it_runs_out_then_taken_over() -> None:
+    """Claim, busy, renew, lapse, takeover -- on Redis's clock, with no lease key of its own."""
+    with WorkflowEnvironment(["tests.workflows"]) as env:
+        store, keys = env.runtime.store, env.runtime.keys
+        run_id = env.submit("t_linear", {"text": "lease me"})
+        first = store.claim(run_id, "summarize", "worker-a", lease_seconds=0.5)
+        assert first.kind == "claimed" and first.token == 1 and first.step is not None
+        assert first.step.lease_until is not None and first.previous.value == "queued"  # type: ignore[union-attr]
+        assert store.lease_holder(run_id, "summarize") == 1
+        assert 0 < store.lease_remaining(run_id, "summarize") <= 0.5
+        busy = store.claim(run_id, "summarize", "worker-b", lease_seconds=0.5)
+        assert busy.kind == "busy" and busy.holder == "1"
+        assert store.renew([(run_id, "summarize", 1)], lease_seconds=0.5) == [(True, RunStatus.RUNNING)]
+        assert not [k for k in store.client.scan_iter(match=f"{keys.prefix}:lease:*")]  # no lease key
+        wait_until(lambda: store.lease_holder(run_id, "summarize") is None, timeout=5, interval=0.05)
+        assert store.lease_remaining(run_id, "summarize") == 0.0
+        second = store.claim(run_id, "summarize", "worker-b", lease_seconds=30)
+        assert second.kind == "claimed" and second.token == 2 and second.step is not None
+        assert second.previous is not None and second.previous.value == "running"  # a takeover
+        assert second.step.lease_expiries == 1
+        # the first worker's renewal now fails: its token is no longer the step's
+        assert store.renew([(run_id, "summarize", 1)], lease_seconds=30) == [(False, RunStatus.RUNNING)]
+        assert store.lease_holder(run_id, "summarize") == 2
+        score = store.client.zscore(keys.inflight, Keys.member(run_id, "summarize"))
+        assert score == pytest.approx(store.get_step(run_id, "summarize").lease_until)  # type: ignore[union-attr]

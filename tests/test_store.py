@@ -121,3 +121,44 @@ def test_a_lease_is_the_step_records_own_field_busy_until_it_runs_out_then_taken
         assert store.lease_holder(run_id, "summarize") == 2
         score = store.client.zscore(keys.inflight, Keys.member(run_id, "summarize"))
         assert score == pytest.approx(store.get_step(run_id, "summarize").lease_until)  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------- increments folded into an HSET
+
+
+def _hincrby_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_hincrby", {}).get("calls", 0))
+
+
+def test_an_increment_of_a_guarded_hash_is_folded_into_its_hset_with_the_same_result(store: RunStore) -> None:
+    key, other = f"{store.keys.prefix}:step", f"{store.keys.prefix}:spend"
+    store.client.hset(key, mapping={"fence": "1", "spend_calls": "4"})
+    tx = Tx(marker=(key, "last_write"))
+    tx.require("fence", key, "fence", "eq", 1)
+    tx.hset(key, {"status": "succeeded"})
+    tx.call("HINCRBY", key, "spend_calls", 2)  # folded: the guards read the hash and an HSET writes it
+    tx.call("HINCRBY", key, "spend_tokens", 30)  # folded, from nothing
+    tx.call("HINCRBY", other, "tokens", 30)  # not folded: nothing reads or sets that hash
+    before = _hincrby_calls(store.client)
+    assert store.apply(tx) == []
+    assert _hincrby_calls(store.client) - before == 1
+    assert store.client.hmget(key, ["status", "spend_calls", "spend_tokens"]) == ['"succeeded"', "6", "30"]
+    assert store.client.hget(other, "tokens") == "30"
+
+
+def test_an_increment_is_not_folded_when_another_write_touches_its_field(store: RunStore) -> None:
+    key = f"{store.keys.prefix}:step"
+    store.client.hset(key, mapping={"fence": "1", "n": "4"})
+    tx = Tx()
+    tx.require("fence", key, "fence", "eq", 1)
+    tx.hset(key, {"n": 10})
+    tx.call("HINCRBY", key, "n", 1)  # after the HSET, as written: 11 (a fold would have lost the order)
+    store.apply(tx)
+    assert store.client.hget(key, "n") == "11"
+    rejected = Tx()
+    rejected.require("fence", key, "fence", "eq", 2)  # fails: nothing is written, folded or not
+    rejected.hset(key, {"x": 1})
+    rejected.call("HINCRBY", key, "n", 5)
+    with pytest.raises(TxRejected):
+        store.apply(rejected)
+    assert store.client.hget(key, "n") == "11" and store.client.hget(key, "x") is None

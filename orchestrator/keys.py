@@ -37,10 +37,6 @@ class Keys:
         """Base of one provider string's health keys, ``{base}:cooldown|errors|open|probe`` (every worker's)."""
         return f"{self.prefix}:provider:{model}"
 
-    def run_spend(self, run_id: str) -> str:
-        """Hash: what the run spent across its steps (model_calls, tokens, cost), for its budget."""
-        return f"{self.prefix}:run:{run_id}:spend"
-
     def journal(self, run_id: str) -> str:
         """Stream: the run's journal."""
         return f"{self.prefix}:journal:{run_id}"
@@ -97,8 +93,7 @@ class Keys:
 
     def run_keys(self, run_id: str, step_keys: Iterable[str]) -> list[str]:
         """Every key of one run whose steps are ``step_keys`` (what a finished run's retention expires or keeps)."""
-        keys = [self.run(run_id), self.steps(run_id), self.journal(run_id), self.run_dlq(run_id),
-                self.run_spend(run_id)]
+        keys = [self.run(run_id), self.steps(run_id), self.journal(run_id), self.run_dlq(run_id)]
         keys += [self.step(run_id, k) for k in step_keys]
         return keys
 

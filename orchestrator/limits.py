@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _ACQUIRE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local spend = redis.call('HMGET', KEYS[10], 'model_calls', 'tokens', 'cost')
+local spend = redis.call('HMGET', KEYS[10], 'spend_calls', 'spend_tokens', 'spend_cost')
 local calls, tokens, cost = tonumber(spend[1] or '0'), tonumber(spend[2] or '0'), tonumber(spend[3] or '0')
 local spent = {calls, tokens, tostring(cost)}
 if ARGV[11] ~= '' and calls + 1 > tonumber(ARGV[11]) then return {'budget', 'model_calls', unpack(spent)} end
@@ -119,7 +119,7 @@ if rpm > 0 or tpm > 0 or conc > 0 then
   redis.call('HINCRBY', KEYS[3], '_sum', ARGV[3])
   for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], 2 * tonumber(ARGV[14]) + tonumber(ARGV[7])) end
 end
-redis.call('HINCRBY', KEYS[10], 'model_calls', 1)
+redis.call('HINCRBY', KEYS[10], 'spend_calls', 1)
 if redis.call('EXISTS', KEYS[11]) == 1 then redis.call('HINCRBY', KEYS[11], 'spend_calls', 1) end
 return {'ok', probe}
 """
@@ -132,8 +132,8 @@ if reserved then
   redis.call('HINCRBY', KEYS[2], ARGV[1], delta)
   redis.call('HINCRBY', KEYS[2], '_sum', delta)
 end
-redis.call('HINCRBY', KEYS[3], 'tokens', ARGV[3])
-redis.call('HINCRBYFLOAT', KEYS[3], 'cost', ARGV[4])
+redis.call('HINCRBY', KEYS[3], 'spend_tokens', ARGV[3])
+redis.call('HINCRBYFLOAT', KEYS[3], 'spend_cost', ARGV[4])
 if redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('HINCRBY', KEYS[8], 'spend_tokens', ARGV[3])
   redis.call('HINCRBYFLOAT', KEYS[8], 'spend_cost', ARGV[4])
@@ -273,7 +273,7 @@ class RedisGate:
         base, health = self.keys.limit(limit_name(model, self.tenant)), self.keys.provider(model)
         return [*(f"{base}:{part}" for part in LIMIT_KEY_PARTS),
                 f"{health}:cooldown", f"{health}:errors", f"{health}:open", f"{health}:probe",
-                self.keys.run_spend(self.run_id), self.keys.step(self.run_id, self.step_key)]
+                self.keys.run(self.run_id), self.keys.step(self.run_id, self.step_key)]
 
     async def acquire(self, model: str, estimated_tokens: int) -> Permit:
         settings = self.limiter.settings

@@ -570,10 +570,11 @@ class RunStore:
         return sorted(records, key=lambda s: (s.queued_at, s.step_key))
 
     def run_spend(self, run_id: str) -> dict[str, float]:
-        """What the run spent so far: model_calls, tokens, cost (zeros when nothing yet)."""
-        raw = self.client.hgetall(self.keys.run_spend(run_id))
-        return {"model_calls": int(raw.get("model_calls", 0)), "tokens": int(raw.get("tokens", 0)),  # type: ignore[union-attr]
-                "cost": float(raw.get("cost", 0.0))}  # type: ignore[union-attr]
+        """What the run spent so far: model_calls, tokens, cost (zeros when nothing yet). Kept in the run's own hash
+        (``spend_calls``, ``spend_tokens``, ``spend_cost``), where the provider gate counts live calls and a step's end
+        the calls no gate saw."""
+        calls, tokens, cost = self.client.hmget(self.keys.run(run_id), ["spend_calls", "spend_tokens", "spend_cost"])  # type: ignore[misc]
+        return {"model_calls": int(calls or 0), "tokens": int(tokens or 0), "cost": float(cost or 0.0)}
 
     # ------------------------------------------------------------------ leases
     def claim(self, run_id: str, step_key: str, worker: str, lease_seconds: float) -> Claim:

@@ -422,15 +422,14 @@ class Transitions:
         spend = agent_run.unrecorded_spend if agent_run is not None else {}
         if not spend.get("model_calls"):
             return
-        step, total = self.keys.step(run_id, key), self.keys.run_spend(run_id)
-        tx.call("HINCRBY", step, "spend_calls", int(spend["model_calls"]))
-        tx.call("HINCRBY", total, "model_calls", int(spend["model_calls"]))
-        if spend.get("tokens"):
-            tx.call("HINCRBY", step, "spend_tokens", int(spend["tokens"]))
-            tx.call("HINCRBY", total, "tokens", int(spend["tokens"]))
-        if spend.get("cost"):
-            tx.call("HINCRBYFLOAT", step, "spend_cost", repr(float(spend["cost"])))
-            tx.call("HINCRBYFLOAT", total, "cost", repr(float(spend["cost"])))
+        # the same fields on the step and on the run; both hashes are guarded and set by every step-ending
+        # transaction, so the store folds these increments into those writes
+        for target in (self.keys.step(run_id, key), self.keys.run(run_id)):
+            tx.call("HINCRBY", target, "spend_calls", int(spend["model_calls"]))
+            if spend.get("tokens"):
+                tx.call("HINCRBY", target, "spend_tokens", int(spend["tokens"]))
+            if spend.get("cost"):
+                tx.call("HINCRBYFLOAT", target, "spend_cost", repr(float(spend["cost"])))
 
     # ------------------------------------------------------------------ retry
     def schedule_retry(self, run: RunRecord, wf: Workflow, step: StepDef, record: StepRecord, token: int,

@@ -284,7 +284,7 @@ class Transitions:
         """
         new = self.prepare_run(wf, value, idempotency_key, budget)
         run_id = new.record.run_id
-        tx = Tx()
+        tx = Tx(marker=(self.keys.run(run_id), "last_write"))  # joins the run's HSET: no stamp key of its own
         self.new_run_ops(tx, new)
         try:
             self.store.apply(tx)
@@ -398,7 +398,8 @@ class Transitions:
                 wake = wake_parent(tx, self.keys, self.journal, self.settings, current, RunStatus.SUCCEEDED, t)
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
                 for run_key in self.keys.run_keys(run_id, after):
-                    tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
+                    if run_key != self.keys.run_dlq(run_id) or current.dead_letters:  # that set exists only then
+                        tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             # else: the run's deadline in the active set is not moved; the watchdog reads progress_at when it is due
             try:
                 held = self.store.apply(tx)

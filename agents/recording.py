@@ -179,6 +179,20 @@ class RecordingModel(Model):
             raise ReplayExhausted("direct structured_output calls are not recorded")
         return self.inner.structured_output(output_model, prompt, system_prompt, **kwargs)
 
+    async def count_tokens(self, messages: Messages, tool_specs: list[ToolSpec] | None = None,
+                           system_prompt: str | None = None, system_prompt_content: Any = None) -> int:
+        """A cheap estimate (about 4 characters per token of the messages' text).
+
+        strands asks before every model call, for context management; teamster's agents manage no context (their
+        conversation manager is ``NullConversationManager``) and the gate estimates from the request it serialises
+        anyway, so strands' own estimate -- which serialises the messages and tool specs again -- was spent for
+        nothing on every call."""
+        chars = len(system_prompt or "")
+        for message in messages:
+            for block in message.get("content", []):
+                chars += len(block.get("text") or "") if isinstance(block, dict) else 0
+        return chars // 4
+
     async def stream(self, messages: Messages, tool_specs: list[ToolSpec] | None = None,
                      system_prompt: str | None = None, **kwargs: Any) -> AsyncIterator[StreamEvent]:
         with self._lock:

@@ -24,6 +24,7 @@ from strands import Agent
 from strands.agent.conversation_manager import NullConversationManager
 from strands.models.model import Model
 
+from teamster.agents import _telemetry
 from teamster.agents.classify import classify_exception, classify_stop_reason
 from teamster.agents.delegation import DelegateTool, DelegationMemory
 from teamster.agents.guard import EventSink, StepControl, StepGuard
@@ -58,6 +59,8 @@ from teamster.errors import (
 )
 
 __all__ = ["run_agent", "run_agent_async", "AgentRun", "StepContext", "validate_input", "format_validation_error"]
+
+_telemetry.install()  # strands' span attributes, same output, without a per-leaf walk (see the module)
 
 StepOutcome = Succeeded | CannotComplete | NeedsHuman | Failed
 

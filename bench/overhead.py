@@ -376,11 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "ratios (teamster/raw) measured in the same run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--runs", type=int, default=200, help="Runs per side in the throughput phase "
+    parser.add_argument("--runs", type=int, default=400, help="Runs per side in the throughput phase "
                         "(teamster: bench_linear5 runs; raw: chains of 5 noop tasks).")
     parser.add_argument("--latency-runs", type=int, default=60,
                         help="Runs per side in the latency phase (one run at a time, idle worker).")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="The throughput phase alternates raw/teamster blocks this many times (drift on a "
                              "shared machine hits both sides alike).")
     parser.add_argument("--pool", default="threads", help="Celery pool of the worker.")

@@ -65,6 +65,10 @@ def _lua_list(values: Iterable[Any]) -> str:
     return "{" + ", ".join(f"[{literal(v)!r}]=true" for v in values) + "}"
 
 
+# Redis's clock, in seconds (the one clock every lease is read and written by, whichever host a worker runs on).
+_SERVER_NOW = """local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000"""
+
 # A claim reads the step, its run and the run's step index and takes the lease in one round trip, so the worker
 # needs no further read before running the step. The lease is a field of the step record, next to its fencing token:
 # ``lease_until`` (Redis server time, seconds). A running step whose lease has not run out is "busy"; a running step
@@ -78,8 +82,7 @@ local status = fields['status']
 if status == {literal(StepStatus.PARKED)!r} then return {{'parked', fields['child_run'] or ''}} end
 local open = {_lua_list(STEP_OPEN)}
 if not open[status] then return {{'terminal', status}} end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+{_SERVER_NOW}
 if status == {literal(StepStatus.RUNNING)!r} and tonumber(fields['lease_until'] or '0') > now then
   return {{'busy', fields['fence'] or ''}}
 end
@@ -107,8 +110,7 @@ return {{'claimed', tostring(token), status, step, run, tostring(attempts), tost
 # (lost), followed by the run's status (so a cancelled run stops its running steps).
 _RENEW = f"""
 local out = {{}}
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+{_SERVER_NOW}
 local n = 0
 for i = 1, #ARGV, 3 do
   n = n + 1
@@ -198,11 +200,11 @@ for i, c in ipairs(spec.c) do
     if not check(g.op, v, g.v) then held[i] = false end
   end
 end
-for i, o in pairs(folded) do
-  local current = found[spec.o[i].k .. '|' .. spec.o[i].a[1]]
-  if not current then current = '0' end
-  table.insert(o.a, spec.o[i].a[1])
-  table.insert(o.a, string.format('%d', tonumber(current) + tonumber(spec.o[i].a[2])))
+for i, target in pairs(folded) do
+  local inc = spec.o[i]
+  local current = found[inc.k .. '|' .. inc.a[1]] or '0'
+  table.insert(target.a, inc.a[1])
+  table.insert(target.a, string.format('%d', tonumber(current) + tonumber(inc.a[2])))
 end
 for i, o in ipairs(spec.o) do
   if not folded[i] and ((not o.w) or held[o.w]) then redis.call(o.c, KEYS[o.k], unpack(o.a)) end

@@ -397,8 +397,9 @@ class Transitions:
                 tx.xadd(self.keys.journal(run_id), self.journal.fields("run_succeeded", data={"output": final_output}))
                 wake = wake_parent(tx, self.keys, self.journal, self.settings, current, RunStatus.SUCCEEDED, t)
                 # a finished run expires after the TTL (a run that had dead-letter entries is settled below)
+                absent = None if current.dead_letters else self.keys.run_dlq(run_id)  # that set exists only then
                 for run_key in self.keys.run_keys(run_id, after):
-                    if run_key != self.keys.run_dlq(run_id) or current.dead_letters:  # that set exists only then
+                    if run_key != absent:
                         tx.call("EXPIRE", run_key, self.settings.finished_run_ttl_seconds)
             # else: the run's deadline in the active set is not moved; the watchdog reads progress_at when it is due
             try:
@@ -423,8 +424,8 @@ class Transitions:
         spend = agent_run.unrecorded_spend if agent_run is not None else {}
         if not spend.get("model_calls"):
             return
-        # the same fields on the step and on the run; both hashes are guarded and set by every step-ending
-        # transaction, so the store folds these increments into those writes
+        # the same fields on the step and on the run; where the transaction guards and sets a hash anyway (the step
+        # always; the run in a commit or a dead-letter), the store folds these increments into that write
         for target in (self.keys.step(run_id, key), self.keys.run(run_id)):
             tx.call("HINCRBY", target, "spend_calls", int(spend["model_calls"]))
             if spend.get("tokens"):

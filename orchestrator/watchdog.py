@@ -212,7 +212,7 @@ class Watchdog:
             self.client.zadd(self.keys.active_runs, {run_id: run.progress_at + deadline}, xx=True)
             return
         if self._waits_for_children(run):
-            self.client.zadd(self.keys.active_runs, {run_id: t + run_deadline_seconds(wf, self.settings)}, xx=True)
+            self.client.zadd(self.keys.active_runs, {run_id: t + deadline}, xx=True)
             report.deadlines_deferred += 1
             return
         if self.transitions.escalate_stalled(run, wf, t - run.progress_at):

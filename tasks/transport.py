@@ -110,10 +110,10 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
 
     def restore_unacked(self, client: Any = None) -> None:
         self._flush()  # drop what was acknowledged meanwhile (acks may come from other threads)
-        held = [self._delivered[tag] for tag in list(self._delivered) if tag in self._untracked]
+        held = list(self._delivered.items())
         with self.channel.conn_or_acquire(client) as conn:
-            self._push_back(held, client=conn)
-            for tag in list(self._delivered):
+            self._push_back([message for tag, message in held if tag in self._untracked], client=conn)
+            for tag, _message in held:
                 if tag not in self._untracked:
                     self.restore_by_tag(tag, client=conn)
         self._untracked.clear()

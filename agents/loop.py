@@ -16,6 +16,7 @@ The loop is created on first use in each process (a forked child gets its own).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import os
@@ -104,6 +105,7 @@ class AgentLoop:
     _lock = threading.Lock()
 
     def __init__(self, tool_threads: int = 64, name: str = "teamster-agents") -> None:
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.executor = DaemonExecutor(tool_threads, thread_name_prefix=f"{name}-tool")
         self.loop.set_default_executor(self.executor)
@@ -122,7 +124,32 @@ class AgentLoop:
 
                 cls._shared = AgentLoop(get_settings().tool_threads)
                 cls._shared_pid = os.getpid()
+                atexit.register(cls._shared.close_clients)
             return cls._shared
+
+    @classmethod
+    def owns_running_loop(cls) -> bool:
+        """Whether the running event loop is this process's agent loop (teamster closes what it shares there)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        shared = cls._shared
+        return shared is not None and shared.loop is running and shared.pid == os.getpid()
+
+    def close_clients(self, timeout: float = 5.0) -> None:
+        """Close the provider clients shared on this loop and their connection pools (registered at exit, so
+        pooled connections are closed, not dropped with an "unclosed" warning). Waits at most ``timeout``."""
+        if self.pid != os.getpid() or not self.thread.is_alive() or self.loop.is_closed():
+            return  # a forked child, or the loop is gone: nothing of this process to close
+        if threading.current_thread() is self.thread:
+            return  # called on the loop itself: waiting here would block it
+        from teamster.agents.providers import aclose_shared_clients  # noqa: PLC0415 - providers imports this module
+
+        try:
+            self.submit(aclose_shared_clients()).result(timeout)
+        except Exception as exc:  # noqa: BLE001 - at exit: a client that does not close is only logged
+            log.debug("shared provider clients did not close: %s", exc)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)

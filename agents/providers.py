@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import inspect
+import logging
 import os
 import threading
 import weakref
@@ -33,7 +35,11 @@ __all__ = [
     "override_model",
     "block_real_models",
     "PROVIDERS",
+    "aclose_shared_clients",
+    "aiohttp_available",
 ]
+
+log = logging.getLogger(__name__)
 
 PROVIDERS = ("bedrock", "openai", "anthropic", "ollama", "scripted")
 _EXTRAS = {"openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
@@ -88,7 +94,10 @@ def check_provider(value: str, settings: TeamsterSettings) -> ProviderRef:
                 hint="Set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_BEARER_TOKEN_BEDROCK), "
                      "or run offline with TEAMSTER_MODEL=scripted.",
             )
-    elif ref.kind == "openai" and not os.environ.get("OPENAI_API_KEY") and not settings.model_base_url:
+    if ref.kind == "openai" and settings.model_http_client == "aiohttp" and not aiohttp_available():
+        raise MissingExtra("TEAMSTER_MODEL_HTTP_CLIENT=aiohttp needs the 'aiohttp' and 'httpx-aiohttp' packages",
+                           hint="pip install 'teamster[openai]', or set TEAMSTER_MODEL_HTTP_CLIENT=auto.")
+    if ref.kind == "openai" and not os.environ.get("OPENAI_API_KEY") and not settings.model_base_url:
         raise MissingCredentials("OPENAI_API_KEY is not set",
                                  hint="Export OPENAI_API_KEY, or set TEAMSTER_MODEL_BASE_URL for a local "
                                       "OpenAI-compatible server.")
@@ -159,22 +168,65 @@ def _shared(key: tuple[Any, ...], factory: Callable[[], Any], *, per_loop: bool 
         return cache[key]
 
 
+def aiohttp_available() -> bool:
+    """Whether the aiohttp transport for httpx clients (``aiohttp`` and ``httpx-aiohttp``) is installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("aiohttp", "httpx_aiohttp"))
+
+
 def _openai_client(settings: TeamsterSettings) -> Any:
+    """The OpenAI client shared by the steps on the running loop.
+
+    On a worker's agent loop its HTTP client is aiohttp's (``TEAMSTER_MODEL_HTTP_CLIENT``, default ``auto``): with
+    the SDK's default httpx client a streamed completion never goes back to the pool -- the SDK closes the response
+    at ``data: [DONE]``, before the body's last bytes are read, so httpcore drops the connection and every model call
+    opens a new one (a new TLS handshake against a real provider); and httpcore checks every idle pooled connection
+    with a system call on each request, so keeping them alive would cost more as the pool grows. aiohttp reads the
+    body as it arrives and keeps the connection. On any other loop (an application's own) the client is the SDK's
+    default: teamster cannot close an aiohttp session on a loop it does not own.
+    """
     import httpx  # noqa: PLC0415 - the openai extra
     import openai  # noqa: PLC0415
 
+    from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - the loop imports nothing of teamster at load
+
     api_key = os.environ.get("OPENAI_API_KEY", "unused")
     size = settings.model_pool_size
+    use_aiohttp = (settings.model_http_client != "httpx" and AgentLoop.owns_running_loop()
+                   and aiohttp_available())
 
     def make() -> Any:
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        if use_aiohttp:
+            from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
+
+            http_client: httpx.AsyncClient = HttpxAiohttpClient(limits=limits, follow_redirects=True)
+        else:
+            http_client = openai.DefaultAsyncHttpxClient(limits=limits)
         return openai.AsyncOpenAI(
             api_key=api_key, base_url=settings.model_base_url or None,
             max_retries=0,  # the step retry policy is the single retry layer
-            timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0),
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size)))
+            timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0), http_client=http_client)
 
-    return _shared(("openai", settings.model_base_url, api_key, size), make)
+    return _shared(("openai", settings.model_base_url, api_key, size, use_aiohttp), make)
+
+
+async def aclose_shared_clients() -> None:
+    """Close the provider clients shared on the running loop, and their connection pools (the next step that needs
+    one builds it again). :class:`~teamster.agents.loop.AgentLoop` calls this at exit."""
+    loop = asyncio.get_running_loop()
+    with _HOOK_LOCK:
+        cache = _SHARED.pop(loop, {})
+    for shared in cache.values():
+        client = getattr(shared, "client", shared)  # a shared strands model keeps its SDK client as ``client``
+        close = getattr(client, "close", None)
+        if close is None:
+            continue
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # noqa: BLE001 - closing at exit: say so, close the others
+            log.debug("could not close a shared provider client %r: %s", client, exc)
 
 
 def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: float | None = None) -> Model:

@@ -58,7 +58,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 411: "Length Requir
 _SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
              b"transfer-encoding: chunked\r\n")
 _CLOSE = "connection: close\r\n"
-_COUNTERS = ("requests", "completed", "throttled", "hung", "errors", "disconnected", "tool_calls_emitted")
+_COUNTERS = ("connections", "requests", "completed", "throttled", "hung", "errors", "disconnected",
+             "tool_calls_emitted")
 _CACHE_MAX = 4096
 T = TypeVar("T")
 
@@ -149,6 +150,7 @@ class _Core:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = cast("asyncio.Task[Any]", asyncio.current_task())
         self._connections.add(task)
+        self.counters["connections"] += 1  # TCP connections accepted (a client that keeps them alive opens few)
         try:
             while await self._request(reader, writer):
                 pass

@@ -53,6 +53,7 @@ from bench._common import (
 from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
 from bench.concurrency import sweep
 from bench.model_server import ModelServerProcess
+from teamster.agents.providers import aiohttp_available
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import StepStatus
@@ -101,14 +102,18 @@ def floor_requests(model_id: str) -> dict[str, Any]:
     return dict(request)
 
 
-async def _floor(url: str, model_id: str, concurrency: int, duration: float) -> dict[str, Any]:
+async def _floor(url: str, model_id: str, concurrency: int, duration: float, http: str) -> dict[str, Any]:
     import httpx  # noqa: PLC0415
     import openai  # noqa: PLC0415
 
-    client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
-                                http_client=openai.DefaultAsyncHttpxClient(
-                                    limits=httpx.Limits(max_connections=concurrency,
-                                                        max_keepalive_connections=concurrency)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    if http == "aiohttp":  # the HTTP client teamster's workers use (teamster.agents.providers)
+        from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
+
+        http_client: httpx.AsyncClient = HttpxAiohttpClient(limits=limits, follow_redirects=True)
+    else:  # the SDK's default
+        http_client = openai.DefaultAsyncHttpxClient(limits=limits)
+    client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0, http_client=http_client)
     request = floor_requests(model_id)
     latencies: list[float] = []
     done_at: list[float] = []
@@ -141,19 +146,25 @@ def _floor_main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--http", choices=("httpx", "aiohttp"), default="httpx")
     args = parser.parse_args(argv)
-    result = asyncio.run(_floor(args.url, args.model, args.concurrency, args.duration))
+    result = asyncio.run(_floor(args.url, args.model, args.concurrency, args.duration, args.http))
     print(json.dumps(result))
 
 
+FLOOR_LABELS = {"aiohttp": "floor (1 asyncio process, shared AsyncOpenAI on aiohttp, as the workers)",
+                "httpx": "floor, SDK default (shared AsyncOpenAI on httpx)"}
+
+
 def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, warmup: float,
-                  window: float) -> dict[str, Any]:
+                  window: float, http: str = "httpx") -> dict[str, Any]:
     """The bare SDK in its own process: requests/s in the window, CPU per request, latencies."""
     server.reset()
     duration = warmup + window
     proc = subprocess.Popen([sys.executable, "-m", "bench.provider", "floor", "--url", server.url,
                              "--model", f"latency-{latency:g}", "--concurrency", str(concurrency),
-                             "--duration", str(duration)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+                             "--duration", str(duration), "--http", http],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     time.sleep(warmup)
     cpu_start = cpu_seconds(proc.pid)
     server_start = server.cpu_seconds()
@@ -168,7 +179,8 @@ def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, 
     in_window = [t for t in data["done_at"] if warmup <= t <= warmup + window]
     per_second = len(in_window) / window
     stats = server.stats()
-    return {"label": "floor (1 asyncio process, shared AsyncOpenAI)", "steps_per_second": per_second,
+    return {"label": FLOOR_LABELS[http], "http_client": http, "steps_per_second": per_second,
+            "connections_per_call": stats["connections"] / max(1, stats["requests"]),
             "in_flight_max": stats["in_flight_max"], "in_flight_mean": stats["in_flight_mean"],
             "model_calls_in_flight_max": stats["in_flight_max"], "model_calls_in_flight_mean": stats["in_flight_mean"],
             "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
@@ -239,7 +251,8 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
             "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
             "latency_p50_ms": percentile(durations, 50) * 1000, "latency_p99_ms": percentile(durations, 99) * 1000,
             "errors": failed, "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": left_running,
-            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window))}
+            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window)),
+            "connections_per_call": stats["connections"] / max(1, stats["requests"])}
 
 
 
@@ -267,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     args = build_parser().parse_args(argv)
     scenarios = parse_scenarios(args.scenarios)
+    worker_http = "aiohttp" if aiohttp_available() else "httpx"  # TEAMSTER_MODEL_HTTP_CLIENT=auto on the workers
     results: dict[str, Any] = {"benchmark": NAME, "scenarios": []}
     with bench_env(NAME, args) as env, ModelServerProcess(latency=1.0) as server:
         results["machine"] = machine_info(env.client)
@@ -275,23 +289,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             window = args.window if args.window is not None else max(20.0, 3 * latency)
             console.print(f"\n[bold]latency {latency:g}s, {concurrency} in flight[/]: warm-up {warmup:g}s, "
                           f"window {window:g}s")
-            rows = [measure_floor(server, latency, concurrency, warmup, window)]
+            # the ratio is like for like: against the floor on the HTTP client the workers use; the SDK's default
+            # client (httpx, a new connection per streamed call) is measured too when that is not it
+            rows = [measure_floor(server, latency, concurrency, warmup, window, worker_http)]
+            if worker_http != "httpx":
+                rows.append(measure_floor(server, latency, concurrency, warmup, window, "httpx"))
             rows.append(measure_workers(env, server, latency, concurrency, 1, warmup, window, "1 teamster worker"))
             if not args.skip_per_core and cpu_count() > 1:
                 rows.append(measure_workers(env, server, latency, concurrency, cpu_count(), warmup, window,
                                             f"{cpu_count()} teamster workers (one per core)"))
             base = rows[0]["steps_per_second"]
+            sdk_default = next(r["steps_per_second"] for r in rows if r.get("http_client") == "httpx")
             for row in rows:
                 row["vs_floor"] = ratio(row["steps_per_second"], base)
+                row["vs_sdk_default_floor"] = ratio(row["steps_per_second"], sdk_default)
             results["scenarios"].append({"latency_seconds": latency, "concurrency": concurrency,
                                          "warmup_seconds": warmup, "window_seconds": window, "rows": rows})
             print_table(f"real provider path: {latency:g} s model latency, {concurrency} in flight",
-                        ["", "steps/s", "vs floor", "steps in flight max/mean", "model calls in flight max/mean",
-                         "CPU ms/step", "RSS MB", "p50 / p99 ms", "pool errors", "left running", "failed"],
+                        ["", "steps/s", "vs floor", "vs SDK-default floor", "steps in flight max/mean",
+                         "model calls in flight max/mean", "CPU ms/step", "connections per call", "RSS MB",
+                         "p50 / p99 ms", "pool errors", "left running", "failed"],
                         [[r["label"], fmt(r["steps_per_second"], 1), fmt(r["vs_floor"], 2, "x"),
+                          fmt(r["vs_sdk_default_floor"], 2, "x"),
                           f"{fmt(r['in_flight_max'], 0)} / {fmt(r['in_flight_mean'], 0)}",
                           f"{fmt(r['model_calls_in_flight_max'], 0)} / {fmt(r['model_calls_in_flight_mean'], 0)}",
-                          fmt(r["cpu_ms_per_step"], 2), fmt(r["rss_mb"], 0),
+                          fmt(r["cpu_ms_per_step"], 2), fmt(r["connections_per_call"], 2), fmt(r["rss_mb"], 0),
                           f"{fmt(r['latency_p50_ms'], 0)} / {fmt(r['latency_p99_ms'], 0)}",
                           fmt(r["pool_errors"]), fmt(r["left_running"]), fmt(r["errors"])] for r in rows])
     write_results(NAME, results, args.output)

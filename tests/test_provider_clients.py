@@ -1,0 +1,117 @@
+"""The shared OpenAI-compatible client: real HTTP to the local model server of ``bench/model_server.py``.
+
+On a worker's agent loop the client runs on aiohttp and keeps its streamed connections alive (the openai SDK on its
+default httpx client closes every streamed response before its last bytes, so httpcore drops the connection and the
+next call opens a new one); on an application's own loop it is the SDK's default; at exit the agent loop closes
+what it shared, so no "unclosed" warning is left behind; asking for aiohttp without it installed is a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+from pydantic import BaseModel
+
+from bench.model_server import ModelServer
+from teamster.agents import providers
+from teamster.agents.loop import AgentLoop
+from teamster.agents.outcomes import Succeeded
+from teamster.agents.runner import run_agent, run_agent_async
+from teamster.agents.spec import AgentSpec
+from teamster.config.settings import load_settings
+from teamster.errors import MissingExtra
+
+pytestmark = pytest.mark.skipif(not providers.aiohttp_available(), reason="teamster[openai] is not installed")
+
+
+class Question(BaseModel):
+    text: str
+
+
+class Reply(BaseModel):
+    text: str
+
+
+SPEC: AgentSpec[Question, Reply] = AgentSpec(name="clients_agent", instructions="Answer the question.",
+                                             input_model=Question, output_model=Reply)
+
+
+@pytest.fixture()
+def server() -> Iterator[ModelServer]:
+    with ModelServer(latency=0.01) as model_server:  # a fresh server: its connection counter starts at 0
+        yield model_server
+
+
+def test_steps_on_the_agent_loop_share_one_kept_alive_connection(server: ModelServer) -> None:
+    settings = load_settings(model="openai:default", model_base_url=server.url)
+    for i in range(5):
+        run = run_agent(SPEC, {"text": f"question {i}"}, settings=settings)
+        assert isinstance(run.outcome, Succeeded), run.outcome
+        assert run.live_model_calls == 1
+    stats = server.stats()
+    assert stats["completed"] == 5
+    assert stats["connections"] == 1  # one connection, kept alive across five streamed calls
+
+
+def test_closed_clients_are_built_again_by_the_next_step(server: ModelServer) -> None:
+    settings = load_settings(model="openai:default", model_base_url=server.url)
+    assert isinstance(run_agent(SPEC, {"text": "before"}, settings=settings).outcome, Succeeded)
+    AgentLoop.shared().close_clients()
+    assert isinstance(run_agent(SPEC, {"text": "after"}, settings=settings).outcome, Succeeded)
+    assert server.stats()["connections"] == 2  # the closed pool's connection is gone; a new client opened one
+
+
+def test_the_httpx_setting_keeps_the_sdk_default_client(server: ModelServer) -> None:
+    settings = load_settings(model="openai:default", model_base_url=server.url, model_http_client="httpx")
+    for i in range(2):
+        assert isinstance(run_agent(SPEC, {"text": f"q{i}"}, settings=settings).outcome, Succeeded)
+    assert server.stats()["completed"] == 2
+
+
+def test_a_step_on_an_applications_own_loop_uses_the_sdk_default(server: ModelServer) -> None:
+    settings = load_settings(model="openai:default", model_base_url=server.url)
+
+    async def main() -> tuple[bool, object]:
+        owned = AgentLoop.owns_running_loop()
+        run = await run_agent_async(SPEC, {"text": "from my own loop"}, settings=settings)
+        return owned, run.outcome
+
+    owned, outcome = asyncio.run(main())
+    assert owned is False
+    assert isinstance(outcome, Succeeded), outcome
+
+
+def test_a_process_that_ran_steps_exits_without_unclosed_client_warnings(server: ModelServer) -> None:
+    script = textwrap.dedent(f"""
+        import asyncio, warnings
+        warnings.simplefilter("always", ResourceWarning)
+        from tests.test_provider_clients import SPEC
+        from teamster.agents.runner import run_agent, run_agent_async
+        from teamster.config.settings import load_settings
+        settings = load_settings(model="openai:default", model_base_url={server.url!r})
+        for i in range(3):
+            assert run_agent(SPEC, {{"text": str(i)}}, settings=settings).outcome.kind == "succeeded"
+        run = asyncio.run(run_agent_async(SPEC, {{"text": "own loop"}}, settings=settings))
+        assert run.outcome.kind == "succeeded"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "nclosed" not in done.stderr, done.stderr  # "Unclosed client session", "Unclosed connector"
+
+
+def test_asking_for_aiohttp_without_it_is_a_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(providers, "aiohttp_available", lambda: False)
+    settings = load_settings(model="openai:default", model_base_url="http://127.0.0.1:9/v1",
+                             model_http_client="aiohttp")
+    with pytest.raises(MissingExtra) as info:
+        providers.check_provider("openai:default", settings)
+    assert "aiohttp" in info.value.message and info.value.hint and "teamster[openai]" in info.value.hint
+    # "auto" falls back to the SDK's default client instead
+    providers.check_provider("openai:default", load_settings(model_base_url="http://127.0.0.1:9/v1"))

@@ -60,15 +60,25 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                     fmt(raw["worker_cpu_ms_per_step"], 2), _x(q["worker_cpu_per_step"])])
     elif name == "provider":
         for scenario in r["scenarios"]:
-            floor = scenario["rows"][0]
-            for row in scenario["rows"][1:]:
+            floors = [row for row in scenario["rows"] if "http_client" in row]
+            floor = floors[0]  # on the workers' HTTP client: the like-for-like ratio
+            default = next((f for f in floors[1:] if f["http_client"] == "httpx"), None)
+            baseline = (f"bare SDK on {floor.get('http_client', 'httpx')}: {fmt(floor['steps_per_second'], 1)} "
+                        f"req/s, {fmt(floor['cpu_ms_per_step'], 1)} ms CPU/req")
+            if default is not None:
+                baseline += (f"; on httpx (the SDK's default, a new connection per call): "
+                             f"{fmt(default['steps_per_second'], 1)} req/s, {fmt(default['cpu_ms_per_step'], 1)} "
+                             "ms CPU/req")
+            for row in (row for row in scenario["rows"] if "http_client" not in row):
+                ratio_cell = _x(row["vs_floor"])
+                if default is not None:
+                    ratio_cell += f" ({_x(row['vs_sdk_default_floor'])} of the httpx floor)"
                 out.append(["provider", f"{scenario['latency_seconds']:g} s model latency, "
                                         f"{scenario['concurrency']} in flight: {row['label']}",
                             f"{fmt(row['steps_per_second'], 1)} steps/s, {fmt(row['in_flight_max'], 0)} steps in "
                             f"flight, {fmt(row['cpu_ms_per_step'], 1)} ms CPU/step, {fmt(row['rss_mb'], 0)} MB, "
                             f"{row['pool_errors']} pool errors, {row['left_running']} left running",
-                            f"bare SDK: {fmt(floor['steps_per_second'], 1)} req/s, "
-                            f"{fmt(floor['cpu_ms_per_step'], 1)} ms CPU/req", _x(row["vs_floor"])])
+                            baseline, ratio_cell])
     elif name == "limits":
         st = r["settings"]
         rows = r["rows"]

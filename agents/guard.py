@@ -39,9 +39,9 @@ EventSink = Callable[[str, dict[str, Any]], None]
 class StepControl:
     """Stops a running step from outside the agent: wall-clock deadline, lost lease, cancelled run, budget breach.
 
-    The first reason given wins. The agent observes :attr:`event` as its ``cancel_signal`` (strands checks it
-    between stream chunks), and listeners registered with :meth:`on_abort` run at once -- the runner cancels the
-    step's task with one, so even a model call that sends nothing stops immediately.
+    The first reason given wins. Listeners registered with :meth:`on_abort` run at once: the runner calls strands'
+    ``Agent.cancel`` with one (strands checks it between stream chunks and tools see it) and cancels the step's task
+    with another, so even a model call that sends nothing stops immediately. :attr:`event` is set too.
     """
 
     def __init__(self) -> None:

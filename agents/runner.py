@@ -328,9 +328,12 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
         prompt,
         invocation_state=invocation_state,
         limits={"turns": spec.budget.max_model_calls, "total_tokens": spec.budget.max_total_tokens},
-        cancel_signal=control.event,
     ))
     running = asyncio.get_running_loop()
+    # strands' own cancellation, set at once (its checkpoints, the model stream and tool contexts read it). Passed as
+    # invoke_async's cancel_signal instead, the same event would be polled every 50 ms by a task per step: 20 timer
+    # wake-ups a second per step in flight, most of a worker's loop time with hundreds of slow calls in flight.
+    control.on_abort(agent.cancel)
     control.on_abort(lambda: _cancel_soon(running, task))
     done: set[asyncio.Future[Any]] = set()
     while True:  # the deadline moves by the time spent waiting for provider capacity

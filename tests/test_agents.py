@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from strands.types.tools import ToolContext
 
 from teamster.agents.guard import StepControl
+from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import (
     OUTCOME_ADAPTER,
     CannotComplete,
@@ -26,7 +27,14 @@ from teamster.agents.outcomes import (
     Succeeded,
     outcome_envelope,
 )
-from teamster.agents.runner import AgentRun, StepContext, format_validation_error, run_agent, validate_input
+from teamster.agents.runner import (
+    AgentRun,
+    StepContext,
+    format_validation_error,
+    run_agent,
+    run_agent_async,
+    validate_input,
+)
 from teamster.agents.scripted import (
     ScriptContext,
     ScriptedModel,
@@ -47,6 +55,7 @@ from teamster.agents.spec import AgentSpec, Budget, Criterion, RetryPolicy, get_
 from teamster.agents.tools import get_tool, idempotency_key, registered_tools, tool, tool_call_key
 from teamster.config.settings import TeamsterSettings, load_settings
 from teamster.errors import ConfigurationError, InvalidInput, UnknownAgent, UnknownTool
+from tests.harness import wait_until
 
 # ----------------------------------------------------------------------------- models, tools, helpers
 
@@ -93,6 +102,18 @@ def ta_keyed_action(ticket: str, tool_context: ToolContext) -> str:
     key = idempotency_key(tool_context)
     KEYS_SEEN.append(key)
     return f"tagged {ticket} with key {key}"
+
+
+CANCEL_SEEN: list[float] = []  # seconds the ta_waits_for_cancel tool waited before it saw the step's cancellation
+
+
+@tool(name="ta_waits_for_cancel")
+def ta_waits_for_cancel(order_id: str, tool_context: ToolContext) -> str:
+    """Wait for the warehouse (until the step is cancelled, at most 10 s)."""
+    started = time.monotonic()
+    seen = tool_context.cancel_signal.wait(10)
+    CANCEL_SEEN.append(time.monotonic() - started if seen else -1.0)
+    return f"order {order_id}: no answer"
 
 
 @pytest.fixture(autouse=True)
@@ -396,6 +417,42 @@ def test_step_control_stops_a_running_step(settings: TeamsterSettings, reason: s
     assert time.monotonic() - started < 4
     assert isinstance(result.outcome, Failed)
     assert result.outcome.error_type == error_type and result.outcome.retryable is False
+
+
+def test_a_stopped_step_cancels_its_running_tool_through_strands(settings: TeamsterSettings) -> None:
+    CANCEL_SEEN.clear()
+    control = StepControl()
+    timer = threading.Timer(0.3, control.abort, args=("cancelled: by operator",))
+    timer.start()
+    try:
+        result = run_agent(make_spec(tools=("ta_waits_for_cancel",)), TICKET, settings=settings, control=control,
+                           model=ScriptedModel([call("ta_waits_for_cancel", order_id="A1"), finish(GOOD)]))
+    finally:
+        timer.cancel()
+    assert isinstance(result.outcome, Failed) and result.outcome.error_type == "cancelled"
+    wait_until(lambda: CANCEL_SEEN, timeout=10)  # the tool's thread is abandoned: it reports on its own
+    assert 0 <= CANCEL_SEEN[0] < 5  # the tool context's cancel signal was set by the abort, not by its own timeout
+
+
+def test_a_step_in_flight_polls_nothing_while_it_waits(settings: TeamsterSettings) -> None:
+    # strands polls a cancel_signal passed to invoke_async every 50 ms with a task per invocation; teamster cancels
+    # through Agent.cancel instead, so a step waiting for a slow model call schedules no periodic wake-ups
+    loop = AgentLoop.shared()
+    control = StepControl()
+    future = loop.submit(run_agent_async(make_spec(), TICKET, model=ScriptedModel([finish(GOOD).after(30)]),
+                                         settings=settings, control=control))
+
+    async def tasks() -> list[str]:
+        return [getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()]
+
+    try:
+        wait_until(lambda: any("invoke_async" in name or "stream_async" in name
+                               for name in loop.submit(tasks()).result(5)), timeout=10)
+        names = loop.submit(tasks()).result(5)
+        assert not [name for name in names if "cancel" in name], names
+    finally:
+        control.abort("cancelled: test over")
+    assert future.result(10).outcome.error_type == "cancelled"
 
 
 def test_step_control_first_reason_wins() -> None:

@@ -101,7 +101,6 @@ class AgentLoop:
     """
 
     _shared: AgentLoop | None = None
-    _shared_pid = 0
     _lock = threading.Lock()
 
     def __init__(self, tool_threads: int = 64, name: str = "teamster-agents") -> None:
@@ -119,11 +118,10 @@ class AgentLoop:
         """The process's loop (created on first use, and again in a forked child), its executor sized by
         ``TEAMSTER_TOOL_THREADS``."""
         with cls._lock:
-            if cls._shared is None or cls._shared_pid != os.getpid() or not cls._shared.thread.is_alive():
+            if cls._shared is None or cls._shared.pid != os.getpid() or not cls._shared.thread.is_alive():
                 from teamster.config.settings import get_settings  # noqa: PLC0415
 
                 cls._shared = AgentLoop(get_settings().tool_threads)
-                cls._shared_pid = os.getpid()
                 atexit.register(cls._shared.close_clients)
             return cls._shared
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
@@ -37,6 +38,7 @@ __all__ = [
     "PROVIDERS",
     "aclose_shared_clients",
     "aiohttp_available",
+    "openai_http_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,9 +170,25 @@ def _shared(key: tuple[Any, ...], factory: Callable[[], Any], *, per_loop: bool 
         return cache[key]
 
 
+@functools.cache
 def aiohttp_available() -> bool:
-    """Whether the aiohttp transport for httpx clients (``aiohttp`` and ``httpx-aiohttp``) is installed."""
+    """Whether the aiohttp transport for httpx clients (``aiohttp`` and ``httpx-aiohttp``) is installed (looked up
+    once per process: every step on a worker asks)."""
     return all(importlib.util.find_spec(name) is not None for name in ("aiohttp", "httpx_aiohttp"))
+
+
+def openai_http_client(size: int, *, aiohttp: bool) -> Any:
+    """The HTTP client under a shared ``AsyncOpenAI``: ``size`` pooled connections, on aiohttp or on the SDK's default
+    httpx client (see :func:`_openai_client` for why aiohttp). The provider benchmark's floor uses it too."""
+    import httpx  # noqa: PLC0415 - the openai extra
+    import openai  # noqa: PLC0415
+
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    if aiohttp:
+        from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
+
+        return HttpxAiohttpClient(limits=limits, follow_redirects=True)
+    return openai.DefaultAsyncHttpxClient(limits=limits)
 
 
 def _openai_client(settings: TeamsterSettings) -> Any:
@@ -195,17 +213,11 @@ def _openai_client(settings: TeamsterSettings) -> Any:
                    and aiohttp_available())
 
     def make() -> Any:
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        if use_aiohttp:
-            from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
-
-            http_client: httpx.AsyncClient = HttpxAiohttpClient(limits=limits, follow_redirects=True)
-        else:
-            http_client = openai.DefaultAsyncHttpxClient(limits=limits)
         return openai.AsyncOpenAI(
             api_key=api_key, base_url=settings.model_base_url or None,
             max_retries=0,  # the step retry policy is the single retry layer
-            timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0), http_client=http_client)
+            timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0),
+            http_client=openai_http_client(size, aiohttp=use_aiohttp))
 
     return _shared(("openai", settings.model_base_url, api_key, size, use_aiohttp), make)
 

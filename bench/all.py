@@ -63,7 +63,7 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
             floors = [row for row in scenario["rows"] if "http_client" in row]
             floor = floors[0]  # on the workers' HTTP client: the like-for-like ratio
             default = next((f for f in floors[1:] if f["http_client"] == "httpx"), None)
-            baseline = (f"bare SDK on {floor.get('http_client', 'httpx')}: {fmt(floor['steps_per_second'], 1)} "
+            baseline = (f"bare SDK on {floor['http_client']}: {fmt(floor['steps_per_second'], 1)} "
                         f"req/s, {fmt(floor['cpu_ms_per_step'], 1)} ms CPU/req")
             if default is not None:
                 baseline += (f"; on httpx (the SDK's default, a new connection per call): "

@@ -53,7 +53,7 @@ from bench._common import (
 from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
 from bench.concurrency import sweep
 from bench.model_server import ModelServerProcess
-from teamster.agents.providers import aiohttp_available
+from teamster.agents.providers import aiohttp_available, openai_http_client
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import StepStatus
@@ -103,17 +103,11 @@ def floor_requests(model_id: str) -> dict[str, Any]:
 
 
 async def _floor(url: str, model_id: str, concurrency: int, duration: float, http: str) -> dict[str, Any]:
-    import httpx  # noqa: PLC0415
     import openai  # noqa: PLC0415
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    if http == "aiohttp":  # the HTTP client teamster's workers use (teamster.agents.providers)
-        from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
-
-        http_client: httpx.AsyncClient = HttpxAiohttpClient(limits=limits, follow_redirects=True)
-    else:  # the SDK's default
-        http_client = openai.DefaultAsyncHttpxClient(limits=limits)
-    client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0, http_client=http_client)
+    # the very HTTP client teamster's workers build (aiohttp), or the SDK's default (httpx)
+    client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
+                                http_client=openai_http_client(concurrency, aiohttp=http == "aiohttp"))
     request = floor_requests(model_id)
     latencies: list[float] = []
     done_at: list[float] = []

@@ -1,18 +1,24 @@
-"""A local OpenAI-compatible chat-completions server: the real provider path without a model API.
+"""A local model server speaking OpenAI's, Anthropic's and Ollama's chat APIs: the real provider path without a
+model API.
 
-Benchmarks and tests point strands-agents' ``OpenAIModel`` (so the ``openai`` SDK and httpx, over real HTTP) at
-this server: request building, keep-alive, SSE parsing, tool-call assembly, usage and 429s all run for real,
-while the "model" answers after a set latency with a tool call whose arguments are valid for the offered
-schema (:func:`teamster.agents.scripted.sample_output`).
+Benchmarks and tests point strands-agents' model providers (``OpenAIModel`` over the ``openai`` SDK,
+``AnthropicModel`` over the ``anthropic`` SDK, ``OllamaModel`` over the ``ollama`` client) at this server: request
+building, keep-alive, streaming, tool-call assembly, usage and 429s all run for real, while the "model" answers
+after a set latency with a tool call whose arguments are valid for the offered schema
+(:func:`teamster.agents.scripted.sample_output`).
 
-* ``POST /v1/chat/completions``, streamed (SSE) or not, in OpenAI's shapes. Model ``latency-<seconds>`` answers
-  after that long, ``hang`` never answers (until the client disconnects), any other name after ``latency``. The
-  conversation can ask for the same per request: a message containing ``[hang]`` or ``[latency=<seconds>]``.
-  With ``tools`` it calls the tool ``tool_choice`` forces; else, while the conversation holds fewer than
-  ``tool_calls`` tool results, the first tool not named ``final_outcome``; else ``final_outcome`` if offered,
-  or the last tool. Without tools it says "ok" (or a sample for a ``json_schema`` response format).
-* Optional fixed-window rate limit: past ``rate_limit`` requests per ``rate_window`` seconds, OpenAI's 429 (with
-  ``retry-after``); ``/stats`` counts the requests that arrived and were accepted in each window.
+* ``POST /v1/chat/completions`` (OpenAI), ``POST /v1/messages`` (Anthropic) and ``POST /api/chat`` (Ollama), streamed
+  (SSE; Ollama: NDJSON) or not, each in its provider's shapes; a ``/v1`` prefix is optional on every route. Model
+  ``latency-<seconds>`` answers after that long, ``hang`` never answers (until the client disconnects), any other
+  name after ``latency``. The conversation can ask for the same per request: a message containing ``[hang]`` or
+  ``[latency=<seconds>]``. With tools it calls the tool the request's tool choice forces; else, while the
+  conversation holds fewer than ``tool_calls`` tool results, the first tool not named ``final_outcome``; else
+  ``final_outcome`` if offered, or the last tool. Without tools (or told to call none) it says "ok", or a sample of
+  the schema the request wants the text to follow (OpenAI's ``response_format``, Anthropic's ``output_config``,
+  Ollama's ``format``).
+* Optional fixed-window rate limit: past ``rate_limit`` requests per ``rate_window`` seconds, a 429 (with
+  ``retry-after``, in the provider's error shape); ``/stats`` counts the requests that arrived and were accepted in
+  each window.
 * ``GET /health``, ``GET /stats`` (counters, in-flight peak and time-weighted mean, windows), ``POST /reset``.
 
 Plain asyncio and cheap per request, as it runs beside the system being measured: :class:`ModelServer` runs
@@ -77,7 +83,23 @@ def _error(message: str, kind: str = "invalid_request_error", code: str | None =
     return _dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
-_RATE_LIMITED = _error("Rate limit reached for requests", "requests", "rate_limit_exceeded")
+_PROTOCOLS = {"/chat/completions": "openai", "/messages": "anthropic", "/api/chat": "ollama"}
+_RATE_LIMITED = {
+    "openai": _error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
+    "anthropic": _dumps({"type": "error", "error": {"type": "rate_limit_error",
+                                                    "message": "Rate limit reached for requests"}}).encode(),
+    "ollama": _dumps({"error": "rate limit reached for requests"}).encode(),
+}
+_NDJSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n")
+
+
+def _chunked(head: bytes, keep: bool, payloads: list[bytes]) -> bytes:
+    """A streamed response, all of it at once: ``head``, then each payload as one chunk, then the last chunk."""
+    out = [head, b"\r\n" if keep else _CLOSE.encode() + b"\r\n"]
+    for payload in payloads:
+        out += (b"%x\r\n" % len(payload), payload, b"\r\n")
+    out.append(b"0\r\n\r\n")
+    return b"".join(out)
 
 
 class _Core:
@@ -196,9 +218,12 @@ class _Core:
         if length is None and method == "POST":
             return await self._reply(writer, 411, _error("Content-Length required"), False)
         body = await reader.readexactly(int(length)) if length else b""
-        path = target.partition("?")[0].removeprefix("/v1")
-        if method == "POST" and path == "/chat/completions":
-            return await self._chat(reader, writer, body, keep)
+        path = target.partition("?")[0]
+        while path.startswith("/v1/"):  # base URLs with or without /v1: Anthropic's SDK adds its own
+            path = path[3:]
+        protocol = _PROTOCOLS.get(path)
+        if method == "POST" and protocol is not None:
+            return await self._chat(reader, writer, body, keep, protocol)
         if method == "GET" and path == "/health":
             return await self._reply(writer, 200, b'{"ok":true}', keep)
         if method == "GET" and path == "/stats":
@@ -209,11 +234,13 @@ class _Core:
         return await self._reply(writer, 404, _error(f"no route for {method} {target}", code="not_found"), keep)
 
     async def _chat(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes,
-                    keep: bool) -> bool:
+                    keep: bool, protocol: str) -> bool:
         self.counters["requests"] += 1
         try:
             request = json.loads(body)
-            answer = self._answer(request)
+            if not isinstance(request, dict):
+                raise TypeError("the request body is not a JSON object")
+            answer = self._answer(protocol, request)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return await self._reply(writer, 400, _error("We could not parse the JSON body of your request."), keep)
         except (LookupError, TypeError, AttributeError, ValueError) as exc:  # not an object, bad tools, ...
@@ -222,7 +249,7 @@ class _Core:
         if wait is not None:
             self.counters["throttled"] += 1
             extra = f"retry-after: {max(1, math.ceil(wait))}\r\nretry-after-ms: {max(1, math.ceil(wait * 1000))}\r\n"
-            return await self._reply(writer, 429, _RATE_LIMITED, keep, extra)
+            return await self._reply(writer, 429, _RATE_LIMITED[protocol], keep, extra)
         model = self._directive(request) or str(request.get("model", ""))
         self._flight(1)
         try:
@@ -233,7 +260,7 @@ class _Core:
                 self.counters["disconnected"] += 1
                 return False
             await asyncio.sleep(self._latency(model))
-            writer.write(self._render(request, model, answer, len(body), keep))
+            writer.write(self._render(protocol, request, model, answer, len(body), keep))
             try:
                 await writer.drain()
             except ConnectionError:
@@ -267,26 +294,48 @@ class _Core:
                 pass
         return self.latency
 
-    def _answer(self, request: dict[str, Any]) -> tuple[str | None, str]:
-        """(tool name, JSON arguments) for a tool call, or (None, text)."""
+    def _answer(self, protocol: str, request: dict[str, Any]) -> tuple[str | None, str]:
+        """(tool name, JSON arguments) for a tool call, or (None, text): the request in ``protocol``'s shapes."""
+        messages = [m for m in request.get("messages") or () if isinstance(m, dict)]
+        if protocol == "anthropic":
+            tools = [{"name": t.get("name"), "parameters": t.get("input_schema")}
+                     for t in request.get("tools") or () if isinstance(t, dict) and "input_schema" in t]
+            choice = request.get("tool_choice") or {}
+            kind = choice.get("type") if isinstance(choice, dict) else None
+            forced = choice.get("name") if kind == "tool" else None
+            results = sum(1 for m in messages if m.get("role") == "user" and isinstance(m.get("content"), list)
+                          for block in m["content"] if isinstance(block, dict) and block.get("type") == "tool_result")
+            output = ((request.get("output_config") or {}).get("format") or {})
+            schema = output.get("schema") if output.get("type") == "json_schema" else None
+            return self._choose(tools, forced, kind == "none", results, schema)
         tools = [t["function"] for t in request.get("tools") or () if isinstance(t, dict) and "function" in t]
+        results = sum(1 for m in messages if m.get("role") == "tool")
+        if protocol == "ollama":  # no tool choice; ``format`` (a JSON schema) constrains the text
+            text_format = request.get("format")
+            return self._choose(tools, None, False, results, text_format if isinstance(text_format, dict) else None)
         choice = request.get("tool_choice")
-        if not tools or choice == "none":
-            response_format = request.get("response_format") or {}
-            if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-                return None, self._sample("response_format", response_format["json_schema"].get("schema") or {})
-            return None, "ok"
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-            tool = next((t for t in tools if t.get("name") == name), None)
+        forced = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        response_format = request.get("response_format") or {}
+        schema = None
+        if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+            schema = response_format["json_schema"].get("schema") or {}
+        return self._choose(tools, forced, choice == "none", results, schema)
+
+    def _choose(self, tools: list[dict[str, Any]], forced: str | None, no_tools: bool, tool_results: int,
+                text_schema: dict[str, Any] | None) -> tuple[str | None, str]:
+        """What the "model" answers: the forced tool; else, while fewer than ``tool_calls`` tool results are in the
+        conversation, the first tool not named ``final_outcome``; else ``final_outcome`` or the last tool; without
+        tools (or told not to call one) a sample of ``text_schema``, or "ok"."""
+        if not tools or no_tools:
+            return None, self._sample("text", text_schema) if text_schema is not None else "ok"
+        if forced is not None:
+            tool = next((t for t in tools if t.get("name") == forced), None)
             if tool is None:
-                raise LookupError(f"tool_choice names {name!r}, which is not among the offered tools")
+                raise LookupError(f"tool_choice names {forced!r}, which is not among the offered tools")
         else:
             tool = None
-            if self.tool_calls > 0:
-                messages = request.get("messages") or ()
-                if sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "tool") < self.tool_calls:
-                    tool = next((t for t in tools if t.get("name") != FINAL_TOOL), None)
+            if self.tool_calls > 0 and tool_results < self.tool_calls:
+                tool = next((t for t in tools if t.get("name") != FINAL_TOOL), None)
             if tool is None:
                 tool = next((t for t in tools if t.get("name") == FINAL_TOOL), tools[-1])
         name = str(tool.get("name", ""))
@@ -302,17 +351,25 @@ class _Core:
             cached = self._cache[key] = _dumps(sample_output(schema))
         return cached
 
-    def _render(self, request: dict[str, Any], model: str, answer: tuple[str | None, str], prompt_chars: int,
-                keep: bool) -> bytes:
-        """The full HTTP response for a chat completion: one JSON body, or the whole SSE stream at once."""
+    def _render(self, protocol: str, request: dict[str, Any], model: str, answer: tuple[str | None, str],
+                prompt_chars: int, keep: bool) -> bytes:
+        """The full HTTP response in ``protocol``'s shapes: one JSON body, or the whole stream at once."""
+        if answer[0] is not None:
+            self.counters["tool_calls_emitted"] += 1
+        if protocol == "anthropic":
+            return self._render_anthropic(request, model, answer, prompt_chars, keep)
+        if protocol == "ollama":
+            return self._render_ollama(request, model, answer, prompt_chars, keep)
+        return self._render_openai(request, model, answer, prompt_chars, keep)
+
+    def _render_openai(self, request: dict[str, Any], model: str, answer: tuple[str | None, str], prompt_chars: int,
+                       keep: bool) -> bytes:
         n = next(self._ids)
         name, text = answer
         prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         base = {"id": f"chatcmpl-{n}", "created": int(time.time()), "model": model}
         finish = "stop" if name is None else "tool_calls"
-        if name is not None:
-            self.counters["tool_calls_emitted"] += 1
         if not request.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": text if name is None else None}
             if name is not None:
@@ -336,11 +393,59 @@ class _Core:
         events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
         if (request.get("stream_options") or {}).get("include_usage"):
             events.append({**chunk, "choices": [], "usage": usage})
-        out = [_SSE_HEAD, b"\r\n" if keep else _CLOSE.encode() + b"\r\n"]
-        for payload in [f"data: {_dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]:
-            out += (b"%x\r\n" % len(payload), payload, b"\r\n")
-        out.append(b"0\r\n\r\n")
-        return b"".join(out)
+        return _chunked(_SSE_HEAD, keep, [f"data: {_dumps(event)}\n\n".encode() for event in events]
+                        + [b"data: [DONE]\n\n"])
+
+    def _render_anthropic(self, request: dict[str, Any], model: str, answer: tuple[str | None, str],
+                          prompt_chars: int, keep: bool) -> bytes:
+        n = next(self._ids)
+        name, text = answer
+        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        block: dict[str, Any] = ({"type": "text", "text": text} if name is None else
+                                 {"type": "tool_use", "id": f"toolu_{n}", "name": name, "input": json.loads(text)})
+        stop = "end_turn" if name is None else "tool_use"
+        message = {"id": f"msg_{n}", "type": "message", "role": "assistant", "model": model, "content": [block],
+                   "stop_reason": stop, "stop_sequence": None,
+                   "usage": {"input_tokens": prompt, "output_tokens": completion}}
+        if not request.get("stream"):
+            data = _dumps(message).encode()
+            return _head(200, len(data), keep) + data
+        start = {**message, "content": [], "stop_reason": None, "usage": {"input_tokens": prompt, "output_tokens": 1}}
+        if name is None:
+            opening: dict[str, Any] = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": text}]
+        else:
+            half = (len(text) + 1) // 2
+            opening = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": part} for part in (text[:half], text[half:]) if part]
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": opening}),
+            *(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                               "usage": {"output_tokens": completion}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return _chunked(_SSE_HEAD, keep, [f"event: {kind}\ndata: {_dumps(event)}\n\n".encode()
+                                          for kind, event in events])
+
+    def _render_ollama(self, request: dict[str, Any], model: str, answer: tuple[str | None, str],
+                       prompt_chars: int, keep: bool) -> bytes:
+        name, text = answer
+        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        message: dict[str, Any] = {"role": "assistant", "content": text if name is None else ""}
+        if name is not None:
+            message["tool_calls"] = [{"function": {"name": name, "arguments": json.loads(text)}}]
+        last = {"model": model, "created_at": created, "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": "stop", "total_duration": 1_000_000, "load_duration": 0, "prompt_eval_count": prompt,
+                "prompt_eval_duration": 0, "eval_count": completion, "eval_duration": 0}
+        if request.get("stream") is False:
+            data = _dumps({**last, "message": message}).encode()
+            return _head(200, len(data), keep) + data
+        first = {"model": model, "created_at": created, "message": message, "done": False}
+        return _chunked(_NDJSON_HEAD, keep, [f"{_dumps(first)}\n".encode(), f"{_dumps(last)}\n".encode()])
 
 
 def _listen(host: str, port: int) -> tuple[socket.socket, str]:
@@ -521,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: print ``{"url": ...}`` on the first stdout line, then serve until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.model_server",
-        description="Local OpenAI-compatible chat-completions server for benchmarks and tests. Prints "
+        description="Local model server for benchmarks and tests, speaking OpenAI's chat completions "
+        "(/v1/chat/completions), Anthropic's messages (/v1/messages) and Ollama's chat (/api/chat). Prints "
         '{"url": "http://HOST:PORT/v1"} on the first stdout line, then serves until SIGTERM or SIGINT. The model '
         "name sets the latency: latency-<seconds> (e.g. latency-0.05); hang never answers; others use --latency.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""bench/model_server.py: the local OpenAI-compatible server, driven by the real openai SDK and strands-agents."""
+"""bench/model_server.py: the local model server, driven by the real openai, anthropic and ollama SDKs and strands."""
 
 from __future__ import annotations
 
@@ -234,3 +234,64 @@ def test_server_process_serves_and_stops() -> None:
     assert process.returncode == 0
     with pytest.raises(ProcessLookupError):
         os.kill(process.pid, 0)
+
+
+# --------------------------------------------------------------------------- Anthropic's and Ollama's APIs
+# (each SDK is an optional extra: imported per test)
+
+def test_anthropic_messages_stream_a_tool_call_and_answer_text_schemas(server: ModelServer) -> None:
+    sdk = pytest.importorskip("anthropic")
+    final = {"name": "final_outcome", "description": "last", "input_schema": Envelope.model_json_schema()}
+
+    async def run() -> tuple[Any, Any]:
+        async with sdk.AsyncAnthropic(base_url=server.url.removesuffix("/v1"), api_key="unused",
+                                      max_retries=0) as api:
+            async with api.messages.stream(model="latency-0.01", max_tokens=100, messages=USER,
+                                           tools=[final], tool_choice={"type": "any"}) as stream:
+                streamed = await stream.get_final_message()
+            forced_text = await api.messages.create(
+                model="latency-0", max_tokens=100, messages=USER, tools=[final], tool_choice={"type": "none"},
+                extra_body={"output_config": {"format": {"type": "json_schema",
+                                                         "schema": Answer.model_json_schema()}}})
+        return streamed, forced_text
+
+    streamed, text = asyncio.run(run())
+    block = streamed.content[0]
+    assert (block.type, block.name, streamed.stop_reason) == ("tool_use", "final_outcome", "tool_use")
+    assert Envelope.model_validate(block.input).status == "succeeded"
+    assert streamed.usage.input_tokens >= 1 and streamed.usage.output_tokens >= 1
+    assert text.stop_reason == "end_turn"
+    Answer.model_validate_json(text.content[0].text)  # the text follows the schema the request asked for
+
+
+def test_anthropic_429_is_the_sdks_rate_limit_error() -> None:
+    sdk = pytest.importorskip("anthropic")
+
+    async def run() -> None:
+        async with sdk.AsyncAnthropic(base_url=srv.url, api_key="unused", max_retries=0) as api:  # /v1 prefix ok
+            await api.messages.create(model="latency-0", max_tokens=10, messages=USER)
+            with pytest.raises(sdk.RateLimitError) as info:
+                await api.messages.create(model="latency-0", max_tokens=10, messages=USER)
+            assert info.value.status_code == 429 and info.value.body["error"]["type"] == "rate_limit_error"
+
+    with ModelServer(latency=0, rate_limit=1, rate_window=60) as srv:
+        asyncio.run(run())
+        assert srv.stats()["throttled"] == 1
+
+
+def test_ollama_chat_streams_a_tool_call_and_follows_format(server: ModelServer) -> None:
+    sdk = pytest.importorskip("ollama")
+    lookup = {"type": "function", "function": LOOKUP["function"]}
+
+    async def run() -> tuple[list[Any], Any]:
+        api = sdk.AsyncClient(server.url.removesuffix("/v1"))
+        chunks = [part async for part in await api.chat(model="latency-0.01", messages=USER, tools=[lookup],
+                                                         stream=True)]
+        formatted = await api.chat(model="latency-0", messages=USER, format=Answer.model_json_schema())
+        return chunks, formatted
+
+    chunks, formatted = asyncio.run(run())
+    calls = [call for chunk in chunks for call in chunk.message.tool_calls or ()]
+    assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("lookup", {"order_id": "sample"})]
+    assert chunks[-1].done and chunks[-1].eval_count >= 1 and chunks[-1].prompt_eval_count >= 1
+    Answer.model_validate_json(formatted.message.content)

@@ -38,13 +38,16 @@ __all__ = [
     "PROVIDERS",
     "aclose_shared_clients",
     "aiohttp_available",
-    "openai_http_client",
+    "provider_http_client",
 ]
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("bedrock", "openai", "anthropic", "ollama", "scripted")
 _EXTRAS = {"openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
+_HTTP_KINDS = ("openai", "anthropic", "ollama")
+"""Providers whose SDKs speak httpx: on a worker's agent loop their shared pools run on aiohttp (see
+:func:`provider_http_client`)."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,9 @@ def check_provider(value: str, settings: TeamsterSettings) -> ProviderRef:
                 hint="Set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_BEARER_TOKEN_BEDROCK), "
                      "or run offline with TEAMSTER_MODEL=scripted.",
             )
-    if ref.kind == "openai" and settings.model_http_client == "aiohttp" and not aiohttp_available():
+    if ref.kind in _HTTP_KINDS and settings.model_http_client == "aiohttp" and not aiohttp_available():
         raise MissingExtra("TEAMSTER_MODEL_HTTP_CLIENT=aiohttp needs the 'aiohttp' and 'httpx-aiohttp' packages",
-                           hint="pip install 'teamster[openai]', or set TEAMSTER_MODEL_HTTP_CLIENT=auto.")
+                           hint=f"pip install 'teamster[{ref.kind}]', or set TEAMSTER_MODEL_HTTP_CLIENT=auto.")
     if ref.kind == "openai" and not os.environ.get("OPENAI_API_KEY") and not settings.model_base_url:
         raise MissingCredentials("OPENAI_API_KEY is not set",
                                  hint="Export OPENAI_API_KEY, or set TEAMSTER_MODEL_BASE_URL for a local "
@@ -177,47 +180,63 @@ def aiohttp_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("aiohttp", "httpx_aiohttp"))
 
 
-def openai_http_client(size: int, *, aiohttp: bool) -> Any:
-    """The HTTP client under a shared ``AsyncOpenAI``: ``size`` pooled connections, on aiohttp or on the SDK's default
-    httpx client (see :func:`_openai_client` for why aiohttp). The provider benchmark's floor uses it too."""
-    import httpx  # noqa: PLC0415 - the openai extra
-    import openai  # noqa: PLC0415
+def provider_http_client(size: int, *, aiohttp: bool) -> Any:
+    """The HTTP client under a shared provider SDK client (``AsyncOpenAI``, ``AsyncAnthropic``): ``size`` pooled
+    connections, on aiohttp or on httpx (see :func:`_use_aiohttp` for why aiohttp). The provider benchmark's floor
+    uses it too."""
+    import httpx  # noqa: PLC0415 - the provider extras
 
     limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     if aiohttp:
         from httpx_aiohttp import HttpxAiohttpClient  # noqa: PLC0415
 
         return HttpxAiohttpClient(limits=limits, follow_redirects=True)
-    return openai.DefaultAsyncHttpxClient(limits=limits)
+    return httpx.AsyncClient(limits=limits, follow_redirects=True)
+
+
+def _http_transport(size: int, *, aiohttp: bool) -> Any:
+    """A connection pool of ``size`` for clients that are built per request but take a ``transport`` (Ollama's)."""
+    import httpx  # noqa: PLC0415 - the ollama extra
+
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+    if aiohttp:
+        from httpx_aiohttp.transport import AiohttpTransport  # noqa: PLC0415
+
+        return AiohttpTransport(limits=limits)
+    return httpx.AsyncHTTPTransport(limits=limits)
+
+
+def _use_aiohttp(settings: TeamsterSettings) -> bool:
+    """Whether the shared HTTP pools on the running loop run on aiohttp (``TEAMSTER_MODEL_HTTP_CLIENT``, default
+    ``auto``: when installed, and only on a worker's agent loop).
+
+    With the openai SDK's default httpx client a streamed completion never goes back to the pool -- the SDK closes the
+    response at ``data: [DONE]``, before the body's last bytes are read, so httpcore drops the connection and every
+    model call opens a new one (a new TLS handshake against a real provider); and httpcore checks every idle pooled
+    connection with a system call on each request, so keeping them alive costs more as the pool grows. aiohttp reads
+    the body as it arrives and keeps the connection. On any other loop (an application's own) the pools are httpx's:
+    teamster cannot close an aiohttp session on a loop it does not own.
+    """
+    from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - the loop imports nothing of teamster at load
+
+    return settings.model_http_client != "httpx" and AgentLoop.owns_running_loop() and aiohttp_available()
 
 
 def _openai_client(settings: TeamsterSettings) -> Any:
-    """The OpenAI client shared by the steps on the running loop.
-
-    On a worker's agent loop its HTTP client is aiohttp's (``TEAMSTER_MODEL_HTTP_CLIENT``, default ``auto``): with
-    the SDK's default httpx client a streamed completion never goes back to the pool -- the SDK closes the response
-    at ``data: [DONE]``, before the body's last bytes are read, so httpcore drops the connection and every model call
-    opens a new one (a new TLS handshake against a real provider); and httpcore checks every idle pooled connection
-    with a system call on each request, so keeping them alive would cost more as the pool grows. aiohttp reads the
-    body as it arrives and keeps the connection. On any other loop (an application's own) the client is the SDK's
-    default: teamster cannot close an aiohttp session on a loop it does not own.
-    """
+    """The OpenAI client shared by the steps on the running loop, its pool sized to the worker's concurrency."""
     import httpx  # noqa: PLC0415 - the openai extra
     import openai  # noqa: PLC0415
 
-    from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - the loop imports nothing of teamster at load
-
     api_key = os.environ.get("OPENAI_API_KEY", "unused")
     size = settings.model_pool_size
-    use_aiohttp = (settings.model_http_client != "httpx" and AgentLoop.owns_running_loop()
-                   and aiohttp_available())
+    use_aiohttp = _use_aiohttp(settings)
 
     def make() -> Any:
         return openai.AsyncOpenAI(
             api_key=api_key, base_url=settings.model_base_url or None,
             max_retries=0,  # the step retry policy is the single retry layer
             timeout=httpx.Timeout(settings.step_timeout_seconds, connect=10.0),
-            http_client=openai_http_client(size, aiohttp=use_aiohttp))
+            http_client=provider_http_client(size, aiohttp=use_aiohttp))
 
     return _shared(("openai", settings.model_base_url, api_key, size, use_aiohttp), make)
 
@@ -230,7 +249,7 @@ async def aclose_shared_clients() -> None:
         cache = _SHARED.pop(loop, {})
     for shared in cache.values():
         client = getattr(shared, "client", shared)  # a shared strands model keeps its SDK client as ``client``
-        close = getattr(client, "close", None)
+        close = getattr(client, "aclose", None) or getattr(client, "close", None)  # a transport has aclose
         if close is None:
             continue
         try:
@@ -246,8 +265,9 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: 
 
     Provider clients and their connection pools (sized to the worker's concurrency) are built once per process --
     per event loop for async ones -- and shared by every step: strands would otherwise build a new HTTP client, with
-    a new TLS context, for every request. An OpenAI-compatible request carries the step's budget (``timeout``) as
-    its own timeout; the shared Anthropic and Bedrock clients time out after ``TEAMSTER_STEP_TIMEOUT_SECONDS``.
+    a new TLS context, for every request. An OpenAI-compatible or Ollama request carries the step's budget
+    (``timeout``) as its own timeout; the shared Anthropic and Bedrock clients time out after
+    ``TEAMSTER_STEP_TIMEOUT_SECONDS``.
     Either way teamster's deadline cancels the call when the step's budget is spent.
 
     Raises:
@@ -275,21 +295,37 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: 
         return OpenAIModel(client=_openai_client(settings), model_id=ref.model_id,
                            params={"max_tokens": settings.model_max_tokens, "timeout": step_timeout})
     if ref.kind == "anthropic":
-        from strands.models.anthropic import AnthropicModel  # noqa: PLC0415
-
-        def anthropic_model() -> Model:
-            return AnthropicModel(client_args={"max_retries": 0, "timeout": settings.step_timeout_seconds},
-                                  model_id=ref.model_id, max_tokens=settings.model_max_tokens)
-
-        # strands' AnthropicModel builds its AsyncAnthropic client in __init__: share the model (it keeps no
-        # per-call state) so the client and its pool are built once per loop.
-        shared_anthropic: Model = _shared(("anthropic", ref.model_id, settings.model_max_tokens), anthropic_model)
-        return shared_anthropic
+        return _anthropic_model(ref, settings)
+    import httpx  # noqa: PLC0415 - the ollama extra
     from strands.models.ollama import OllamaModel  # noqa: PLC0415
 
-    # strands' OllamaModel opens an ollama.AsyncClient per request (plain HTTP to a local server, no TLS)
+    # strands' OllamaModel opens an ollama.AsyncClient (an httpx client) per request: each is given the loop's shared
+    # transport, so the connections, their pool and its size are the process's, not the request's
+    size, use_aiohttp = settings.model_pool_size, _use_aiohttp(settings)
+    transport = _shared(("ollama-transport", size, use_aiohttp), lambda: _http_transport(size, aiohttp=use_aiohttp))
     return OllamaModel(settings.model_base_url or "http://localhost:11434", model_id=ref.model_id,
-                       max_tokens=settings.model_max_tokens)
+                       max_tokens=settings.model_max_tokens,
+                       ollama_client_args={"transport": transport,
+                                           "timeout": httpx.Timeout(step_timeout, connect=10.0)})
+
+
+def _anthropic_model(ref: ProviderRef, settings: TeamsterSettings) -> Model:
+    """strands' AnthropicModel builds its ``AsyncAnthropic`` client in ``__init__``: the model is shared per loop (it
+    keeps no per-call state), so the client and its pool (sized to the worker's concurrency) are built once."""
+    from strands.models.anthropic import AnthropicModel  # noqa: PLC0415
+
+    size, use_aiohttp = settings.model_pool_size, _use_aiohttp(settings)
+
+    def make() -> Model:
+        client_args: dict[str, Any] = {"max_retries": 0, "timeout": settings.step_timeout_seconds,
+                                       "http_client": provider_http_client(size, aiohttp=use_aiohttp)}
+        if settings.model_base_url:  # an Anthropic-compatible gateway (else ANTHROPIC_BASE_URL or Anthropic's API)
+            client_args["base_url"] = settings.model_base_url
+        return AnthropicModel(client_args=client_args, model_id=ref.model_id, max_tokens=settings.model_max_tokens)
+
+    shared: Model = _shared(("anthropic", ref.model_id, settings.model_max_tokens, settings.model_base_url, size,
+                             use_aiohttp), make)
+    return shared
 
 
 def _bedrock(ref: ProviderRef, settings: TeamsterSettings) -> Model:

@@ -53,7 +53,7 @@ from bench._common import (
 from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
 from bench.concurrency import sweep
 from bench.model_server import ModelServerProcess
-from teamster.agents.providers import aiohttp_available, openai_http_client
+from teamster.agents.providers import aiohttp_available, provider_http_client
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.models import StepStatus
@@ -107,7 +107,7 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
 
     # the very HTTP client teamster's workers build (aiohttp), or the SDK's default (httpx)
     client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
-                                http_client=openai_http_client(concurrency, aiohttp=http == "aiohttp"))
+                                http_client=provider_http_client(concurrency, aiohttp=http == "aiohttp"))
     request = floor_requests(model_id)
     latencies: list[float] = []
     done_at: list[float] = []

@@ -218,9 +218,9 @@ class TeamsterSettings(BaseSettings):
         description="HTTP connections per model provider client and process (default: worker_concurrency).")
     model_http_client: Literal["auto", "aiohttp", "httpx"] = Field(
         default="auto",
-        description="HTTP client under the shared OpenAI-compatible client on a worker's agent loop: 'aiohttp' "
-                    "(keeps streamed connections alive, cheaper per request; in teamster[openai]), 'httpx' (the "
-                    "openai SDK's default) or 'auto' (default: aiohttp when installed).")
+        description="HTTP client under the shared OpenAI, Anthropic and Ollama connection pools on a worker's agent "
+                    "loop: 'aiohttp' (keeps streamed connections alive, cheaper per request; in the provider extras), "
+                    "'httpx' (the SDKs' default) or 'auto' (default: aiohttp when installed).")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535,
         description="Port of the Prometheus endpoint on workers (default None: off).",

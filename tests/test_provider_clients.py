@@ -1,14 +1,17 @@
-"""The shared OpenAI-compatible client: real HTTP to the local model server of ``bench/model_server.py``.
+"""The shared provider clients: real HTTP to the local model server of ``bench/model_server.py``.
 
-On a worker's agent loop the client runs on aiohttp and keeps its streamed connections alive (the openai SDK on its
-default httpx client closes every streamed response before its last bytes, so httpcore drops the connection and the
-next call opens a new one); on an application's own loop it is the SDK's default; at exit the agent loop closes
-what it shared, so no "unclosed" warning is left behind; asking for aiohttp without it installed is a clear error.
+On a worker's agent loop the OpenAI, Anthropic and Ollama pools run on aiohttp and keep their streamed connections
+alive (the openai SDK on its default httpx client closes every streamed response before its last bytes, so httpcore
+drops the connection and the next call opens a new one); each pool holds at most ``model_max_connections``; on an
+application's own loop the pools are httpx's; at exit the agent loop closes what it shared, so no "unclosed" warning
+is left behind; asking for aiohttp without it installed is a clear error; a call that never answers ends by the
+step's deadline on every HTTP provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -20,7 +23,7 @@ from pydantic import BaseModel
 from bench.model_server import ModelServer
 from teamster.agents import providers
 from teamster.agents.loop import AgentLoop
-from teamster.agents.outcomes import Succeeded
+from teamster.agents.outcomes import Failed, Succeeded
 from teamster.agents.runner import run_agent, run_agent_async
 from teamster.agents.spec import AgentSpec
 from teamster.config.settings import load_settings
@@ -115,3 +118,79 @@ def test_asking_for_aiohttp_without_it_is_a_missing_extra(monkeypatch: pytest.Mo
     assert "aiohttp" in info.value.message and info.value.hint and "teamster[openai]" in info.value.hint
     # "auto" falls back to the SDK's default client instead
     providers.check_provider("openai:default", load_settings(model_base_url="http://127.0.0.1:9/v1"))
+
+
+# --------------------------------------------------------------------------- Anthropic and Ollama
+
+def _has(module: str) -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.skipif(not _has("anthropic"), reason="teamster[anthropic] is not installed")
+def test_anthropic_steps_share_one_kept_alive_connection(server: ModelServer,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    settings = load_settings(model="anthropic:claude-test", model_base_url=server.url)
+    for i in range(3):
+        run = run_agent(SPEC, {"text": f"question {i}"}, settings=settings)
+        assert isinstance(run.outcome, Succeeded), run.outcome
+        assert run.live_model_calls == 1
+        assert run.usage["totalTokens"] > 0  # the stream's usage reached the step
+    stats = server.stats()
+    assert stats["completed"] == 3 and stats["errors"] == 0
+    assert stats["connections"] == 1  # the shared AsyncAnthropic's pool kept its connection
+
+
+@pytest.mark.skipif(not _has("ollama"), reason="teamster[ollama] is not installed")
+def test_ollama_requests_share_the_loops_connection_pool(server: ModelServer) -> None:
+    # strands builds an ollama.AsyncClient per request; each runs on the loop's shared transport. (The step cannot
+    # succeed: the ollama client drops nested object schemas from tool specs, ollama/ollama-python#724, so the
+    # "model" never sees the output's fields and every outcome is rejected; the connections are what is measured.)
+    settings = load_settings(model="ollama:llama-test", model_base_url=server.url)
+    for i in range(2):
+        run = run_agent(SPEC, {"text": f"question {i}"}, settings=settings)
+        assert run.live_model_calls == SPEC.budget.max_model_calls
+    stats = server.stats()
+    assert stats["completed"] == 2 * SPEC.budget.max_model_calls and stats["errors"] == 0
+    assert stats["connections"] == 1  # before: a new httpx client, pool and connection per request
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+def test_the_shared_pool_holds_at_most_model_max_connections(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kind != "openai" and not _has(kind):
+        pytest.skip(f"teamster[{kind}] is not installed")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    AgentLoop.shared().close_clients()  # pools built by earlier tests had other sizes
+    with ModelServer(latency=0.3) as slow:
+        settings = load_settings(model=f"{kind}:pool-test", model_base_url=slow.url, model_max_connections=3)
+        spec = dataclasses.replace(SPEC, budget=SPEC.budget.model_copy(update={"max_model_calls": 1}))
+
+        async def many() -> list[object]:
+            return list(await asyncio.gather(*(run_agent_async(spec, {"text": str(i)}, settings=settings)
+                                               for i in range(9))))
+
+        runs = AgentLoop.shared().submit(many()).result(timeout=120)
+        assert all(run.live_model_calls == 1 for run in runs)  # type: ignore[attr-defined]
+        stats = slow.stats()
+    AgentLoop.shared().close_clients()
+    assert stats["completed"] == 9
+    assert stats["connections"] <= 3 and stats["in_flight_max"] <= 3  # nine steps queued for three connections
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+def test_a_call_that_never_answers_ends_by_the_steps_deadline_on_every_http_provider(
+        kind: str, server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kind != "openai" and not _has(kind):
+        pytest.skip(f"teamster[{kind}] is not installed")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    settings = load_settings(model=f"{kind}:hang-test", model_base_url=server.url)
+    spec = dataclasses.replace(SPEC, budget=SPEC.budget.model_copy(update={"timeout_seconds": 2}))
+    # a first step imports the SDK and builds the pool (in a cold process that alone can take a short budget)
+    assert isinstance(run_agent(spec, {"text": "warm up"}, settings=settings).outcome, Succeeded | Failed)
+    run = run_agent(spec, {"text": "anyone there? [hang]"}, settings=settings)
+    assert run.outcome.kind == "failed" and run.outcome.error_type == "step_timeout", run.outcome
+    assert run.outcome.retryable
+    assert run.duration_seconds < 2 + 5  # by the budget and its grace, not the SDK's read timeout (10 min)
+    assert server.stats()["hung"] == 1

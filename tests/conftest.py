@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -60,3 +61,27 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registries_per_module() -> Iterator[None]:
+    """Agents and workflows that a test module's tests register (a ``Client`` loading ``tests.*_flows``, say) are
+    gone when the module ends, as they would be in another process: ``teamster doctor`` in a later module checks the
+    providers of the agents this process knows, and must not see another module's ``openai:slot``. Workflow modules
+    (and ``tests.*`` modules) first imported during the module are dropped from ``sys.modules`` too, so a later module
+    that loads them registers them again."""
+    from teamster.agents import spec  # noqa: PLC0415
+    from teamster.orchestrator import client, workflow  # noqa: PLC0415
+
+    agents, workflows, modules = dict(spec._AGENTS), dict(workflow._WORKFLOWS), set(sys.modules)
+    loaded = set(client._LOADED)  # what load_workflow_modules will not import again
+    yield
+    spec._AGENTS.clear()
+    spec._AGENTS.update(agents)
+    workflow._WORKFLOWS.clear()
+    workflow._WORKFLOWS.update(workflows)
+    workflow_modules = client._LOADED - loaded
+    client._LOADED.intersection_update(loaded)
+    for name in set(sys.modules) - modules:
+        if name.startswith("tests.") or name in workflow_modules:
+            del sys.modules[name]

@@ -39,6 +39,7 @@ __all__ = [
     "aclose_shared_clients",
     "aiohttp_available",
     "provider_http_client",
+    "shared_openai_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,8 +223,9 @@ def _use_aiohttp(settings: TeamsterSettings) -> bool:
     return settings.model_http_client != "httpx" and AgentLoop.owns_running_loop() and aiohttp_available()
 
 
-def _openai_client(settings: TeamsterSettings) -> Any:
-    """The OpenAI client shared by the steps on the running loop, its pool sized to the worker's concurrency."""
+def shared_openai_client(settings: TeamsterSettings) -> Any:
+    """The ``AsyncOpenAI`` client shared by the steps on the running loop, its pool sized to the worker's concurrency
+    (the provider benchmark's Celery floor calls it directly, without strands)."""
     import httpx  # noqa: PLC0415 - the openai extra
     import openai  # noqa: PLC0415
 
@@ -292,7 +294,7 @@ def build_model(value: str, settings: TeamsterSettings, *, agent: str, timeout: 
     if ref.kind == "openai":
         from strands.models.openai import OpenAIModel  # noqa: PLC0415
 
-        return OpenAIModel(client=_openai_client(settings), model_id=ref.model_id,
+        return OpenAIModel(client=shared_openai_client(settings), model_id=ref.model_id,
                            params={"max_tokens": settings.model_max_tokens, "timeout": step_timeout})
     if ref.kind == "anthropic":
         return _anthropic_model(ref, settings)

@@ -60,7 +60,7 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                     fmt(raw["worker_cpu_ms_per_step"], 2), _x(q["worker_cpu_per_step"])])
     elif name == "provider":
         for scenario in r["scenarios"]:
-            floors = [row for row in scenario["rows"] if "http_client" in row]
+            floors = [row for row in scenario["rows"] if row.get("http_client")]  # the bare SDK's
             floor = floors[0]  # on the workers' HTTP client: the like-for-like ratio
             default = next((f for f in floors[1:] if f["http_client"] == "httpx"), None)
             baseline = (f"bare SDK on {floor['http_client']}: {fmt(floor['steps_per_second'], 1)} "
@@ -69,15 +69,18 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                 baseline += (f"; on httpx (the SDK's default, a new connection per call): "
                              f"{fmt(default['steps_per_second'], 1)} req/s, {fmt(default['cpu_ms_per_step'], 1)} "
                              "ms CPU/req")
-            for row in (row for row in scenario["rows"] if "http_client" not in row):
+            for row in (row for row in scenario["rows"] if not row.get("http_client")):  # strands, Celery, teamster
+                in_flight = row["in_flight_max"]  # steps (raw Celery tasks: the model calls)
+                in_flight = in_flight if in_flight is not None else row["model_calls_in_flight_max"]
                 ratio_cell = _x(row["vs_floor"])
                 if default is not None:
                     ratio_cell += f" ({_x(row['vs_sdk_default_floor'])} of the httpx floor)"
                 out.append(["provider", f"{scenario['latency_seconds']:g} s model latency, "
                                         f"{scenario['concurrency']} in flight: {row['label']}",
-                            f"{fmt(row['steps_per_second'], 1)} steps/s, {fmt(row['in_flight_max'], 0)} steps in "
-                            f"flight, {fmt(row['cpu_ms_per_step'], 1)} ms CPU/step, {fmt(row['rss_mb'], 0)} MB, "
-                            f"{row['pool_errors']} pool errors, {row['left_running']} left running",
+                            f"{fmt(row['steps_per_second'], 1)} steps/s, {fmt(in_flight, 0)} in flight, "
+                            f"{fmt(row['cpu_ms_per_step'], 1)} ms CPU/step, {fmt(row['rss_mb'], 0)} MB, "
+                            f"{row['pool_errors']} pool errors"
+                            + ("" if row["left_running"] is None else f", {row['left_running']} left running"),
                             baseline, ratio_cell])
     elif name == "limits":
         st = r["settings"]

@@ -10,6 +10,9 @@ only, ``acks_late``, prefetch off, the same pool and concurrency, the same steps
   ``TEAMSTER_SCRIPTED_LATENCY`` (I/O-bound steps).
 * ``bench.noop``: the raw Celery baseline -- a task that does nothing but return the time it ran
   (``time.time()``), chained five at a time with ``celery.chain`` and the Redis result backend.
+* ``bench.sdk_call``: the provider benchmark's Celery floor -- one bare SDK request (the one strands would send) on
+  the worker's agent loop with the shared ``AsyncOpenAI`` client, then the time it ended: Celery and the SDK,
+  without strands and without teamster's run store.
 
 The raw task is declared with ``shared_task`` so it attaches to whichever Celery app the process uses: in a
 worker that is ``teamster.tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
@@ -39,6 +42,8 @@ __all__ = [
     "SINGLE_WORKFLOW",
     "SINGLE_STEP",
     "NOOP_TASK",
+    "SDK_TASK",
+    "sdk_call",
     "noop",
     "bench_agent",
     "linear5",
@@ -51,6 +56,7 @@ LINEAR_STEPS = ("s1", "s2", "s3", "s4", "s5")
 SINGLE_WORKFLOW = "bench_single"
 SINGLE_STEP = "work"
 NOOP_TASK = "bench.noop"
+SDK_TASK = "bench.sdk_call"
 
 
 class BenchInput(BaseModel):
@@ -100,4 +106,21 @@ single.register()
 @shared_task(name=NOOP_TASK)  # type: ignore[untyped-decorator]  # celery ships no type hints
 def noop(previous: Any = None) -> float:
     """The raw Celery baseline step: no work; returns when it ran (``time.time()``) for latency accounting."""
+    return time.time()
+
+
+@shared_task(name=SDK_TASK)  # type: ignore[untyped-decorator]
+def sdk_call(request: dict[str, Any]) -> float:
+    """The Celery floor's task: send ``request`` (a chat completion, streamed) with the worker's shared
+    ``AsyncOpenAI`` on its agent loop, read the stream to its end, return when it ended (``time.time()``)."""
+    from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - only workers running the floor need these
+    from teamster.agents.providers import shared_openai_client  # noqa: PLC0415
+    from teamster.config.settings import get_settings  # noqa: PLC0415
+
+    async def call() -> None:
+        stream = await shared_openai_client(get_settings()).chat.completions.create(**request)
+        async for _chunk in stream:
+            pass
+
+    AgentLoop.shared().submit(call()).result()
     return time.time()

@@ -9,6 +9,11 @@ the structured-output tool call strands asks for). For each scenario (``latency:
 
 * **floor** -- one asyncio process, one shared ``AsyncOpenAI`` client, the very requests strands sends (built with
   strands' own ``OpenAIModel.format_request``), ``concurrency`` of them in flight, for the window;
+* **strands floor** -- the floor's process making each call through a fresh strands ``Agent`` (the same model,
+  prompt and structured output as a teamster step): what strands costs, with no Celery and no run store;
+* **Celery floor** -- one worker process per core running teamster's Celery app and configuration on a backlog of
+  raw Celery tasks, each making the floor's request with the worker's shared client on its agent loop: what Celery
+  as the unit of delivery costs, with no strands and no run store (the most any design that keeps Celery can do);
 * **one worker** -- one ``teamster worker`` (threads pool, ``-c concurrency``) on a backlog of one-step runs;
 * **one worker per core** -- ``cpu_count`` workers sharing the same total concurrency.
 
@@ -28,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +56,13 @@ from bench._common import (
     run_main,
     write_results,
 )
-from bench.bench_workflows import SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
+from bench.bench_workflows import SDK_TASK, SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
 from bench.concurrency import sweep
 from bench.model_server import ModelServerProcess
 from teamster.agents.providers import aiohttp_available, provider_http_client
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
+from teamster.orchestrator.enqueue import producer_app
 from teamster.orchestrator.models import StepStatus
 
 __all__ = ["main", "build_parser", "floor_requests", "parse_scenarios"]
@@ -102,13 +109,15 @@ def floor_requests(model_id: str) -> dict[str, Any]:
     return dict(request)
 
 
-async def _floor(url: str, model_id: str, concurrency: int, duration: float, http: str) -> dict[str, Any]:
+async def _floor(url: str, model_id: str, concurrency: int, duration: float, http: str,
+                 agent: bool = False) -> dict[str, Any]:
     import openai  # noqa: PLC0415
 
     # the very HTTP client teamster's workers build (aiohttp), or the SDK's default (httpx)
     client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
                                 http_client=provider_http_client(concurrency, aiohttp=http == "aiohttp"))
     request = floor_requests(model_id)
+    call = _strands_call(client, model_id) if agent else None
     latencies: list[float] = []
     done_at: list[float] = []
     errors = 0
@@ -119,9 +128,12 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
         while time.monotonic() < stop:
             started = time.monotonic()
             try:
-                stream = await client.chat.completions.create(**request)
-                async for _chunk in stream:
-                    pass
+                if call is not None:
+                    await call()
+                else:
+                    stream = await client.chat.completions.create(**request)
+                    async for _chunk in stream:
+                        pass
             except Exception:  # noqa: BLE001 - counted; the floor keeps going
                 errors += 1
                 continue
@@ -134,6 +146,29 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
     return {"latencies": latencies, "done_at": [t - started for t in done_at], "errors": errors}
 
 
+def _strands_call(client: Any, model_id: str) -> Callable[[], Awaitable[None]]:
+    """One strands step as teamster builds it, without teamster: a fresh ``Agent`` per call on the shared client,
+    the same model, prompt, envelope and settings (no retry strategy, no conversation manager, no callbacks)."""
+    from strands import Agent  # noqa: PLC0415
+    from strands.agent.conversation_manager import NullConversationManager  # noqa: PLC0415
+    from strands.models.openai import OpenAIModel  # noqa: PLC0415
+
+    from teamster.agents.outcomes import outcome_envelope  # noqa: PLC0415
+
+    envelope = outcome_envelope(bench_agent.output_model)
+    prompt = f"Input ({BenchInput.__name__}, JSON):\n{BenchInput(text='bench').model_dump_json()}"
+
+    async def call() -> None:
+        agent = Agent(model=OpenAIModel(client=client, model_id=model_id, params={"max_tokens": 4096}),
+                      system_prompt=bench_agent.instructions, structured_output_model=envelope, callback_handler=None,
+                      conversation_manager=NullConversationManager(), retry_strategy=None)
+        result = await agent.invoke_async(prompt, limits={"turns": bench_agent.budget.max_model_calls})
+        if result.structured_output is None:
+            raise RuntimeError("the strands floor finished without a structured output")
+
+    return call
+
+
 def _floor_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.provider floor")
     parser.add_argument("--url", required=True)
@@ -141,23 +176,26 @@ def _floor_main(argv: list[str]) -> None:
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--http", choices=("httpx", "aiohttp"), default="httpx")
+    parser.add_argument("--agent", action="store_true", help="a fresh strands Agent per call (the strands floor)")
     args = parser.parse_args(argv)
-    result = asyncio.run(_floor(args.url, args.model, args.concurrency, args.duration, args.http))
+    result = asyncio.run(_floor(args.url, args.model, args.concurrency, args.duration, args.http, args.agent))
     print(json.dumps(result))
 
 
 FLOOR_LABELS = {"aiohttp": "floor (1 asyncio process, shared AsyncOpenAI on aiohttp, as the workers)",
                 "httpx": "floor, SDK default (shared AsyncOpenAI on httpx)"}
+STRANDS_FLOOR_LABEL = "strands floor (the floor's process, a fresh strands Agent per call)"
 
 
 def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, warmup: float,
-                  window: float, http: str = "httpx") -> dict[str, Any]:
-    """The bare SDK in its own process: requests/s in the window, CPU per request, latencies."""
+                  window: float, http: str = "httpx", agent: bool = False) -> dict[str, Any]:
+    """The bare SDK in its own process (``agent``: a fresh strands Agent per call): requests/s in the window, CPU per
+    request, latencies."""
     server.reset()
     duration = warmup + window
     proc = subprocess.Popen([sys.executable, "-m", "bench.provider", "floor", "--url", server.url,
                              "--model", f"latency-{latency:g}", "--concurrency", str(concurrency),
-                             "--duration", str(duration), "--http", http],
+                             "--duration", str(duration), "--http", http, *(["--agent"] if agent else [])],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     time.sleep(warmup)
     cpu_start = cpu_seconds(proc.pid)
@@ -173,7 +211,8 @@ def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, 
     in_window = [t for t in data["done_at"] if warmup <= t <= warmup + window]
     per_second = len(in_window) / window
     stats = server.stats()
-    return {"label": FLOOR_LABELS[http], "http_client": http, "steps_per_second": per_second,
+    label = STRANDS_FLOOR_LABEL if agent else FLOOR_LABELS[http]
+    return {"label": label, "http_client": None if agent else http, "steps_per_second": per_second,
             "connections_per_call": stats["connections"] / max(1, stats["requests"]),
             "in_flight_max": stats["in_flight_max"], "in_flight_mean": stats["in_flight_mean"],
             "model_calls_in_flight_max": stats["in_flight_max"], "model_calls_in_flight_mean": stats["in_flight_mean"],
@@ -250,6 +289,65 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
 
 
 
+def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: float, concurrency: int, workers: int,
+                         warmup: float, window: float) -> dict[str, Any]:
+    """The ceiling of any design that keeps Celery as the unit of delivery: ``workers`` teamster worker processes
+    (teamster's Celery app and configuration, threads pool, sharing ``concurrency``) on a backlog of raw Celery tasks,
+    each sending the floor's request with the worker's shared ``AsyncOpenAI`` on its agent loop -- no strands, no run
+    store, no journal (:func:`bench.bench_workflows.sdk_call`)."""
+    prefix = env.prefix(f"l{latency:g}-celery{workers}")
+    model = f"openai:latency-{latency:g}"
+    settings = load_settings(key_prefix=prefix, model=model, model_base_url=server.url)
+    app = producer_app(settings, env.redis_url)
+    request = floor_requests(f"latency-{latency:g}")
+    backlog = math.ceil(concurrency * (warmup + window) / latency * 1.25) + 2 * concurrency
+    label = f"Celery floor ({workers} worker{'s' if workers > 1 else ''}: raw Celery tasks, the bare SDK call)"
+    console.print(f"[bold]{label}[/]: sending a backlog of {backlog} tasks ...")
+    ticker = Ticker("sent", backlog)
+    ids = []
+    for i in range(backlog):
+        ids.append(app.send_task(SDK_TASK, args=[request]).id)
+        ticker.update(i + 1)
+    per_worker = math.ceil(concurrency / workers)
+    server.reset()
+    procs = [env.worker(f"{prefix}-{i}", prefix=prefix, concurrency=per_worker,
+                        env={"model": model, "model_base_url": server.url}) for i in range(workers)]
+    env.start_workers(procs)
+    t_ready = time.time()
+    w_start, w_end = t_ready + warmup, t_ready + warmup + window
+    time.sleep(max(0.0, w_start - time.time()))
+    cpu_start, server_start = sum(cpu_seconds(w.pid) for w in procs), server.cpu_seconds()
+    time.sleep(max(0.0, w_end - time.time()))
+    cpu_end, server_end = sum(cpu_seconds(w.pid) for w in procs), server.cpu_seconds()
+    rss = sum(rss_mb(w.pid) for w in procs)
+    stats = server.stats()
+    logs = "".join(w.log() for w in procs)
+    for w in procs:  # a warm stop: tasks in flight finish
+        w.stop(timeout=latency + 60)
+    meta = f"{settings.key_prefix}:celery:celery-task-meta-"
+    done: list[float] = []
+    failed = 0
+    for start in range(0, len(ids), 1000):
+        for raw in env.client.mget([meta + i for i in ids[start:start + 1000]]):
+            if raw is None:
+                continue
+            result = json.loads(raw)
+            if result.get("status") == "SUCCESS":
+                done.append(float(result["result"]))
+            else:
+                failed += 1
+    in_window = [t for t in done if w_start <= t <= w_end]
+    return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
+            "steps_per_second": len(in_window) / window, "in_flight_max": None, "in_flight_mean": None,
+            "model_calls_in_flight_max": stats["in_flight_max"],
+            "model_calls_in_flight_mean": stats["in_flight_mean"],
+            "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
+            "latency_p50_ms": None, "latency_p99_ms": None, "errors": failed,
+            "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": None,  # raw tasks have no step records
+            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window)),
+            "connections_per_call": stats["connections"] / max(1, stats["requests"])}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -263,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=float, default=None,
                         help="Measurement window in seconds (default: max(20, 3 x latency)).")
     parser.add_argument("--skip-per-core", action="store_true", help="Only the floor and one worker.")
+    parser.add_argument("--skip-strands-floor", action="store_true",
+                        help="Leave out the strands floor (the floor's process with a fresh strands Agent per call).")
+    parser.add_argument("--skip-celery-floor", action="store_true",
+                        help="Leave out the Celery floor (raw Celery tasks making the bare SDK call).")
     add_common_args(parser)
     return parser
 
@@ -285,9 +387,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           f"window {window:g}s")
             # the ratio is like for like: against the floor on the HTTP client the workers use; the SDK's default
             # client (httpx, a new connection per streamed call) is measured too when that is not it
+            per_core = 1 if args.skip_per_core else cpu_count()
             rows = [measure_floor(server, latency, concurrency, warmup, window, worker_http)]
             if worker_http != "httpx":
                 rows.append(measure_floor(server, latency, concurrency, warmup, window, "httpx"))
+            if not args.skip_strands_floor:
+                rows.append(measure_floor(server, latency, concurrency, warmup, window, worker_http, agent=True))
+            if not args.skip_celery_floor:
+                rows.append(measure_celery_floor(env, server, latency, concurrency, per_core, warmup, window))
             rows.append(measure_workers(env, server, latency, concurrency, 1, warmup, window, "1 teamster worker"))
             if not args.skip_per_core and cpu_count() > 1:
                 rows.append(measure_workers(env, server, latency, concurrency, cpu_count(), warmup, window,

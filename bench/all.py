@@ -163,7 +163,7 @@ def markdown(results: dict[str, dict[str, Any] | None], failed: dict[str, str]) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.all",
-        description=f"Run {', '.join(BENCHMARKS)} at their default sizes (each in its own process, about 25 "
+        description=f"Run {', '.join(BENCHMARKS)} at their default sizes (each in its own process, about 37 "
                     "minutes in all on 2 cores), then write bench/results/summary.json and print a markdown summary "
                     "table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from teamster.agents.guard import EventSink, StepControl, StepGuard
 from teamster.agents.limits import ModelGate
 from teamster.agents.loop import AgentLoop
 from teamster.agents.outcomes import (
+    OUTCOME_TOOL_NAME,
     CannotComplete,
     EnvelopeBase,
     Failed,
@@ -305,7 +307,7 @@ async def _invoke(spec: AgentSpec[Any, Any], validated: BaseModel, model: Model 
     agent = Agent(
         model=recording,
         tools=list(tools),
-        system_prompt=spec.instructions,
+        system_prompt=spec.instructions + (_output_schema_hint(spec) if _flattens_tool_schemas(inner) else ""),
         structured_output_model=envelope,
         callback_handler=None,
         conversation_manager=NullConversationManager(),
@@ -444,6 +446,21 @@ def _model_call_budget(spec: AgentSpec[Any, Any], guard: StepGuard) -> Failed:
     return failed_from(BudgetExceeded(f"step exceeded its budget of {limit} model calls",
                                       budget="model_calls", limit=limit))
 
+
+
+def _flattens_tool_schemas(model: Model) -> bool:
+    """Whether the model's provider keeps only one level of a tool's parameters: Ollama's client and server drop the
+    fields of nested objects (ollama/ollama-python#724, ollama/ollama#13472), so the outcome tool's ``output`` would
+    reach the model as a bare object."""
+    ollama = sys.modules.get("strands.models.ollama")  # loaded only if an Ollama model was built
+    return ollama is not None and isinstance(model, ollama.OllamaModel)
+
+
+def _output_schema_hint(spec: AgentSpec[Any, Any]) -> str:
+    """The output's JSON schema, for the system prompt of a model that does not see it in the outcome tool."""
+    schema = json.dumps(spec.output_model.model_json_schema(), separators=(",", ":"))
+    return (f"\n\nWhen you call {OUTCOME_TOOL_NAME} with status \"succeeded\", its `output` must be a JSON object "
+            f"valid for this JSON schema: {schema}")
 
 
 def _model_name(model: Model) -> str:

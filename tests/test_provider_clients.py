@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -159,8 +160,9 @@ def test_anthropic_steps_share_one_kept_alive_connection(server: ModelServer,
 @pytest.mark.skipif(not _has("ollama"), reason="teamster[ollama] is not installed")
 def test_ollama_requests_share_the_loops_connection_pool(server: ModelServer) -> None:
     # strands builds an ollama.AsyncClient per request; each runs on the loop's shared transport. (The step cannot
-    # succeed: the ollama client drops nested object schemas from tool specs, ollama/ollama-python#724, so the
-    # "model" never sees the output's fields and every outcome is rejected; the connections are what is measured.)
+    # succeed here: the ollama client drops nested object schemas from tool specs, ollama/ollama-python#724, and this
+    # server's "model" answers from the tool's schema alone -- a real one also reads the schema teamster puts in the
+    # system prompt, see the last test -- so every outcome is rejected; the connections are what is measured.)
     settings = load_settings(model="ollama:llama-test", model_base_url=server.url)
     for i in range(2):
         run = run_agent(SPEC, {"text": f"question {i}"}, settings=settings)
@@ -207,3 +209,28 @@ def test_a_call_that_never_answers_ends_by_the_steps_deadline_on_every_http_prov
     assert run.outcome.retryable
     assert run.duration_seconds < 2 + 5  # by the budget and its grace, not the SDK's read timeout (10 min)
     assert server.stats()["hung"] == 1
+
+
+@pytest.mark.skipif(not _has("ollama"), reason="teamster[ollama] is not installed")
+def test_an_ollama_step_gets_the_output_schema_in_its_system_prompt(server: ModelServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # the ollama client drops nested tool schemas (see above): the model must learn the output's fields elsewhere
+    import bench.model_server as model_server  # noqa: PLC0415
+
+    requests: list[tuple[str, dict[str, object]]] = []
+    answer = model_server._Core._answer
+
+    def spy(core: object, protocol: str, request: dict[str, object]) -> object:
+        requests.append((protocol, request))
+        return answer(core, protocol, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_server._Core, "_answer", spy)
+    spec = dataclasses.replace(SPEC, budget=SPEC.budget.model_copy(update={"max_model_calls": 1}))
+    for kind in ("ollama", "openai"):
+        run_agent(spec, {"text": "q"}, settings=load_settings(model=f"{kind}:schema-test", model_base_url=server.url))
+    system = {protocol: request["messages"][0] for protocol, request in requests}  # type: ignore[index]
+    assert system["ollama"]["role"] == "system"
+    hint = system["ollama"]["content"].removeprefix(SPEC.instructions)
+    assert hint != system["ollama"]["content"] and "final_outcome" in hint
+    assert json.dumps(Reply.model_json_schema(), separators=(",", ":")) in hint
+    assert system["openai"]["content"] == SPEC.instructions  # the full schema reaches OpenAI in the tool

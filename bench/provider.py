@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,60 @@ def measure_floor(server: ModelServerProcess, latency: float, concurrency: int, 
 # --------------------------------------------------------------------------- teamster
 
 
+def _backlog(latency: float, concurrency: int, span: float) -> int:
+    """Enough work queued that the workers never run dry before the window ends."""
+    return math.ceil(concurrency * span / latency * 1.25) + 2 * concurrency
+
+
+@dataclass
+class _Window:
+    """What the workers and the server did in the measurement window."""
+
+    start: float
+    end: float
+    cpu_seconds: float
+    server_cpu_seconds: float
+    rss_mb: float
+    server_stats: dict[str, Any]
+    logs: str
+
+    def row(self, done: int, seconds: float) -> dict[str, Any]:
+        """The fields every worker row shares, for ``done`` steps (or tasks) finished in the window."""
+        return {"steps_per_second": done / seconds,
+                "model_calls_in_flight_max": self.server_stats["in_flight_max"],
+                "model_calls_in_flight_mean": self.server_stats["in_flight_mean"],
+                "cpu_ms_per_step": self.cpu_seconds * 1000 / max(1, done), "rss_mb": self.rss_mb,
+                "pool_errors": len(POOL_ERRORS.findall(self.logs)),
+                "server_cpu_ms_per_call": self.server_cpu_seconds * 1000 / max(1, done),
+                "connections_per_call": self.server_stats["connections"] / max(1, self.server_stats["requests"])}
+
+
+def _measure_window(env: BenchEnv, server: ModelServerProcess, procs: list[BenchWorker], latency: float,
+                    warmup: float, window: float, progress: Callable[[], None] | None = None) -> _Window:
+    """Start ``procs``, read their CPU and the server's over ``window`` seconds after ``warmup`` (a worker that dies
+    fails the benchmark; ``progress`` is called as it goes), then stop them warm: what is in flight finishes."""
+    env.start_workers(procs)
+    t_ready = time.time()
+    w_start, w_end = t_ready + warmup, t_ready + warmup + window
+    cpu_start = server_start = 0.0
+    while time.time() < w_end:
+        if not cpu_start and time.time() >= w_start:
+            cpu_start = sum(cpu_seconds(w.pid) for w in procs)
+            server_start = server.cpu_seconds()
+        for w in procs:
+            if not w.alive():
+                raise BenchError(f"worker {w.name} died (log {w.log_path}):\n{w.log_tail()}")
+        if progress is not None:
+            progress()
+        time.sleep(0.25)
+    measured = _Window(w_start, w_end, sum(cpu_seconds(w.pid) for w in procs) - cpu_start,
+                       server.cpu_seconds() - server_start, sum(rss_mb(w.pid) for w in procs), server.stats(),
+                       "".join(w.log() for w in procs))
+    for w in procs:
+        w.stop(timeout=latency + 60)
+    return measured
+
+
 def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, concurrency: int, workers: int,
                     warmup: float, window: float, label: str) -> dict[str, Any]:
     """``workers`` teamster workers sharing ``concurrency`` on a backlog of one-step runs over real HTTP."""
@@ -234,8 +289,7 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
     settings = load_settings(key_prefix=prefix, stuck_queued_seconds=86_400, model=model,
                              model_base_url=server.url)
     client = Client(settings, redis_url=env.redis_url)
-    span = warmup + window
-    backlog = math.ceil(concurrency * span / latency * 1.25) + 2 * concurrency
+    backlog = _backlog(latency, concurrency, warmup + window)
     console.print(f"[bold]{label}[/]: submitting a backlog of {backlog} runs ...")
     ticker = Ticker("submitted", backlog)
     run_ids = []
@@ -248,45 +302,22 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
         env.worker(f"{prefix}-{i}", prefix=prefix, concurrency=per_worker,
                    env={"model": model, "model_base_url": server.url, "stuck_queued_seconds": 86_400})
         for i in range(workers)]
-    env.start_workers(procs)
-    t_ready = time.time()
-    w_start, w_end = t_ready + warmup, t_ready + span
-    cpu_start = server_start = 0.0
-    progress = Ticker("runs done", backlog)
-    while time.time() < w_end:
-        if not cpu_start and time.time() >= w_start:
-            cpu_start = sum(cpu_seconds(w.pid) for w in procs)
-            server_start = server.cpu_seconds()
-        for w in procs:
-            if not w.alive():
-                raise BenchError(f"worker {w.name} died (log {w.log_path}):\n{w.log_tail()}")
-        progress.update(backlog - int(env.client.zcard(client.runtime.keys.active_runs)))
-        time.sleep(0.25)
-    cpu_end = sum(cpu_seconds(w.pid) for w in procs)
-    server_end = server.cpu_seconds()
-    rss = sum(rss_mb(w.pid) for w in procs)
-    stats = server.stats()
-    logs = "".join(w.log() for w in procs)
-    for w in procs:  # a warm stop: running steps finish and commit (nothing is left running)
-        w.stop(timeout=latency + 60)
+    done = Ticker("runs done", backlog)
+    measured = _measure_window(  # the warm stop at its end: running steps finish and commit (nothing left running)
+        env, server, procs, latency, warmup, window,
+        lambda: done.update(backlog - int(env.client.zcard(client.runtime.keys.active_runs))))
     steps = env.step_records(client, run_ids, SINGLE_STEP)
-    in_window = [s for s in steps if s.get("finished_at") and w_start <= s["finished_at"] <= w_end
+    in_window = [s for s in steps if s.get("finished_at") and measured.start <= s["finished_at"] <= measured.end
                  and s["status"] == StepStatus.SUCCEEDED]
-    intervals = [(s["started_at"], s["finished_at"] or w_end) for s in steps if s.get("started_at")]
-    peak, mean = sweep(intervals, w_start, w_end)
+    intervals = [(s["started_at"], s["finished_at"] or measured.end) for s in steps if s.get("started_at")]
+    peak, mean = sweep(intervals, measured.start, measured.end)
     durations = [s["finished_at"] - s["started_at"] for s in in_window]
     left_running = sum(1 for s in steps if s["status"] == StepStatus.RUNNING)
     failed = sum(1 for s in steps if s["status"] == StepStatus.FAILED)
     return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
-            "steps_per_second": len(in_window) / window, "in_flight_max": peak, "in_flight_mean": mean,
-            "model_calls_in_flight_max": stats["in_flight_max"],
-            "model_calls_in_flight_mean": stats["in_flight_mean"],
-            "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
+            **measured.row(len(in_window), window), "in_flight_max": peak, "in_flight_mean": mean,
             "latency_p50_ms": percentile(durations, 50) * 1000, "latency_p99_ms": percentile(durations, 99) * 1000,
-            "errors": failed, "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": left_running,
-            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window)),
-            "connections_per_call": stats["connections"] / max(1, stats["requests"])}
-
+            "errors": failed, "left_running": left_running}
 
 
 def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: float, concurrency: int, workers: int,
@@ -300,7 +331,7 @@ def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: flo
     settings = load_settings(key_prefix=prefix, model=model, model_base_url=server.url)
     app = producer_app(settings, env.redis_url)
     request = floor_requests(f"latency-{latency:g}")
-    backlog = math.ceil(concurrency * (warmup + window) / latency * 1.25) + 2 * concurrency
+    backlog = _backlog(latency, concurrency, warmup + window)
     label = f"Celery floor ({workers} worker{'s' if workers > 1 else ''}: raw Celery tasks, the bare SDK call)"
     console.print(f"[bold]{label}[/]: sending a backlog of {backlog} tasks ...")
     ticker = Ticker("sent", backlog)
@@ -312,18 +343,7 @@ def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: flo
     server.reset()
     procs = [env.worker(f"{prefix}-{i}", prefix=prefix, concurrency=per_worker,
                         env={"model": model, "model_base_url": server.url}) for i in range(workers)]
-    env.start_workers(procs)
-    t_ready = time.time()
-    w_start, w_end = t_ready + warmup, t_ready + warmup + window
-    time.sleep(max(0.0, w_start - time.time()))
-    cpu_start, server_start = sum(cpu_seconds(w.pid) for w in procs), server.cpu_seconds()
-    time.sleep(max(0.0, w_end - time.time()))
-    cpu_end, server_end = sum(cpu_seconds(w.pid) for w in procs), server.cpu_seconds()
-    rss = sum(rss_mb(w.pid) for w in procs)
-    stats = server.stats()
-    logs = "".join(w.log() for w in procs)
-    for w in procs:  # a warm stop: tasks in flight finish
-        w.stop(timeout=latency + 60)
+    measured = _measure_window(env, server, procs, latency, warmup, window)
     meta = f"{settings.key_prefix}:celery:celery-task-meta-"
     done: list[float] = []
     failed = 0
@@ -336,16 +356,11 @@ def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: flo
                 done.append(float(result["result"]))
             else:
                 failed += 1
-    in_window = [t for t in done if w_start <= t <= w_end]
+    in_window = [t for t in done if measured.start <= t <= measured.end]
     return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
-            "steps_per_second": len(in_window) / window, "in_flight_max": None, "in_flight_mean": None,
-            "model_calls_in_flight_max": stats["in_flight_max"],
-            "model_calls_in_flight_mean": stats["in_flight_mean"],
-            "cpu_ms_per_step": (cpu_end - cpu_start) * 1000 / max(1, len(in_window)), "rss_mb": rss,
+            **measured.row(len(in_window), window), "in_flight_max": None, "in_flight_mean": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "errors": failed,
-            "pool_errors": len(POOL_ERRORS.findall(logs)), "left_running": None,  # raw tasks have no step records
-            "server_cpu_ms_per_call": (server_end - server_start) * 1000 / max(1, len(in_window)),
-            "connections_per_call": stats["connections"] / max(1, stats["requests"])}
+            "left_running": None}  # raw tasks have no step records
 
 
 # --------------------------------------------------------------------------- main

@@ -93,6 +93,12 @@ _RATE_LIMITED = {
 _NDJSON_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n")
 
 
+def _halves(text: str) -> list[str]:
+    """Tool-call arguments streamed in two deltas, as providers split them (an empty half is left out)."""
+    half = (len(text) + 1) // 2
+    return [part for part in (text[:half], text[half:]) if part]
+
+
 def _chunked(head: bytes, keep: bool, payloads: list[bytes]) -> bytes:
     """A streamed response, all of it at once: ``head``, then each payload as one chunk, then the last chunk."""
     out = [head, b"\r\n" if keep else _CLOSE.encode() + b"\r\n"]
@@ -356,17 +362,18 @@ class _Core:
         """The full HTTP response in ``protocol``'s shapes: one JSON body, or the whole stream at once."""
         if answer[0] is not None:
             self.counters["tool_calls_emitted"] += 1
+        tokens = max(1, prompt_chars // 4), max(1, len(answer[1]) // 4)  # (prompt, completion): ~4 characters each
         if protocol == "anthropic":
-            return self._render_anthropic(request, model, answer, prompt_chars, keep)
+            return self._render_anthropic(request, model, answer, tokens, keep)
         if protocol == "ollama":
-            return self._render_ollama(request, model, answer, prompt_chars, keep)
-        return self._render_openai(request, model, answer, prompt_chars, keep)
+            return self._render_ollama(request, model, answer, tokens, keep)
+        return self._render_openai(request, model, answer, tokens, keep)
 
-    def _render_openai(self, request: dict[str, Any], model: str, answer: tuple[str | None, str], prompt_chars: int,
-                       keep: bool) -> bytes:
+    def _render_openai(self, request: dict[str, Any], model: str, answer: tuple[str | None, str],
+                       tokens: tuple[int, int], keep: bool) -> bytes:
         n = next(self._ids)
         name, text = answer
-        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        prompt, completion = tokens
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         base = {"id": f"chatcmpl-{n}", "created": int(time.time()), "model": model}
         finish = "stop" if name is None else "tool_calls"
@@ -383,11 +390,9 @@ class _Core:
         if name is None:
             deltas.append({"content": text})
         else:
-            half = (len(text) + 1) // 2
             deltas.append({"tool_calls": [{"index": 0, "id": f"call_{n}", "type": "function",
                                            "function": {"name": name, "arguments": ""}}]})
-            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
-                       for part in (text[:half], text[half:]) if part]
+            deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in _halves(text)]
         chunk = {**base, "object": "chat.completion.chunk"}
         events = [{**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
         events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
@@ -397,10 +402,10 @@ class _Core:
                         + [b"data: [DONE]\n\n"])
 
     def _render_anthropic(self, request: dict[str, Any], model: str, answer: tuple[str | None, str],
-                          prompt_chars: int, keep: bool) -> bytes:
+                          tokens: tuple[int, int], keep: bool) -> bytes:
         n = next(self._ids)
         name, text = answer
-        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        prompt, completion = tokens
         block: dict[str, Any] = ({"type": "text", "text": text} if name is None else
                                  {"type": "tool_use", "id": f"toolu_{n}", "name": name, "input": json.loads(text)})
         stop = "end_turn" if name is None else "tool_use"
@@ -415,9 +420,8 @@ class _Core:
             opening: dict[str, Any] = {"type": "text", "text": ""}
             deltas = [{"type": "text_delta", "text": text}]
         else:
-            half = (len(text) + 1) // 2
             opening = {**block, "input": {}}
-            deltas = [{"type": "input_json_delta", "partial_json": part} for part in (text[:half], text[half:]) if part]
+            deltas = [{"type": "input_json_delta", "partial_json": part} for part in _halves(text)]
         events: list[tuple[str, dict[str, Any]]] = [
             ("message_start", {"type": "message_start", "message": start}),
             ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": opening}),
@@ -431,9 +435,9 @@ class _Core:
                                           for kind, event in events])
 
     def _render_ollama(self, request: dict[str, Any], model: str, answer: tuple[str | None, str],
-                       prompt_chars: int, keep: bool) -> bytes:
+                       tokens: tuple[int, int], keep: bool) -> bytes:
         name, text = answer
-        prompt, completion = max(1, prompt_chars // 4), max(1, len(text) // 4)
+        prompt, completion = tokens
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         message: dict[str, Any] = {"role": "assistant", "content": text if name is None else ""}
         if name is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -50,6 +49,16 @@ def _has(module: str) -> bool:
     import importlib.util  # noqa: PLC0415
 
     return importlib.util.find_spec(module) is not None
+
+
+HTTP_KINDS = [pytest.param(kind, marks=pytest.mark.skipif(not _has(kind), reason=f"teamster[{kind}] is not installed"))
+              for kind in ("openai", "anthropic", "ollama")]
+"""The providers whose pools teamster shares on the agent loop, each skipped when its extra is not installed."""
+
+
+@pytest.fixture(autouse=True)
+def _anthropic_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")  # check_provider wants one; the local server ignores it
 
 
 @pytest.fixture()
@@ -97,10 +106,8 @@ def test_a_step_on_an_applications_own_loop_uses_the_sdk_default(server: ModelSe
     assert isinstance(outcome, Succeeded), outcome
 
 
-@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+@pytest.mark.parametrize("kind", HTTP_KINDS)
 def test_a_process_that_ran_steps_exits_without_unclosed_client_warnings(kind: str, server: ModelServer) -> None:
-    if kind != "openai" and not _has(kind):
-        pytest.skip(f"teamster[{kind}] is not installed")
     # (Ollama's steps end rejected -- see the Ollama test below -- but their calls went over the shared pool)
     script = textwrap.dedent(f"""
         import asyncio, warnings
@@ -121,8 +128,7 @@ def test_a_process_that_ran_steps_exits_without_unclosed_client_warnings(kind: s
         assert asyncio.run(application()).live_model_calls >= 1
         print("ok")
     """)
-    env = {**os.environ, "ANTHROPIC_API_KEY": "test-key"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert "nclosed" not in done.stderr, done.stderr  # "Unclosed client session", "Unclosed connector"
@@ -143,9 +149,7 @@ def test_asking_for_aiohttp_without_it_is_a_missing_extra(monkeypatch: pytest.Mo
 # --------------------------------------------------------------------------- Anthropic and Ollama
 
 @pytest.mark.skipif(not _has("anthropic"), reason="teamster[anthropic] is not installed")
-def test_anthropic_steps_share_one_kept_alive_connection(server: ModelServer,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+def test_anthropic_steps_share_one_kept_alive_connection(server: ModelServer) -> None:
     settings = load_settings(model="anthropic:claude-test", model_base_url=server.url)
     for i in range(3):
         run = run_agent(SPEC, {"text": f"question {i}"}, settings=settings)
@@ -172,11 +176,8 @@ def test_ollama_requests_share_the_loops_connection_pool(server: ModelServer) ->
     assert stats["connections"] == 1  # before: a new httpx client, pool and connection per request
 
 
-@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
-def test_the_shared_pool_holds_at_most_model_max_connections(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if kind != "openai" and not _has(kind):
-        pytest.skip(f"teamster[{kind}] is not installed")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+@pytest.mark.parametrize("kind", HTTP_KINDS)
+def test_the_shared_pool_holds_at_most_model_max_connections(kind: str) -> None:
     AgentLoop.shared().close_clients()  # pools built by earlier tests had other sizes
     with ModelServer(latency=0.3) as slow:
         settings = load_settings(model=f"{kind}:pool-test", model_base_url=slow.url, model_max_connections=3)
@@ -194,12 +195,9 @@ def test_the_shared_pool_holds_at_most_model_max_connections(kind: str, monkeypa
     assert stats["connections"] <= 3 and stats["in_flight_max"] <= 3  # nine steps queued for three connections
 
 
-@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+@pytest.mark.parametrize("kind", HTTP_KINDS)
 def test_a_call_that_never_answers_ends_by_the_steps_deadline_on_every_http_provider(
-        kind: str, server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    if kind != "openai" and not _has(kind):
-        pytest.skip(f"teamster[{kind}] is not installed")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        kind: str, server: ModelServer) -> None:
     settings = load_settings(model=f"{kind}:hang-test", model_base_url=server.url)
     spec = dataclasses.replace(SPEC, budget=SPEC.budget.model_copy(update={"timeout_seconds": 2}))
     # a first step imports the SDK and builds the pool (in a cold process that alone can take a short budget)

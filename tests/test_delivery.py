@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -116,6 +118,40 @@ def test_messages_still_held_when_the_channel_closes_are_restored_and_acked_ones
     back = sorted(json.loads(base64.b64decode(m["body"]))["n"] for m in queued(client, prefix))
     assert back == [0, 2, 3]
     assert unacked(client, prefix) == 0
+
+
+def test_publishing_reuses_one_client_per_pool_and_every_message_and_event_still_arrives(channel: Any) -> None:
+    """kombu builds a new ``redis.Redis`` for every publish; teamster's channel hands out one per connection pool. The
+    queue messages and the fanout (task event) messages it sends arrive all the same, from several threads at once."""
+    ch, client, prefix = channel
+    with ch.conn_or_acquire() as first, ch.conn_or_acquire() as second:
+        assert first is second and first.connection_pool is ch.pool
+    own = redis.Redis(connection_pool=ch.pool)
+    with ch.conn_or_acquire(own) as given:  # a client passed in is used as it is
+        assert given is own
+    events = Exchange("delivery-events", type="fanout")
+    events(ch).declare()
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*delivery-events*")  # kombu names the channel /<db>.<exchange> (global prefix included)
+    threads = [threading.Thread(target=lambda n=n: (publish(ch, STEP_TASK, n), Producer(ch).publish(
+        {"event": n}, exchange=events, routing_key="task.multi", serializer="json"))) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(json.loads(base64.b64decode(m["body"]))["n"] for m in queued(client, prefix)) == list(range(8))
+    seen: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 8 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None:
+            seen.append(json.loads(base64.b64decode(json.loads(message["data"])["body"]))["event"])
+    pubsub.close()
+    assert sorted(seen) == list(range(8))
+    old = ch.pool
+    ch._disconnect_pools()  # what kombu does after a fork: the next publish gets a client on the new pool
+    with ch.conn_or_acquire() as after:
+        assert after.connection_pool is ch.pool and ch.pool is not old
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -76,6 +77,26 @@ def test_steps_on_the_agent_loop_share_one_kept_alive_connection(server: ModelSe
     stats = server.stats()
     assert stats["completed"] == 5
     assert stats["connections"] == 1  # one connection, kept alive across five streamed calls
+
+
+def test_steps_on_the_agent_loop_share_one_openai_model_per_budget(server: ModelServer) -> None:
+    """strands' ``OpenAIModel`` keeps only its config and client: one per loop, model id and budget (building one
+    validates its config through ``typing.get_type_hints``), a new one for another budget or model id."""
+    settings = load_settings(model="openai:default", model_base_url=server.url)
+
+    def build(model: str, timeout: float) -> Any:
+        return providers.build_model(model, settings, agent=SPEC.name, timeout=timeout)
+
+    async def on_loop() -> list[Any]:
+        return [build("openai:default", 5), build("openai:default", 5), build("openai:default", 9),
+                build("openai:other", 5)]
+
+    first, again, longer, other = AgentLoop.shared().submit(on_loop()).result(timeout=30)
+    assert again is first
+    assert longer is not first and longer.get_config()["params"]["timeout"] == 9
+    assert other is not first and other.get_config()["model_id"] == "other"
+    for i in range(2):  # and a shared model serves step after step
+        assert isinstance(run_agent(SPEC, {"text": f"q{i}"}, settings=settings).outcome, Succeeded)
 
 
 def test_closed_clients_are_built_again_by_the_next_step(server: ModelServer) -> None:

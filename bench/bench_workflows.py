@@ -11,8 +11,8 @@ only, ``acks_late``, prefetch off, the same pool and concurrency, the same steps
 * ``bench.noop``: the raw Celery baseline -- a task that does nothing but return the time it ran
   (``time.time()``), chained five at a time with ``celery.chain`` and the Redis result backend.
 * ``bench.sdk_call``: the provider benchmark's Celery floor -- one bare SDK request (the one strands would send) on
-  the worker's agent loop with the shared ``AsyncOpenAI`` client, then the time it ended: Celery and the SDK,
-  without strands and without teamster's run store.
+  the worker's agent loop with the shared ``AsyncOpenAI`` client, no result stored (as a step stores none): Celery
+  and the SDK, without strands and without teamster's run store.
 
 The raw task is declared with ``shared_task`` so it attaches to whichever Celery app the process uses: in a
 worker that is ``teamster.tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
@@ -109,10 +109,14 @@ def noop(previous: Any = None) -> float:
     return time.time()
 
 
-@shared_task(name=SDK_TASK)  # type: ignore[untyped-decorator]
-def sdk_call(request: dict[str, Any]) -> float:
+@shared_task(name=SDK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+def sdk_call(request: dict[str, Any]) -> None:
     """The Celery floor's task: send ``request`` (a chat completion, streamed) with the worker's shared
-    ``AsyncOpenAI`` on its agent loop, read the stream to its end, return when it ended (``time.time()``)."""
+    ``AsyncOpenAI`` on its agent loop and read the stream to its end.
+
+    It stores no result, as teamster's step task stores none (with ``task_track_started`` a result would cost two
+    backend writes per task, STARTED and SUCCESS, that a step never pays); the benchmark counts the calls the model
+    server completed in its window instead."""
     from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - only workers running the floor need these
     from teamster.agents.providers import shared_openai_client  # noqa: PLC0415
     from teamster.config.settings import get_settings  # noqa: PLC0415
@@ -123,4 +127,3 @@ def sdk_call(request: dict[str, Any]) -> float:
             pass
 
     AgentLoop.shared().submit(call()).result()
-    return time.time()

@@ -9,10 +9,11 @@ failing.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis
@@ -44,6 +45,26 @@ def _client(url: str, options: tuple[tuple[str, Any], ...]) -> redis.Redis:
 def redis_client(settings: TeamsterSettings, url: str | None = None) -> redis.Redis:
     """The process-wide Redis client for ``settings`` (``decode_responses=True``)."""
     return _client(url or resolve_redis_url(settings), tuple(sorted(pool_options(settings).items())))
+
+
+async def aretrying(call: Callable[[], Awaitable[T]], seconds: float, what: str) -> T:
+    """:func:`retrying` on an event loop: ``await call()``, retried with backoff through the same transient errors for
+    up to ``seconds`` (the loop keeps running meanwhile); only for calls that are safe to repeat.
+
+    Raises:
+        StoreUnavailable: Redis stayed unreachable for ``seconds``.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+            log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def retrying(call: Callable[[], T], seconds: float, what: str) -> T:

@@ -18,8 +18,8 @@ The step task is a thin wrapper around :meth:`StepExecutor.execute` (DESIGN.md, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
-import queue
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,6 +57,7 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import skip_reason, step_input
 from teamster.orchestrator.runtime import Runtime
+from teamster.orchestrator.step_journal import StepJournal, record_metrics
 from teamster.orchestrator.store import Claim, RunStore
 from teamster.orchestrator.tracing import step_span
 from teamster.orchestrator.transitions import Transitions
@@ -70,13 +71,6 @@ StepResult = Succeeded | CannotComplete | NeedsHuman | Failed
 
 LEASE_GRACE_SECONDS = 5.0
 """How long past its deadline a step's lease is still renewed (then a stuck step is left to the watchdog)."""
-
-HELD_EVENTS = frozenset({"step_start", "agent_start", "validation", "outcome"})
-"""Journal events that may wait (up to :data:`HOLD_SECONDS`) to share a round trip with the next one. Every other
-event -- a model call above all, which a takeover reuses -- is written as soon as it arrives, with what waits."""
-
-HOLD_SECONDS = 0.05
-"""How long held events wait for company before they are written on their own (live progress lags at most this)."""
 
 
 def spec_for(step: StepDef, record: StepRecord) -> AgentSpec[Any, Any]:
@@ -314,89 +308,38 @@ class StepExecutor:
     def _await_agent(self, spec: AgentSpec[Any, Any], agent_input: Any, context: StepContext, start: dict[str, Any],
                      recorded: list[Any], control: StepControl, gate: RedisGate, memory: DelegationMemory | None,
                      ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
-        """Run the agent on the process's event loop; this thread writes its journal events meanwhile.
+        """Run the agent on the process's event loop, which journals its events (:class:`StepJournal`: the step's
+        start goes out with its first model call, every model call as it arrives); this thread waits for the end.
 
-        The agent's events (model calls, tool calls, validation, outcome) arrive from the loop through a queue:
-        the loop never waits for Redis, and this thread -- which would otherwise only wait -- appends them in
-        order, pipelined. Lifecycle events (:data:`HELD_EVENTS`: ``step_start``, ``agent_start``, ...) wait up to
-        :data:`HOLD_SECONDS` for the next event, so a step start goes out with the first model call; what follows the
-        last model call (validation, outcome) is returned to go out with the step's end, in its transaction.
+        Returns the outcome, the agent's run, and the events that go out with the step's end (validation, outcome).
         """
         run_id, step_key, attempt = context.run_id, context.step_id, context.attempt
-        events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None] = queue.SimpleQueue()
         budget = spec.budget.timeout_seconds or self.settings.step_timeout_seconds
-        future = AgentLoop.shared().submit(run_agent_async(
-            spec, agent_input, settings=self.settings, on_event=lambda kind, data: events.put((kind, data)),
-            recorded=recorded, control=control, context=context, gate=gate, memory=memory))
-        future.add_done_callback(lambda _: events.put(None))
-        pending: list[tuple[str, dict[str, Any]]] = [("step_start", start)]
-        started = held_since = time.monotonic()
-        finished = False
-        while not finished:
+        sink = StepJournal(self.journal, self.rt.limiter.client, run_id=run_id, step_key=step_key, attempt=attempt,
+                           agent=spec.name, first=[("step_start", start)])
+        future = AgentLoop.shared().submit(sink.run(run_agent_async(
+            spec, agent_input, settings=self.settings, on_event=sink.put, recorded=recorded, control=control,
+            context=context, gate=gate, memory=memory)))
+        started = time.monotonic()
+        while True:
             # the deadline moves by the time the step spent waiting for provider capacity
             deadline = started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS
-            wait = deadline - time.monotonic()
-            if pending:
-                wait = min(wait, held_since + HOLD_SECONDS - time.monotonic())
             try:
-                item = events.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                if pending:  # held long enough: written on their own
-                    self._journal_batch(run_id, step_key, attempt, spec, pending)
-                    pending = []
-                    continue
+                agent_run, tail = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
                 if time.monotonic() < started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS:
-                    continue
+                    continue  # the step waited for capacity meanwhile: its deadline moved
                 break  # the loop did not return in time: abandon the step (below)
-            if item is None:
-                finished = True
-                continue
-            if not pending:
-                held_since = time.monotonic()
-            pending.append(item)
-            if item[0] not in HELD_EVENTS or len(pending) >= 64:
-                self._journal_batch(run_id, step_key, attempt, spec, pending)
-                pending = []
-        if finished:
-            while (item := self._next(events)) is not None:
-                pending.append(item)
-            # what follows the last event that cannot wait (validation, criteria, outcome) goes out with the step's end
-            cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind not in HELD_EVENTS), default=0)
-            self._journal_batch(run_id, step_key, attempt, spec, pending[:cut])
-            self._journal_batch(run_id, step_key, attempt, spec, pending[cut:], write=False)
-            agent_run = future.result()
+            for kind, data in tail:
+                record_metrics(spec.name, kind, data)
             agent_run.unrecorded_spend = gate.unrecorded()
-            return agent_run.outcome, agent_run, pending[cut:]
+            return agent_run.outcome, agent_run, tail
+        sink.abandon()
         control.abort("timeout")
         future.cancel()
         outcome = failed_from(StepTimeout(f"step ran past its deadline of {budget:g}s and did not stop; abandoned",
                                           limit=budget, abandoned=True))
         return outcome, None, [("outcome", {"outcome": outcome.model_dump(mode="json"), "abandoned": True})]
-
-    @staticmethod
-    def _next(events: queue.SimpleQueue[tuple[str, dict[str, Any]] | None]) -> tuple[str, dict[str, Any]] | None:
-        try:
-            return events.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _journal_batch(self, run_id: str, step_key: str, attempt: int, spec: AgentSpec[Any, Any],
-                       batch: list[tuple[str, dict[str, Any]]], *, write: bool = True) -> None:
-        for kind, data in batch:
-            if kind == "model_call":
-                usage = data.get("usage") or {}
-                metrics.MODEL_SECONDS.labels(spec.name).observe(float(data.get("latency_ms", 0)) / 1000.0)
-                for token_kind in ("inputTokens", "outputTokens"):
-                    if usage.get(token_kind):
-                        metrics.TOKENS.labels(spec.name, token_kind).inc(int(usage[token_kind]))
-            elif kind == "tool_abandoned":
-                metrics.TOOLS_ABANDONED.labels(spec.name, str(data.get("tool"))).inc()
-        if not write:
-            return
-        if len(batch) == 1:
-            self.journal.append(run_id, batch[0][0], step=step_key, attempt=attempt, data=batch[0][1])
-        elif batch:
-            self.journal.append_many(run_id, batch, step=step_key, attempt=attempt)
 
     def _budget_seconds(self, step: StepDef, record: StepRecord) -> float:
         if record.kind in ("agent", "branch"):

@@ -1,0 +1,158 @@
+"""A running step's journal, written from the agent loop (:class:`teamster.orchestrator.step_journal.StepJournal`).
+
+Each test drives a real event loop against the session's Redis and reads the journal back from Redis: events go out
+in order, a held event waits for company at most ``HOLD_SECONDS``, a model call is written as it arrives, the tail
+after the last model call is handed back for the commit instead of written, a write that cannot reach Redis ends the
+step with ``StoreUnavailable`` (nothing before it lost), and an abandoned step writes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from teamster.errors import StoreUnavailable
+from teamster.orchestrator.journal import Journal
+from teamster.orchestrator.keys import Keys
+from teamster.orchestrator.step_journal import HOLD_SECONDS, StepJournal
+
+RUN = "run-1"
+
+
+@pytest.fixture()
+def journal(redis_url: str) -> Iterator[Journal]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = Keys(f"stepjournal-{uuid.uuid4().hex[:8]}")
+    try:
+        yield Journal(client, keys, retry_seconds=1.0)
+    finally:
+        client.delete(keys.journal(RUN))
+        client.close()
+
+
+def written(journal: Journal) -> list[tuple[str, str | None, str | None]]:
+    """(type, step, attempt) of every event of the run, in stream order."""
+    return [(e.type, e.step, str(e.attempt) if e.attempt is not None else None) for e in journal.read(RUN)]
+
+
+def run_step(journal: Journal, redis_url: str, agent: Callable[[StepJournal], Awaitable[Any]],
+             *, first: list[tuple[str, dict[str, Any]]] | None = None) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+    """Run ``agent(sink)`` through a fresh :class:`StepJournal` on a new loop; returns what ``run`` returned."""
+
+    async def main() -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=2, agent="a",
+                           first=first if first is not None else [("step_start", {"token": 1})])
+        try:
+            return await sink.run(agent(sink))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_events_are_journaled_in_order_and_the_tail_is_handed_back(journal: Journal, redis_url: str) -> None:
+    seen: list[list[tuple[str, str | None, str | None]]] = []
+
+    async def agent(sink: StepJournal) -> str:
+        sink.put("agent_start", {"agent": "a"})
+        sink.put("model_call", {"call_index": 0, "latency_ms": 5})  # written at once, with what was held
+        await asyncio.sleep(0.2)
+        seen.append(written(journal))
+        sink.put("tool_call", {"tool": "t"})
+        sink.put("model_call", {"call_index": 1})
+        sink.put("validation", {"ok": True})
+        sink.put("outcome", {"outcome": {"status": "succeeded"}})
+        return "done"
+
+    result, tail = run_step(journal, redis_url, agent)
+    assert result == "done"
+    assert seen == [[("step_start", "s", "2"), ("agent_start", "s", "2"), ("model_call", "s", "2")]]
+    assert written(journal) == [("step_start", "s", "2"), ("agent_start", "s", "2"), ("model_call", "s", "2"),
+                                ("tool_call", "s", "2"), ("model_call", "s", "2")]
+    assert [kind for kind, _ in tail] == ["validation", "outcome"]  # for the commit's transaction, not written
+
+
+def test_held_events_wait_at_most_the_hold_time(journal: Journal, redis_url: str) -> None:
+    async def agent(sink: StepJournal) -> None:
+        sink.put("agent_start", {"agent": "a"})
+        await asyncio.sleep(HOLD_SECONDS / 5)
+        assert written(journal) == []  # still waiting for company
+        for _ in range(100):  # a slow model call: the start goes out on its own once the hold is over
+            await asyncio.sleep(HOLD_SECONDS)
+            if written(journal):
+                break
+        assert [kind for kind, _, _ in written(journal)] == ["step_start", "agent_start"]
+        sink.put("model_call", {"call_index": 0})
+
+    _, tail = run_step(journal, redis_url, agent)
+    assert [kind for kind, _, _ in written(journal)] == ["step_start", "agent_start", "model_call"]
+    assert tail == []
+
+
+def test_a_delegated_calls_events_go_under_its_own_step(journal: Journal, redis_url: str) -> None:
+    async def agent(sink: StepJournal) -> None:
+        sink.put("delegation_start", {"_step": "s/helper#1", "agent": "helper"})
+        sink.put("model_call", {"_step": "s/helper#1", "call_index": 0})
+
+    run_step(journal, redis_url, agent, first=[])
+    assert written(journal) == [("delegation_start", "s/helper#1", "2"), ("model_call", "s/helper#1", "2")]
+
+
+def test_events_put_from_another_thread_are_journaled_in_order(journal: Journal, redis_url: str) -> None:
+    async def agent(sink: StepJournal) -> None:
+        def tool() -> None:  # a synchronous tool's thread reporting through the sink
+            for i in range(20):
+                sink.put("tool_call", {"tool": "t", "n": i})
+
+        await asyncio.to_thread(tool)
+        await asyncio.sleep(0)  # the handed-over events run on the loop
+        sink.put("model_call", {"call_index": 0})
+
+    run_step(journal, redis_url, agent, first=[])
+    events = journal.read(RUN)
+    assert [e.data.get("n") for e in events if e.type == "tool_call"] == list(range(20))
+    assert events[-1].type == "model_call"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_write_that_cannot_reach_redis_ends_the_step_with_store_unavailable(journal: Journal) -> None:
+    """The loop's client points at a port nothing listens on: connection refused, retried for the journal's retry
+    period (1 s here), then StoreUnavailable out of run() -- the thread's delivery ends with it, as before."""
+    async def agent(sink: StepJournal) -> str:
+        sink.put("model_call", {"call_index": 0})
+        return "answered"
+
+    with pytest.raises(StoreUnavailable, match="cannot reach Redis"):
+        run_step(journal, f"redis://127.0.0.1:{_closed_port()}/0", agent)
+    assert written(journal) == []
+
+
+def test_an_abandoned_step_writes_nothing_more(journal: Journal, redis_url: str) -> None:
+    released = threading.Event()
+
+    async def agent(sink: StepJournal) -> None:
+        sink.put("model_call", {"call_index": 0})
+        await asyncio.sleep(0.2)
+        sink.abandon()  # the thread gave up on the step past its deadline
+        released.set()
+        sink.put("model_call", {"call_index": 1})
+        sink.put("outcome", {"outcome": {"status": "succeeded"}})
+
+    run_step(journal, redis_url, agent)
+    assert released.is_set()
+    assert [(e.type, e.data.get("call_index")) for e in journal.read(RUN)] == [("step_start", None),
+                                                                               ("model_call", 0)]

@@ -22,7 +22,7 @@ from teamster.config.embedded import resolve_redis_url
 from teamster.config.settings import TeamsterSettings
 from teamster.errors import StoreUnavailable
 
-__all__ = ["redis_client", "pool_options", "retrying"]
+__all__ = ["redis_client", "pool_options", "retrying", "aretrying"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -34,7 +34,7 @@ from teamster.orchestrator import metrics
 from teamster.orchestrator.connection import aretrying
 from teamster.orchestrator.journal import Journal
 
-__all__ = ["HELD_EVENTS", "HOLD_SECONDS", "MAX_BATCH", "StepJournal"]
+__all__ = ["HELD_EVENTS", "HOLD_SECONDS", "MAX_BATCH", "StepJournal", "record_metrics"]
 
 T = TypeVar("T")
 Event = tuple[str, dict[str, Any]]

@@ -12,8 +12,9 @@ the structured-output tool call strands asks for). For each scenario (``latency:
 * **strands floor** -- the floor's process making each call through a fresh strands ``Agent`` (the same model,
   prompt and structured output as a teamster step): what strands costs, with no Celery and no run store;
 * **Celery floor** -- one worker process per core running teamster's Celery app and configuration on a backlog of
-  raw Celery tasks, each making the floor's request with the worker's shared client on its agent loop: what Celery
-  as the unit of delivery costs, with no strands and no run store (the most any design that keeps Celery can do);
+  raw Celery tasks, each making the floor's request with the worker's shared client on its agent loop and storing no
+  result (a step stores none; the calls the server completed in the window are counted): what Celery as the unit of
+  delivery costs, with no strands and no run store (the most any design that keeps Celery can do);
 * **one worker** -- one ``teamster worker`` (threads pool, ``-c concurrency``) on a backlog of one-step runs;
 * **one worker per core** -- ``cpu_count`` workers sharing the same total concurrency.
 

@@ -57,7 +57,7 @@ from teamster.orchestrator.models import (
 )
 from teamster.orchestrator.planner import skip_reason, step_input
 from teamster.orchestrator.runtime import Runtime
-from teamster.orchestrator.step_journal import StepJournal, record_metrics
+from teamster.orchestrator.step_journal import StepJournal
 from teamster.orchestrator.store import Claim, RunStore
 from teamster.orchestrator.tracing import step_span
 from teamster.orchestrator.transitions import Transitions
@@ -330,8 +330,6 @@ class StepExecutor:
                 if time.monotonic() < started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS:
                     continue  # the step waited for capacity meanwhile: its deadline moved
                 break  # the loop did not return in time: abandon the step (below)
-            for kind, data in tail:
-                record_metrics(spec.name, kind, data)
             agent_run.unrecorded_spend = gate.unrecorded()
             return agent_run.outcome, agent_run, tail
         sink.abandon()

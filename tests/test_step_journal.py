@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from teamster.errors import StoreUnavailable
 from teamster.orchestrator.journal import Journal
@@ -44,12 +45,13 @@ def written(journal: Journal) -> list[tuple[str, str | None, str | None]]:
 
 
 def run_step(journal: Journal, redis_url: str, agent: Callable[[StepJournal], Awaitable[Any]],
-             *, first: list[tuple[str, dict[str, Any]]] | None = None) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+             *, first: list[tuple[str, dict[str, Any]]] | None = None,
+             name: str = "a") -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
     """Run ``agent(sink)`` through a fresh :class:`StepJournal` on a new loop; returns what ``run`` returned."""
 
     async def main() -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=2, agent="a",
+        sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=2, agent=name,
                            first=first if first is not None else [("step_start", {"token": 1})])
         try:
             return await sink.run(agent(sink))
@@ -121,6 +123,25 @@ def test_events_put_from_another_thread_are_journaled_in_order(journal: Journal,
     events = journal.read(RUN)
     assert [e.data.get("n") for e in events if e.type == "tool_call"] == list(range(20))
     assert events[-1].type == "model_call"
+
+
+def test_each_model_call_and_abandoned_tool_is_counted_once_in_metrics(journal: Journal, redis_url: str) -> None:
+    name = f"metrics_{uuid.uuid4().hex[:6]}"
+
+    async def agent(sink: StepJournal) -> None:
+        sink.put("model_call", {"latency_ms": 200, "usage": {"inputTokens": 30, "outputTokens": 5}})
+        await asyncio.to_thread(sink.put, "model_call", {"latency_ms": 100, "usage": {"inputTokens": 12}})
+        await asyncio.sleep(0)
+        sink.put("tool_abandoned", {"tool": "slow"})
+        sink.put("outcome", {"outcome": {"status": "failed"}})  # the tail: counted nowhere, written by the commit
+
+    run_step(journal, redis_url, agent, name=name)
+    sample = REGISTRY.get_sample_value
+    assert sample("teamster_model_call_duration_seconds_count", {"agent": name}) == 2
+    assert sample("teamster_model_call_duration_seconds_sum", {"agent": name}) == pytest.approx(0.3)
+    assert sample("teamster_tokens_total", {"agent": name, "kind": "inputTokens"}) == 42
+    assert sample("teamster_tokens_total", {"agent": name, "kind": "outputTokens"}) == 5
+    assert sample("teamster_tools_abandoned_total", {"agent": name, "tool": "slow"}) == 1
 
 
 def _closed_port() -> int:

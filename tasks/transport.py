@@ -144,9 +144,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         """A client for one command or pipeline: ``client`` if given, else the channel's publishing client.
 
-        kombu builds a new ``redis.Redis`` on its connection pool for every publish, event and ack (redis-py's
-        ``Redis.__init__`` copies its response-callback table and builds an event dispatcher each time: about 3% of a
-        worker's CPU on the provider benchmark, where a step's three task events alone publish three times). A
+        kombu builds a new ``redis.Redis`` on its connection pool for every publish -- each queue put, each batch of
+        task events -- and every restore (redis-py's ``Redis.__init__`` copies its response-callback table and builds
+        an event dispatcher each time, ~96 us: about 3% of a worker's CPU on the provider benchmark). A
         ``redis.Redis`` is thread-safe -- each command borrows a connection from the pool -- so one per channel and
         pool serves every thread; a new pool (after a fork or reconnect) gets a new client."""
         if client:

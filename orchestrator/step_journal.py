@@ -17,7 +17,9 @@ What is written, and when, is unchanged:
   step's end, in its commit transaction;
 * a write that fails on a transient Redis error is retried for ``TEAMSTER_STORE_RETRY_SECONDS``; past that the step
   ends with :class:`~teamster.errors.StoreUnavailable` in the thread, as a blocking write would have;
-* a step abandoned past its deadline writes nothing more (its thread has already recorded the timeout).
+* a step abandoned past its deadline writes nothing more (its thread has already recorded the timeout), and an event
+  that arrives after the agent returned (a tool thread that outlived its step) is dropped, not written after the
+  commit.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class StepJournal:
         self._writer: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._abandoned = False
+        self._closed = False  # the agent has returned: a late event (a tool thread finishing) is not journaled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
@@ -101,6 +104,8 @@ class StepJournal:
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:  # emitted off the loop: hand it over
             loop.call_soon_threadsafe(self.put, kind, data)
+            return
+        if self._closed:
             return
         record_metrics(self.agent, kind, data)
         if not self._pending:
@@ -122,10 +127,9 @@ class StepJournal:
         self._arm()  # the step's start waits for company, like every held event
         try:
             result = await agent
-        except BaseException:
+        finally:
+            self._closed = True
             self._disarm()
-            raise
-        self._disarm()
         pending, self._pending = self._pending, []
         # what follows the last event that cannot wait (validation, criteria, outcome) goes out with the step's end
         cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind not in HELD_EVENTS), default=0)

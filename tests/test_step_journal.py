@@ -144,6 +144,23 @@ def test_each_model_call_and_abandoned_tool_is_counted_once_in_metrics(journal: 
     assert sample("teamster_tools_abandoned_total", {"agent": name, "tool": "slow"}) == 1
 
 
+def test_an_event_after_the_agent_returned_is_not_journaled(journal: Journal, redis_url: str) -> None:
+    """A late event (say, from a tool thread that outlived its step) would land after the step's commit."""
+    async def agent(sink: StepJournal) -> None:
+        sink.put("model_call", {"call_index": 0})
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=1, agent="a", first=[])
+        await sink.run(agent(sink))
+        sink.put("tool_result", {"tool": "late"})
+        await asyncio.sleep(HOLD_SECONDS * 3)  # past any hold: nothing is pending
+        await client.aclose()
+
+    asyncio.run(main())
+    assert [e.type for e in journal.read(RUN)] == ["model_call"]
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

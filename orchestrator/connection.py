@@ -47,41 +47,58 @@ def redis_client(settings: TeamsterSettings, url: str | None = None) -> redis.Re
     return _client(url or resolve_redis_url(settings), tuple(sorted(pool_options(settings).items())))
 
 
-async def aretrying(call: Callable[[], Awaitable[T]], seconds: float, what: str) -> T:
-    """:func:`retrying` on an event loop: ``await call()``, retried with backoff through the same transient errors for
-    up to ``seconds`` (the loop keeps running meanwhile); only for calls that are safe to repeat.
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+"""Redis errors worth retrying: connection refused or reset, timeouts, no free connection in the pool (sync and
+asyncio clients raise the same classes)."""
 
-    Raises:
-        StoreUnavailable: Redis stayed unreachable for ``seconds``.
-    """
-    deadline = time.monotonic() + seconds
-    delay = 0.05
-    while True:
-        try:
-            return await call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
-            log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+class _Backoff:
+    """The retry policy of :func:`retrying` and :func:`aretrying`: pauses from 50 ms doubling up to 2 s, for at most
+    ``seconds`` in all; each retry is logged."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.delay = 0.05
+        self.what = what
+
+    def pause(self, exc: Exception) -> float:
+        """The pause before the next try after ``exc``.
+
+        Raises:
+            StoreUnavailable: the next try would start past the deadline.
+        """
+        if time.monotonic() + self.delay > self.deadline:
+            raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
+        log.warning("%s failed (%s); retrying in %.2fs", self.what, exc, self.delay)
+        pause, self.delay = self.delay, min(self.delay * 2, 2.0)
+        return pause
 
 
 def retrying(call: Callable[[], T], seconds: float, what: str) -> T:
-    """``call()``, retried with backoff through transient Redis errors (connection refused or reset, timeouts, no
-    free connection in the pool) for up to ``seconds``; only for calls that are safe to repeat.
+    """``call()``, retried with backoff through transient Redis errors (:data:`_TRANSIENT`) for up to ``seconds``;
+    only for calls that are safe to repeat.
 
     Raises:
         StoreUnavailable: Redis stayed unreachable for ``seconds``.
     """
-    deadline = time.monotonic() + seconds
-    delay = 0.05
+    backoff = _Backoff(seconds, what)
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise StoreUnavailable(f"cannot reach Redis: {exc}") from exc
-            log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        except _TRANSIENT as exc:
+            time.sleep(backoff.pause(exc))
+
+
+async def aretrying(call: Callable[[], Awaitable[T]], seconds: float, what: str) -> T:
+    """:func:`retrying` on an event loop: ``await call()``, with the same policy (the loop keeps running during the
+    pauses); only for calls that are safe to repeat.
+
+    Raises:
+        StoreUnavailable: Redis stayed unreachable for ``seconds``.
+    """
+    backoff = _Backoff(seconds, what)
+    while True:
+        try:
+            return await call()
+        except _TRANSIENT as exc:
+            await asyncio.sleep(backoff.pause(exc))

@@ -12,14 +12,15 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from teamster.agents.delegation import DelegationMemory
 from teamster.agents.recording import ModelExchange
-from teamster.orchestrator.connection import retrying
+from teamster.orchestrator.connection import aretrying, retrying
 from teamster.orchestrator.keys import Keys
 from teamster.orchestrator.models import JournalEvent, now
 
@@ -160,10 +161,25 @@ class Journal:
     def append_many(self, run_id: str, events: Iterable[tuple[str, dict[str, Any]]], *, step: str | None = None,
                     attempt: int | None = None) -> None:
         """Append several ``(event_type, data)`` events of one step in one round trip (in order)."""
-        pipe = self.client.pipeline(transaction=False)
+        self._xadds(self.client.pipeline(transaction=False), run_id, events, step, attempt).execute()
+
+    async def append_many_async(self, client: aioredis.Redis, run_id: str, events: Sequence[tuple[str, dict[str, Any]]],
+                                *, step: str | None = None, attempt: int | None = None) -> None:
+        """:meth:`append_many` with an asyncio client, retried through transient Redis errors like :meth:`append`
+        (the agent loop journals a running step with it).
+
+        Raises:
+            StoreUnavailable: Redis stayed unreachable for ``retry_seconds``.
+        """
+        await aretrying(lambda: self._xadds(client.pipeline(transaction=False), run_id, events, step,
+                                            attempt).execute(), self.retry_seconds, "journal append")
+
+    def _xadds(self, pipe: Any, run_id: str, events: Iterable[tuple[str, dict[str, Any]]], step: str | None,
+               attempt: int | None) -> Any:
+        key = self.keys.journal(run_id)
         for event_type, data in events:
-            pipe.xadd(self.keys.journal(run_id), self.fields(event_type, step=step, attempt=attempt, data=data))
-        pipe.execute()
+            pipe.xadd(key, self.fields(event_type, step=step, attempt=attempt, data=data))
+        return pipe
 
     def read(self, run_id: str, *, types: Iterable[str] | None = None, step: str | None = None,
              after: str = "-", count: int | None = None, step_prefix: str | None = None) -> list[JournalEvent]:

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from teamster.orchestrator import metrics
-from teamster.orchestrator.connection import aretrying
 from teamster.orchestrator.journal import Journal
 
 __all__ = ["HELD_EVENTS", "HOLD_SECONDS", "MAX_BATCH", "StepJournal", "record_metrics"]
@@ -176,15 +175,7 @@ class StepJournal:
         while self._batches and self._error is None and not self._abandoned:
             batch = self._batches.pop(0)
             try:
-                await aretrying(lambda b=batch: self._append(b), self.journal.retry_seconds,  # type: ignore[misc]
-                                "journal append")
+                await self.journal.append_many_async(self.client(), self.run_id, batch, step=self.step_key,
+                                                     attempt=self.attempt)
             except Exception as exc:  # noqa: BLE001 - handed to the thread, which ends the delivery with it
                 self._error = exc
-
-    async def _append(self, batch: list[Event]) -> None:
-        key = self.journal.keys.journal(self.run_id)
-        pipe = self.client().pipeline(transaction=False)
-        for kind, data in batch:
-            pipe.xadd(key, self.journal.fields(kind, step=self.step_key, attempt=self.attempt,  # type: ignore[arg-type]
-                                               data=data))
-        await pipe.execute()

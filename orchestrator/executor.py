@@ -321,13 +321,15 @@ class StepExecutor:
             spec, agent_input, settings=self.settings, on_event=sink.put, recorded=recorded, control=control,
             context=context, gate=gate, memory=memory)))
         started = time.monotonic()
+
+        def left() -> float:  # the deadline moves by the time the step spent waiting for provider capacity
+            return started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS - time.monotonic()
+
         while True:
-            # the deadline moves by the time the step spent waiting for provider capacity
-            deadline = started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS
             try:
-                agent_run, tail = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                agent_run, tail = future.result(timeout=max(0.0, left()))
             except concurrent.futures.TimeoutError:
-                if time.monotonic() < started + budget + gate.waited_seconds + 2 * HARD_GRACE_SECONDS:
+                if left() > 0:
                     continue  # the step waited for capacity meanwhile: its deadline moved
                 break  # the loop did not return in time: abandon the step (below)
             agent_run.unrecorded_spend = gate.unrecorded()

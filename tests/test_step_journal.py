@@ -45,16 +45,21 @@ def written(journal: Journal) -> list[tuple[str, str | None, str | None]]:
 
 
 def run_step(journal: Journal, redis_url: str, agent: Callable[[StepJournal], Awaitable[Any]],
-             *, first: list[tuple[str, dict[str, Any]]] | None = None,
-             name: str = "a") -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
-    """Run ``agent(sink)`` through a fresh :class:`StepJournal` on a new loop; returns what ``run`` returned."""
+             *, first: list[tuple[str, dict[str, Any]]] | None = None, name: str = "a",
+             after: Callable[[StepJournal], Awaitable[None]] | None = None,
+             ) -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
+    """Run ``agent(sink)`` through a fresh :class:`StepJournal` on a new loop (then ``after(sink)`` on the same loop,
+    if given); returns what ``run`` returned."""
 
     async def main() -> tuple[Any, list[tuple[str, dict[str, Any]]]]:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=2, agent=name,
                            first=first if first is not None else [("step_start", {"token": 1})])
         try:
-            return await sink.run(agent(sink))
+            returned = await sink.run(agent(sink))
+            if after is not None:
+                await after(sink)
+            return returned
         finally:
             await client.aclose()
 
@@ -149,15 +154,11 @@ def test_an_event_after_the_agent_returned_is_not_journaled(journal: Journal, re
     async def agent(sink: StepJournal) -> None:
         sink.put("model_call", {"call_index": 0})
 
-    async def main() -> None:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        sink = StepJournal(journal, lambda: client, run_id=RUN, step_key="s", attempt=1, agent="a", first=[])
-        await sink.run(agent(sink))
+    async def late(sink: StepJournal) -> None:
         sink.put("tool_result", {"tool": "late"})
         await asyncio.sleep(HOLD_SECONDS * 3)  # past any hold: nothing is pending
-        await client.aclose()
 
-    asyncio.run(main())
+    run_step(journal, redis_url, agent, first=[], after=late)
     assert [e.type for e in journal.read(RUN)] == ["model_call"]
 
 

@@ -149,8 +149,9 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
 
 
 def _strands_call(client: Any, model_id: str) -> Callable[[], Awaitable[None]]:
-    """One strands step as teamster builds it, without teamster: a fresh ``Agent`` per call on the shared client,
-    the same model, prompt, envelope and settings (no retry strategy, no conversation manager, no callbacks)."""
+    """One strands step as teamster builds it, without teamster: a fresh ``Agent`` per call on the shared client and
+    one shared ``OpenAIModel`` (as a worker shares it per loop), the same prompt, envelope and settings (no retry
+    strategy, no conversation manager, no callbacks)."""
     from strands import Agent  # noqa: PLC0415
     from strands.agent.conversation_manager import NullConversationManager  # noqa: PLC0415
     from strands.models.openai import OpenAIModel  # noqa: PLC0415
@@ -159,9 +160,10 @@ def _strands_call(client: Any, model_id: str) -> Callable[[], Awaitable[None]]:
 
     envelope = outcome_envelope(bench_agent.output_model)
     prompt = f"Input ({BenchInput.__name__}, JSON):\n{BenchInput(text='bench').model_dump_json()}"
+    model = OpenAIModel(client=client, model_id=model_id, params={"max_tokens": 4096})
 
     async def call() -> None:
-        agent = Agent(model=OpenAIModel(client=client, model_id=model_id, params={"max_tokens": 4096}),
+        agent = Agent(model=model,
                       system_prompt=bench_agent.instructions, structured_output_model=envelope, callback_handler=None,
                       conversation_manager=NullConversationManager(), retry_strategy=None)
         result = await agent.invoke_async(prompt, limits={"turns": bench_agent.budget.max_model_calls})

@@ -214,11 +214,21 @@ class Journal:
         return out
 
     def exchanges(self, run_id: str, step: str, attempt: int) -> list[ModelExchange]:
-        """The model exchanges recorded for one attempt of a step, in call order."""
+        """The model exchanges recorded for one attempt of a step, in call order, each call once.
+
+        A write retried after its reply was lost (Redis restarted mid-write) appends its events again: an exchange
+        whose call index was already read is that duplicate, and is left out, so replay and takeover serve each
+        recorded answer to its own call."""
         result = []
+        seen: set[Any] = set()
         for event in self.read(run_id, types=("model_call",), step=step):
-            if event.attempt == attempt and not event.data.get("_truncated"):
-                result.append(ModelExchange.model_validate(event.data))
+            if event.attempt != attempt or event.data.get("_truncated"):
+                continue
+            index = event.data.get("call_index")
+            if index in seen:
+                continue
+            seen.add(index)
+            result.append(ModelExchange.model_validate(event.data))
         return result
 
     def delegations(self, run_id: str, step: str, takeover_attempt: int | None) -> DelegationMemory:
@@ -263,6 +273,8 @@ def _leading_run(exchanges: Iterable[ModelExchange]) -> list[ModelExchange]:
     """The successful exchanges ``0, 1, 2...`` up to the first gap or failure: what a conversation resumes from."""
     run: list[ModelExchange] = []
     for exchange in sorted(exchanges, key=lambda x: x.call_index):
+        if exchange.call_index < len(run):  # the same call journaled twice (a write retried after a lost reply)
+            continue
         if exchange.error or exchange.call_index != len(run):
             break
         run.append(exchange)

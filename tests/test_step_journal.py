@@ -162,6 +162,22 @@ def test_an_event_after_the_agent_returned_is_not_journaled(journal: Journal, re
     assert [e.type for e in journal.read(RUN)] == ["model_call"]
 
 
+def test_a_batch_written_twice_is_read_back_once(journal: Journal) -> None:
+    """A write retried after its reply was lost (Redis restarted mid-write) appends the batch again; replay and
+    takeover must still see each model call once, in order, or they would serve an answer to the wrong call."""
+    def call(index: int) -> dict[str, Any]:
+        return {"call_index": index, "request_digest": f"d{index}", "content": [{"text": f"answer {index}"}]}
+
+    batch = [("model_call", call(0)), ("tool_call", {"tool": "t"}), ("model_call", call(1))]
+    journal.append_many(RUN, batch, step="s", attempt=2)
+    journal.append_many(RUN, batch, step="s", attempt=2)  # the retry
+    journal.append(RUN, "model_call", step="s", attempt=2, data=call(2))
+    assert [e.call_index for e in journal.exchanges(RUN, "s", 2)] == [0, 1, 2]
+    assert [e.content[0]["text"] for e in journal.reusable_exchanges(RUN, "s", 2)] == [
+        "answer 0", "answer 1", "answer 2"]
+    assert [e.type for e in journal.read(RUN)].count("model_call") == 5  # the journal itself keeps what was written
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

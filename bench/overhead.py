@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="How long idle Redis traffic is sampled (subtracted from command counts).")
     parser.add_argument("--timeout", type=float, default=900.0, help="Give up on a block after this many seconds.")
     parser.add_argument("--monitor-runs", type=int, default=20,
-                        help="Runs per side counted under Redis MONITOR (round trips vs commands in scripts).")
+                        help="Runs per side counted under Redis MONITOR (round trips vs commands in scripts); "
+                             "0 skips that phase.")
     add_common_args(parser)
     return parser
 
@@ -435,12 +436,27 @@ def run(env: BenchEnv, args: argparse.Namespace) -> dict[str, Any]:
         handles[side.name] = done
         unloaded[side.name] = side.latencies(done)
     breakdown = teamster.breakdown(handles[teamster.name])
-    console.print(f"round trips: {args.monitor_runs} runs per side under Redis MONITOR ...")
-    trips = {side.name: round_trips(env, side, args.monitor_runs, args.timeout) for side in sides}
+    trips: dict[str, dict[str, float]] = {}
+    if args.monitor_runs > 0:
+        console.print(f"round trips: {args.monitor_runs} runs per side under Redis MONITOR ...")
+        trips = {key: round_trips(env, side, args.monitor_runs, args.timeout)
+                 for key, side in (("raw_celery", raw), ("teamster", teamster))}
     results = summarize(args, blocks, unloaded, breakdown, idle, subs, env, worker)
-    results["raw_celery"]["monitor_per_step"] = trips[raw.name]
-    results["teamster"]["monitor_per_step"] = trips[teamster.name]
+    for key, per_step in trips.items():
+        results[key]["monitor_per_step"] = per_step
     return results
+
+
+def _monitor_rows(raw: dict[str, Any], ts: dict[str, Any]) -> list[list[str]]:
+    """The MONITOR rows of the overhead table, or none when ``--monitor-runs 0`` skipped that phase."""
+    if "monitor_per_step" not in ts:
+        return []
+    raw_trips, ts_trips = raw["monitor_per_step"], ts["monitor_per_step"]
+    return [
+        ["  sent over the network (MONITOR)", fmt(raw_trips["round_trips"], 1), fmt(ts_trips["round_trips"], 1),
+         fmt(ratio(ts_trips["round_trips"], raw_trips["round_trips"]), 2)],
+        ["  run inside Lua scripts (MONITOR)", fmt(raw_trips["in_scripts"], 1), fmt(ts_trips["in_scripts"], 1), "—"],
+    ]
 
 
 def _side_summary(blocks: list[Block], unloaded: list[float], idle: dict[str, float]) -> dict[str, Any]:
@@ -534,11 +550,7 @@ def report(results: dict[str, Any]) -> None:
              fmt(ts["redis_per_step"]["total"], 1), fmt(r["redis_commands_per_step"], 2)],
             ["  of which EVALSHA (Lua scripts)", fmt(raw["redis_per_step"]["evalsha"], 2),
              fmt(ts["redis_per_step"]["evalsha"], 2), "—"],
-            ["  sent over the network (MONITOR)", fmt(raw["monitor_per_step"]["round_trips"], 1),
-             fmt(ts["monitor_per_step"]["round_trips"], 1),
-             fmt(ratio(ts["monitor_per_step"]["round_trips"], raw["monitor_per_step"]["round_trips"]), 2)],
-            ["  run inside Lua scripts (MONITOR)", fmt(raw["monitor_per_step"]["in_scripts"], 1),
-             fmt(ts["monitor_per_step"]["in_scripts"], 1), "—"],
+            *_monitor_rows(raw, ts),
             ["bytes to Redis per step", fmt(raw["redis_per_step"]["net_in_bytes"], 0),
              fmt(ts["redis_per_step"]["net_in_bytes"], 0), "—"],
             ["bytes from Redis per step", fmt(raw["redis_per_step"]["net_out_bytes"], 0),

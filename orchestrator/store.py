@@ -18,6 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from json.scanner import make_scanner
 from typing import Any, TypeVar
 
 import redis
@@ -56,9 +57,15 @@ MAX_CAS = 100
 """How often an optimistic write is re-planned after a state-version conflict before giving up."""
 
 
+_ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 def literal(value: Any) -> str:
-    """The stored (JSON) form of ``value``: what Lua compares (``StepStatus.RUNNING`` -> ``"running"``)."""
-    return json.dumps(value, default=str, separators=(",", ":"))
+    """The stored (JSON) form of ``value``: what Lua compares (``StepStatus.RUNNING`` -> ``"running"``).
+
+    ``json.dumps(value, default=str, separators=(",", ":"))``, with one encoder built once instead of per call (a
+    commit encodes dozens of fields; building the encoder was half of each call)."""
+    return _ENCODE(value)
 
 
 def _lua_list(values: Iterable[Any]) -> str:
@@ -223,11 +230,27 @@ def encode_fields(values: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# what json.loads runs for one value, without its checks around it (typeshed types the C scanner's argument as itself)
+_SCAN: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
 def decode_fields(raw: Mapping[str, str] | list[str]) -> dict[str, Any]:
-    """Decode a hash whose values are JSON (a mapping, or the flat ``[field, value, ...]`` list Lua returns)."""
+    """Decode a hash whose values are JSON (a mapping, or the flat ``[field, value, ...]`` list Lua returns); a
+    value that is not JSON (none that teamster writes) is kept as the string it is.
+
+    Each value is read by the JSON decoder's scanner directly, which gives what ``json.loads`` gives for a value that
+    is exactly one JSON document (in about a quarter of the time: a claim decodes dozens of fields); anything else
+    (surrounding spaces, trailing text, not JSON) goes through ``json.loads`` as before."""
     items = raw.items() if isinstance(raw, Mapping) else zip(raw[::2], raw[1::2], strict=True)
     out: dict[str, Any] = {}
     for key, value in items:
+        try:
+            decoded, end = _SCAN(value, 0)
+            if end == len(value):
+                out[key] = decoded
+                continue
+        except (StopIteration, ValueError, TypeError):
+            pass
         try:
             out[key] = json.loads(value)
         except (json.JSONDecodeError, TypeError):

@@ -27,13 +27,17 @@ class CeleryEnqueuer:
                 label: str | None = None) -> None:
         """Send one step message. ``label`` (``workflow.step_id[:agent]``) becomes the task's shadow name: Flower
         and the worker log show (and filter by) it instead of the generic ``teamster.step``."""
-        message = StepMessage(run_id=run_id, step_key=step_key)
+        kwargs = {"message": StepMessage(run_id=run_id, step_key=step_key).model_dump()}
         # ignore_result: nobody waits on a step task's Celery result (the run store has the outcome). Without it,
         # Celery's Redis backend subscribes to the result channel for every message sent, and the AsyncResult's
         # finalizer unsubscribes -- network I/O at whatever point the garbage collector runs (a Ctrl-C arriving
         # there is swallowed as "Exception ignored in __del__"). Errors are still stored for their senders.
-        self.app.send_task(STEP_TASK, kwargs={"message": message.model_dump()}, task_id=f"{run_id}:{step_key}",
-                           queue=self.queue, countdown=countdown, shadow=label, ignore_result=True)
+        # argsrepr/kwargsrepr (what Flower and the worker log show as the task's arguments): Celery computes them
+        # with its saferepr (~25 us a message); for two short strings (a run id and step key are capped well below
+        # its 1,024 characters) repr() gives the same text.
+        self.app.send_task(STEP_TASK, kwargs=kwargs, task_id=f"{run_id}:{step_key}", queue=self.queue,
+                           countdown=countdown, shadow=label, ignore_result=True, argsrepr="()",
+                           kwargsrepr=repr(kwargs))
 
 
 def producer_app(settings: TeamsterSettings, redis_url: str) -> Celery:

@@ -309,9 +309,11 @@ class StepExecutor:
                      recorded: list[Any], control: StepControl, gate: RedisGate, memory: DelegationMemory | None,
                      ) -> tuple[StepResult, AgentRun | None, list[tuple[str, dict[str, Any]]]]:
         """Run the agent on the process's event loop, which journals its events (:class:`StepJournal`: the step's
-        start goes out with its first model call, every model call as it arrives); this thread waits for the end.
+        start goes out with its first model call, a model call within ``HOLD_SECONDS`` or with the step's end); this
+        thread waits for the end.
 
-        Returns the outcome, the agent's run, and the events that go out with the step's end (validation, outcome).
+        Returns the outcome, the agent's run, and the events that go out with the step's end (typically the last
+        model call, validation, outcome).
         """
         run_id, step_key, attempt = context.run_id, context.step_id, context.attempt
         budget = spec.budget.timeout_seconds or self.settings.step_timeout_seconds

@@ -10,11 +10,14 @@ the loop's asyncio Redis client; the waiting thread wakes once, when the step ha
 What is written, and when, is unchanged:
 
 * every event is journaled in order, under its step and attempt (a delegated call's under its own ``_step``);
-* lifecycle events (:data:`HELD_EVENTS`) wait up to :data:`HOLD_SECONDS` for the next event, so a step's start goes
-  out with its first model call; every other event -- a model call above all, which a takeover reuses -- is written
-  as soon as it arrives, with what waits;
-* what follows the last event that cannot wait (validation, criteria, the outcome) is handed back to go out with the
-  step's end, in its commit transaction;
+* model calls and lifecycle events (:data:`HELD_EVENTS`) wait up to :data:`HOLD_SECONDS` for the next event: a
+  step's start goes out with its first model call, a model call with the tool call it asks for; what a tool or a
+  delegated call does (tool calls and results, delegation events, a blocked tool) is written as soon as it arrives,
+  with what waits. A model call is in the journal (where a takeover reuses it) at most :data:`HOLD_SECONDS` after it
+  returned, or with the step's end;
+* what follows the last event that cannot wait (typically the last model call, validation, criteria, the outcome)
+  is handed back to go out with the step's end, in its commit (or retry, or dead-letter) transaction. A step whose
+  agent answers within the hold -- one model call, then the outcome -- makes no journal round trip of its own;
 * a write that fails on a transient Redis error is retried for ``TEAMSTER_STORE_RETRY_SECONDS``; past that the step
   ends with :class:`~teamster.errors.StoreUnavailable` in the thread, as a blocking write would have;
 * a step abandoned past its deadline writes nothing more (its thread has already recorded the timeout), and an event
@@ -40,9 +43,11 @@ __all__ = ["HELD_EVENTS", "HOLD_SECONDS", "MAX_BATCH", "StepJournal", "record_me
 T = TypeVar("T")
 Event = tuple[str, dict[str, Any]]
 
-HELD_EVENTS = frozenset({"step_start", "agent_start", "validation", "outcome"})
-"""Journal events that may wait (up to :data:`HOLD_SECONDS`) to share a round trip with the next one. Every other
-event -- a model call above all, which a takeover reuses -- is written as soon as it arrives, with what waits."""
+HELD_EVENTS = frozenset({"step_start", "agent_start", "model_call", "validation", "outcome"})
+"""Journal events that may wait (up to :data:`HOLD_SECONDS`) to share a round trip with the next one, or go out with
+the step's end. Every other event (what tools and delegated calls do) is written as soon as it arrives, with what
+waits. A model call waits too: the one a takeover could lose is at most :data:`HOLD_SECONDS` old, against the
+round trip per step that writing it on its own costs (most steps end right after their last model call)."""
 
 HOLD_SECONDS = 0.05
 """How long held events wait for company before they are written on their own (live progress lags at most this)."""

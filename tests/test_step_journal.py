@@ -1,9 +1,10 @@
 """A running step's journal, written from the agent loop (:class:`teamster.orchestrator.step_journal.StepJournal`).
 
 Each test drives a real event loop against the session's Redis and reads the journal back from Redis: events go out
-in order, a held event waits for company at most ``HOLD_SECONDS``, a model call is written as it arrives, the tail
-after the last model call is handed back for the commit instead of written, a write that cannot reach Redis ends the
-step with ``StoreUnavailable`` (nothing before it lost), and an abandoned step writes nothing more.
+in order, a held event (a model call too) waits for company at most ``HOLD_SECONDS``, what a tool does is written as
+it arrives, the tail after the last event that cannot wait is handed back for the commit instead of written, a write
+that cannot reach Redis ends the step with ``StoreUnavailable`` (nothing before it lost), and an abandoned step
+writes nothing more.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def test_events_are_journaled_in_order_and_the_tail_is_handed_back(journal: Jour
 
     async def agent(sink: StepJournal) -> str:
         sink.put("agent_start", {"agent": "a"})
-        sink.put("model_call", {"call_index": 0, "latency_ms": 5})  # written at once, with what was held
+        sink.put("model_call", {"call_index": 0, "latency_ms": 5})
+        sink.put("tool_call", {"tool": "t"})  # written at once, with what was held
         await asyncio.sleep(0.2)
         seen.append(written(journal))
-        sink.put("tool_call", {"tool": "t"})
+        sink.put("tool_result", {"tool": "t"})
         sink.put("model_call", {"call_index": 1})
         sink.put("validation", {"ok": True})
         sink.put("outcome", {"outcome": {"status": "succeeded"}})
@@ -82,10 +84,13 @@ def test_events_are_journaled_in_order_and_the_tail_is_handed_back(journal: Jour
 
     result, tail = run_step(journal, redis_url, agent)
     assert result == "done"
-    assert seen == [[("step_start", "s", "2"), ("agent_start", "s", "2"), ("model_call", "s", "2")]]
+    assert seen == [[("step_start", "s", "2"), ("agent_start", "s", "2"), ("model_call", "s", "2"),
+                     ("tool_call", "s", "2")]]
     assert written(journal) == [("step_start", "s", "2"), ("agent_start", "s", "2"), ("model_call", "s", "2"),
-                                ("tool_call", "s", "2"), ("model_call", "s", "2")]
-    assert [kind for kind, _ in tail] == ["validation", "outcome"]  # for the commit's transaction, not written
+                                ("tool_call", "s", "2"), ("tool_result", "s", "2")]
+    # the last model call and what followed it go out in the commit's transaction, not on their own
+    assert [(kind, data.get("call_index")) for kind, data in tail] == [("model_call", 1), ("validation", None),
+                                                                       ("outcome", None)]
 
 
 def test_held_events_wait_at_most_the_hold_time(journal: Journal, redis_url: str) -> None:
@@ -98,20 +103,27 @@ def test_held_events_wait_at_most_the_hold_time(journal: Journal, redis_url: str
             if written(journal):
                 break
         assert [kind for kind, _, _ in written(journal)] == ["step_start", "agent_start"]
-        sink.put("model_call", {"call_index": 0})
+        sink.put("model_call", {"call_index": 0})  # held in turn: a slow tool would not keep it from the journal
+        for _ in range(100):
+            await asyncio.sleep(HOLD_SECONDS)
+            if len(written(journal)) == 3:
+                break
+        sink.put("model_call", {"call_index": 1})  # the last call: the agent returns at once, so it goes with the end
 
     _, tail = run_step(journal, redis_url, agent)
     assert [kind for kind, _, _ in written(journal)] == ["step_start", "agent_start", "model_call"]
-    assert tail == []
+    assert [(kind, data["call_index"]) for kind, data in tail] == [("model_call", 1)]
 
 
 def test_a_delegated_calls_events_go_under_its_own_step(journal: Journal, redis_url: str) -> None:
     async def agent(sink: StepJournal) -> None:
         sink.put("delegation_start", {"_step": "s/helper#1", "agent": "helper"})
         sink.put("model_call", {"_step": "s/helper#1", "call_index": 0})
+        sink.put("delegation_result", {"_step": "s/helper#1", "output": {}})
 
     run_step(journal, redis_url, agent, first=[])
-    assert written(journal) == [("delegation_start", "s/helper#1", "2"), ("model_call", "s/helper#1", "2")]
+    assert written(journal) == [("delegation_start", "s/helper#1", "2"), ("model_call", "s/helper#1", "2"),
+                                ("delegation_result", "s/helper#1", "2")]
 
 
 def test_events_put_from_another_thread_are_journaled_in_order(journal: Journal, redis_url: str) -> None:
@@ -120,14 +132,14 @@ def test_events_put_from_another_thread_are_journaled_in_order(journal: Journal,
             for i in range(20):
                 sink.put("tool_call", {"tool": "t", "n": i})
 
+        sink.put("model_call", {"call_index": 0})
         await asyncio.to_thread(tool)
         await asyncio.sleep(0)  # the handed-over events run on the loop
-        sink.put("model_call", {"call_index": 0})
 
     run_step(journal, redis_url, agent, first=[])
     events = journal.read(RUN)
+    assert events[0].type == "model_call"
     assert [e.data.get("n") for e in events if e.type == "tool_call"] == list(range(20))
-    assert events[-1].type == "model_call"
 
 
 def test_each_model_call_and_abandoned_tool_is_counted_once_in_metrics(journal: Journal, redis_url: str) -> None:
@@ -152,14 +164,14 @@ def test_each_model_call_and_abandoned_tool_is_counted_once_in_metrics(journal: 
 def test_an_event_after_the_agent_returned_is_not_journaled(journal: Journal, redis_url: str) -> None:
     """A late event (say, from a tool thread that outlived its step) would land after the step's commit."""
     async def agent(sink: StepJournal) -> None:
-        sink.put("model_call", {"call_index": 0})
+        sink.put("tool_call", {"tool": "t"})
 
     async def late(sink: StepJournal) -> None:
         sink.put("tool_result", {"tool": "late"})
         await asyncio.sleep(HOLD_SECONDS * 3)  # past any hold: nothing is pending
 
     run_step(journal, redis_url, agent, first=[], after=late)
-    assert [e.type for e in journal.read(RUN)] == ["model_call"]
+    assert [e.type for e in journal.read(RUN)] == ["tool_call"]
 
 
 def test_a_batch_written_twice_is_read_back_once(journal: Journal) -> None:
@@ -188,7 +200,7 @@ def test_a_write_that_cannot_reach_redis_ends_the_step_with_store_unavailable(jo
     """The loop's client points at a port nothing listens on: connection refused, retried for the journal's retry
     period (1 s here), then StoreUnavailable out of run() -- the thread's delivery ends with it, as before."""
     async def agent(sink: StepJournal) -> str:
-        sink.put("model_call", {"call_index": 0})
+        sink.put("tool_call", {"tool": "t"})  # written at once: the write fails
         return "answered"
 
     with pytest.raises(StoreUnavailable, match="cannot reach Redis"):
@@ -201,10 +213,11 @@ def test_an_abandoned_step_writes_nothing_more(journal: Journal, redis_url: str)
 
     async def agent(sink: StepJournal) -> None:
         sink.put("model_call", {"call_index": 0})
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # past the hold: written
         sink.abandon()  # the thread gave up on the step past its deadline
         released.set()
         sink.put("model_call", {"call_index": 1})
+        sink.put("tool_call", {"tool": "t"})  # would be written at once, with the call before it
         sink.put("outcome", {"outcome": {"status": "succeeded"}})
 
     run_step(journal, redis_url, agent)

@@ -7,7 +7,7 @@ in flight, each of those wake-ups and round trips was a thread taking the GIL fr
 context switches and system CPU on the provider benchmark. :class:`StepJournal` writes them on the loop instead, with
 the loop's asyncio Redis client; the waiting thread wakes once, when the step has ended and its events are written.
 
-What is written, and when, is unchanged:
+What is written, and when:
 
 * every event is journaled in order, under its step and attempt (a delegated call's under its own ``_step``);
 * model calls and lifecycle events (:data:`HELD_EVENTS`) wait up to :data:`HOLD_SECONDS` for the next event: a

@@ -237,8 +237,10 @@ def test_a_worker_killed_in_the_middle_of_a_delegated_call_is_resumed_not_repeat
     try:
         run_id = client.submit("d_delegating", {"text": "slow-research on tides"})
         nested = "lead/d_researcher#1"
-        # the researcher looked it up and its second (30 s) model call is in flight: kill now
-        wait_until(lambda: _calls(client, run_id, nested) >= 2, timeout=30)
+        # the researcher looked it up, its first call is journaled, and its second (30 s) call is in flight: kill now
+        # (a model call is journaled with the tool call it asks for: wait for that write, not just for the next call)
+        wait_until(lambda: _calls(client, run_id, nested) >= 2
+                   and client.journal(run_id, step=nested, types=["model_call"]), timeout=30)
         run = _recover(client, run_id, env, victim)
     finally:
         victim.kill()

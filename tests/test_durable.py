@@ -128,6 +128,8 @@ def test_sigkill_mid_step_is_recovered_by_another_worker_without_duplicate_side_
         wait_until(lambda: redis.hlen(applied) and any(k.startswith(run_id) for k in redis.hkeys(applied)),
                    timeout=30)
         wait_until(lambda: model_calls(kill_client, run_id, "summarize") >= 2, timeout=10)
+        # ... and the first call's response is journaled (with the tool call it asked for), so a takeover can reuse it
+        wait_until(lambda: kill_client.journal(run_id, step="summarize", types=["model_call"]), timeout=10)
         victim.kill()
         survivor = Worker("survivor", concurrency=2, env=env).start()
         watchdog = Watchdog(kill_client.runtime)

@@ -337,6 +337,23 @@ class BenchEnv:
             self._client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=30)
         return self._client
 
+    def clear(self, prefix: str) -> None:
+        """Delete a finished phase's keys, so that the next phase does not start on its leftovers (the provider
+        benchmark queues more work than a window takes); on the run's own Redis, also compact the AOF and wait for
+        it: a file that grew by a phase's backlog would otherwise be rewritten -- a fork and a full rewrite, on one of
+        the host's cores -- during the next phase's window."""
+        delete_prefix(self.client, prefix)
+        if self.embedded is None:
+            return
+        with contextlib.suppress(redis.ResponseError):  # a rewrite already running: wait for that one
+            self.client.bgrewriteaof()
+
+        def compacted() -> bool:
+            info = self.client.info("persistence")
+            return not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled")
+
+        wait_until(compacted, timeout=300, what="Redis to finish rewriting its AOF")
+
     def prefix(self, suffix: str = "") -> str:
         """The base key prefix, or a sub-prefix ``<base>-<suffix>`` (isolated queues and records)."""
         value = f"{self.key_prefix}-{suffix}" if suffix else self.key_prefix

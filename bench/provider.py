@@ -18,6 +18,10 @@ the structured-output tool call strands asks for). For each scenario (``latency:
 * **one worker** -- one ``teamster worker`` (threads pool, ``-c concurrency``) on a backlog of one-step runs;
 * **one worker per core** -- ``cpu_count`` workers sharing the same total concurrency.
 
+A backlog outlasts its window, so each row that uses Redis deletes its keys when it is done, and the private Redis
+compacts its append-only file before the next row: no row runs beside the previous one's leftovers or an AOF rewrite
+they set off (a fork and a full rewrite, on one of the host's cores).
+
 Reported: steps (or requests) per second in the window and as a ratio of the floor; steps in flight (max and
 time-average, from the step records) and model calls in flight (max and mean, from the server); worker CPU ms per
 step; the workers' total RSS; p50/p99 of claim -> commit (floor: request -> last byte); Redis connection-pool errors
@@ -320,6 +324,7 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
     durations = [s["finished_at"] - s["started_at"] for s in in_window]
     left_running = sum(1 for s in steps if s["status"] == StepStatus.RUNNING)
     failed = sum(1 for s in steps if s["status"] == StepStatus.FAILED)
+    env.clear(prefix)  # the rest of the backlog and every record: the next row starts on a clean Redis
     return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
             **measured.row(len(in_window), window), "in_flight_max": peak, "in_flight_mean": mean,
             "latency_p50_ms": percentile(durations, 50) * 1000, "latency_p99_ms": percentile(durations, 99) * 1000,
@@ -353,6 +358,7 @@ def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: flo
     # each task ends with its call -- and a task that failed is in its worker's log
     done = measured.server_stats["completed"] - measured.server_stats_start["completed"]
     failed = len(re.findall(rf"Task {re.escape(SDK_TASK)}\[[^\]]*\] raised unexpected", measured.logs))
+    env.clear(prefix)  # the rest of the backlog: the next row starts on a clean Redis
     return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
             **measured.row(done, window), "in_flight_max": None, "in_flight_mean": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "errors": failed,

@@ -135,7 +135,8 @@ class StepJournal:
             self._closed = True
             self._disarm()
         pending, self._pending = self._pending, []
-        # what follows the last event that cannot wait (validation, criteria, outcome) goes out with the step's end
+        # what follows the last event that cannot wait (typically the last model call, validation, criteria, the
+        # outcome) goes out with the step's end
         cut = max((i + 1 for i, (kind, _) in enumerate(pending) if kind not in HELD_EVENTS), default=0)
         if pending[:cut]:
             self._batches.append(pending[:cut])

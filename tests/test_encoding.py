@@ -85,13 +85,13 @@ def test_a_flat_field_list_of_odd_length_is_an_error() -> None:
 
 
 def test_a_step_message_shows_the_arguments_celery_would_show(redis_url: str, redis_client: redis.Redis) -> None:
-    settings = load_settings().model_copy(update={"key_prefix": f"enc-{uuid.uuid4().hex[:8]}",
-                                                  "steps_queue": "encoding-test"})
-    enqueuer = CeleryEnqueuer.for_settings(settings, redis_url)
+    conf = load_settings().model_copy(update={"key_prefix": f"enc-{uuid.uuid4().hex[:8]}",
+                                              "steps_queue": "encoding-test"})
+    enqueuer = CeleryEnqueuer.for_settings(conf, redis_url)
     run_id, step_key = "run_" + "x" * 196, "review[12]." + "k" * 289  # the longest a StepMessage allows
     try:
         enqueuer.enqueue(run_id, step_key, label="wf.review:agent")
-        [raw] = redis_client.lrange(f"{settings.key_prefix}:celery:{settings.steps_queue}", 0, -1)
+        [raw] = redis_client.lrange(f"{conf.key_prefix}:celery:{conf.steps_queue}", 0, -1)
         message = json.loads(raw)
         headers = message["headers"]
         kwargs = json.loads(base64.b64decode(message["body"]))[1]
@@ -102,5 +102,5 @@ def test_a_step_message_shows_the_arguments_celery_would_show(redis_url: str, re
         assert len(headers["kwargsrepr"]) < maxsize  # nothing that saferepr would have cut
         assert headers["shadow"] == "wf.review:agent" and headers["id"] == f"{run_id}:{step_key}"
     finally:
-        for key in redis_client.scan_iter(f"{settings.key_prefix}:*"):
+        for key in redis_client.scan_iter(f"{conf.key_prefix}:*"):
             redis_client.delete(key)

@@ -66,6 +66,9 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
         for provider in sorted(providers):
             check_provider(provider, settings)
         configure_tracing(settings.tracing, service_name="teamster-worker")
+        app = getattr(sender, "app", None)
+        if app is not None:  # the one result backend of this process, built before the pool's threads race to
+            app.backend  # noqa: B018 - build one each (result_backend_thread_safe, config/celeryconfig.py)
     except TeamsterError as exc:
         sys.stderr.write(f"teamster worker cannot start: {exc.code}: {exc.message}\n")
         if exc.hint:

@@ -81,6 +81,27 @@ def test_celery_config_is_reliable_and_json_only() -> None:
     assert conf["task_routes"][STEP_TASK]["queue"] == s.steps_queue
 
 
+def test_pool_threads_share_one_result_backend() -> None:
+    """With the threads pool, Celery builds a result backend per thread unless the backend is thread-safe: with
+    -c 500 that is 500 Redis clients (and pools), each built in the middle of a step."""
+    import threading
+
+    from celery import Celery
+
+    conf = build_celery_config(load_settings(redis_url="redis://h:1/0", key_prefix="p"), "redis://h:1/0")
+    assert conf["result_backend_thread_safe"] is True
+    app = Celery("t", set_as_current=False)
+    app.config_from_object(conf)
+    first = app.backend  # as the worker's banner ("results: redis://...") does before the pool starts
+    seen: list[int] = []
+    threads = [threading.Thread(target=lambda: seen.append(id(app.backend))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [id(first)] * 8
+
+
 def test_celery_app_refuses_pickle() -> None:
     from teamster.tasks.app import app
 

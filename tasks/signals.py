@@ -67,8 +67,8 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
             check_provider(provider, settings)
         configure_tracing(settings.tracing, service_name="teamster-worker")
         app = getattr(sender, "app", None)
-        if app is not None:  # the one result backend of this process, built before the pool's threads race to
-            app.backend  # noqa: B018 - build one each (result_backend_thread_safe, config/celeryconfig.py)
+        if app is not None:  # build the process's one result backend now, before the pool's threads could race
+            app.backend  # noqa: B018 - to build their own (result_backend_thread_safe, config/celeryconfig.py)
     except TeamsterError as exc:
         sys.stderr.write(f"teamster worker cannot start: {exc.code}: {exc.message}\n")
         if exc.hint:

@@ -92,7 +92,7 @@ def test_pool_threads_share_one_result_backend() -> None:
     assert conf["result_backend_thread_safe"] is True
     app = Celery("t", set_as_current=False)
     app.config_from_object(conf)
-    first = app.backend  # as the worker's banner ("results: redis://...") does before the pool starts
+    first = app.backend  # as a worker builds it at start-up (worker_init, tasks/signals.py), before its pool
     seen: list[int] = []
     threads = [threading.Thread(target=lambda: seen.append(id(app.backend))) for _ in range(8)]
     for thread in threads:

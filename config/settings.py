@@ -207,6 +207,12 @@ class TeamsterSettings(BaseSettings):
         description="Threads running synchronous tools (and Bedrock's streaming calls) per worker process "
         "(default 64). A tool still running when its step's deadline passes is abandoned and keeps its thread "
         "until it returns.")
+    worker_gc_threshold: int = Field(
+        default=50_000, ge=0,
+        description="Object allocations between two young-generation garbage collections in a worker process "
+        "(default 50000; Python's own is 700). With hundreds of steps in flight, Python's default re-scans their "
+        "live objects over and over and costs a worker a large share of its CPU. At start-up the worker also moves "
+        "what it has imported out of the collector's reach (gc.freeze). 0 leaves Python's settings alone.")
     redis_max_connections: int | None = Field(
         default=None, ge=2,
         description="Redis connections per process (default: worker_concurrency + 16). When all are busy, a "

@@ -102,6 +102,29 @@ def test_pool_threads_share_one_result_backend() -> None:
     assert seen == [id(first)] * 8
 
 
+def test_worker_garbage_collection_is_tuned_at_start_up() -> None:
+    """With Python's default (700), a worker with hundreds of steps in flight re-scans their objects again and
+    again; the worker freezes its start-up objects and collects the young generation every worker_gc_threshold
+    allocations (0: Python's settings are left alone)."""
+    import gc
+
+    from teamster.tasks.signals import _tune_gc
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        _tune_gc(0)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+        _tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > frozen  # this process's imports, at least
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert load_settings().worker_gc_threshold == 50_000
+    with pytest.raises(InvalidSettings, match="TEAMSTER_WORKER_GC_THRESHOLD"):
+        load_settings(worker_gc_threshold=-1)
+
+
 def test_celery_app_refuses_pickle() -> None:
     from teamster.tasks.app import app
 

@@ -19,6 +19,25 @@ def test_real_worker_runs_a_task_end_to_end() -> None:
         assert "teamster.ping" in worker.log()
 
 
+def test_worker_says_how_it_tuned_garbage_collection() -> None:
+    with Worker(concurrency=2, env={"worker_gc_threshold": 23_456}) as worker:
+        assert app_ping()["pong"] is True
+        line = next(line for line in worker.log().splitlines() if "garbage collection every" in line)
+        assert "every 23456 allocations (worker_gc_threshold)" in line
+        assert int(line.split(", ")[-1].split()[0]) > 10_000  # start-up objects frozen (strands, openai, celery...)
+    with Worker(concurrency=2, env={"worker_gc_threshold": 0}) as worker:
+        assert app_ping()["pong"] is True
+        assert "garbage collection every 700 allocations (worker_gc_threshold), 0 start-up objects frozen" \
+            in worker.log()  # Python's own settings
+
+
+def app_ping() -> dict[str, object]:
+    from teamster.tasks.app import app
+
+    result: dict[str, object] = app.send_task("teamster.ping").get(timeout=30)
+    return result
+
+
 def test_worker_refuses_to_start_without_its_provider_extra() -> None:
     """Missing credentials or extras are one clear line at start-up, not a stack trace in the middle of a run."""
     import subprocess

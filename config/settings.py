@@ -202,6 +202,11 @@ class TeamsterSettings(BaseSettings):
         description="Concurrent steps per worker process (default 8; `teamster worker -c` sets it). Agent steps "
         "wait on the model almost all the time: raise it to the number of model calls one process should keep in "
         "flight (hundreds are fine; see the README). Redis and model-provider connection pools are sized from it.")
+    worker_max_loop_lag: float = Field(
+        default=0.05, ge=0,
+        description="Lag of a worker process's agent loop, in seconds, above which the process claims fewer steps "
+        "at once (default 0.05): past what its one loop and core serve, more steps in flight only wait their turn, "
+        "slower and dearer. 0 turns this off (the concurrency alone bounds the steps in flight).")
     tool_threads: int = Field(
         default=64, ge=1,
         description="Threads running synchronous tools (and Bedrock's streaming calls) per worker process "

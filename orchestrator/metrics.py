@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -81,6 +81,12 @@ LEASES_ABANDONED = Counter("teamster_leases_abandoned_total",
 CHILD_RUNS = Counter("teamster_child_runs_total",
                      "Child runs started by child steps, and how they ended for their parent step (event: started, or "
                      "the child's status when the parent step read it)", ["workflow", "child_workflow", "event"])
+LOOP_LAG = Gauge("teamster_worker_loop_lag_seconds",
+                 "How late a timer fires on this worker process's agent loop (averaged): how far behind it is")
+ADMISSION_LIMIT = Gauge("teamster_worker_step_limit",
+                        "Steps this worker process runs at once, adapted to its loop's lag (worker_max_loop_lag)")
+ADMISSION_WAIT_SECONDS = Counter("teamster_worker_admission_wait_seconds_total",
+                                 "Seconds steps waited for a slot of this worker process before they were claimed")
 COMMITS_REJECTED = Counter("teamster_commits_rejected_total", "Commits rejected (stale fencing token)")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready
 
+from teamster.agents.loop import AgentLoop
 from teamster.agents.providers import check_provider
 from teamster.agents.spec import registered_agents
 from teamster.config.settings import get_settings, unknown_variables
@@ -95,6 +96,14 @@ def _tune_gc(threshold: int) -> None:
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(threshold, middle, oldest)
+
+
+@worker_ready.connect
+def _start_agent_loop(sender: Any = None, **_: Any) -> None:
+    """Start the process's agent loop now: it measures its lag from the start, so the first steps of a worker
+    starting on a backlog are already admitted by it (agents/loop.py, Admission). A prefork child starts its own on
+    first use."""
+    AgentLoop.shared()
 
 
 @worker_ready.connect

@@ -8,10 +8,12 @@ from typing import Any
 import redis
 from celery import Task
 
+from teamster.agents.loop import AgentLoop
 from teamster.agents.runner import validate_input
 from teamster.config.celeryconfig import STEP_TASK
 from teamster.config.settings import get_settings
 from teamster.errors import StoreUnavailable, TeamsterError, TerminalError, error_from_code
+from teamster.orchestrator import metrics
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.enqueue import CeleryEnqueuer
 from teamster.orchestrator.executor import StepExecutor
@@ -75,7 +77,10 @@ def step(self: Task, message: dict[str, Any]) -> dict[str, Any]:
     checked = validate_input(StepMessage, message, what="step message")
     assert isinstance(checked, StepMessage)
     executor = get_executor()
-    result = executor.execute(checked.run_id, checked.step_key)
+    with AgentLoop.shared().admission.slot() as waited:  # no more steps at once than the process serves
+        if waited:
+            metrics.ADMISSION_WAIT_SECONDS.inc(waited)
+        result = executor.execute(checked.run_id, checked.step_key)
     if result.status == Delivery.RETRY and result.retry_in is not None:
         raise self.retry(countdown=result.retry_in, exc=_typed(executor, result), shadow=self.request.shadow)
     if result.status == Delivery.DEAD_LETTERED:

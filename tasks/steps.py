@@ -78,7 +78,7 @@ def step(self: Task, message: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(checked, StepMessage)
     executor = get_executor()
     with AgentLoop.shared().admission.slot() as waited:  # no more steps at once than the process serves
-        if waited:
+        if waited >= 0.001:  # it waited for a slot (not the microseconds of taking a free one)
             metrics.ADMISSION_WAIT_SECONDS.inc(waited)
         result = executor.execute(checked.run_id, checked.step_key)
     if result.status == Delivery.RETRY and result.retry_in is not None:

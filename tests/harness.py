@@ -6,10 +6,13 @@ stops and kills them.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -89,3 +92,28 @@ def wait_settled(client: Any, run_id: str, timeout: float = 60.0) -> Any:
         return run if run.status.value in SETTLED else None
 
     return wait_until(settled, timeout, message=f"run {run_id} did not settle within {timeout}s")
+
+
+def http_get(url: str, auth: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``url`` (basic ``auth`` as ``user:password``): its status and body; ``(0, "")`` when nothing answers."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - localhost
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, ""
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples in an exposition ``text``, over those with ``labels`` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import threading
 import time
-import urllib.request
 import uuid
 
 import pytest
@@ -15,7 +14,7 @@ from teamster.agents.loop import Admission, AgentLoop
 from teamster.config.embedded import free_port
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
-from tests.harness import Worker, wait_settled, wait_until
+from tests.harness import Worker, http_get, metric_total, wait_settled, wait_until
 
 MODULES = "tests.workflows"
 
@@ -23,6 +22,20 @@ MODULES = "tests.workflows"
 def lag(admission: Admission, seconds: float, times: int = 40) -> None:
     for _ in range(times):
         admission.observe(seconds)
+
+
+def waiting_step(admission: Admission) -> tuple[threading.Thread, threading.Event]:
+    """A step's thread that asks for a slot, once it waits for one; the event is set when it has the slot."""
+    entered = threading.Event()
+
+    def step() -> None:
+        with admission.slot():
+            entered.set()
+
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    wait_until(lambda: admission.waiting == 1, timeout=10)
+    return thread, entered
 
 
 def test_a_lagging_loop_lowers_the_limit_and_steps_wait_unclaimed_for_a_slot() -> None:
@@ -33,15 +46,7 @@ def test_a_lagging_loop_lowers_the_limit_and_steps_wait_unclaimed_for_a_slot() -
     assert admission.in_flight == 6 and admission.limit == 8  # it starts at four times the floor
     lag(admission, 1.0)
     assert admission.limit == 2  # shrunk from the steps in flight down to the floor, not below
-    entered = threading.Event()
-
-    def step() -> None:
-        with admission.slot():
-            entered.set()
-
-    thread = threading.Thread(target=step, daemon=True)
-    thread.start()
-    wait_until(lambda: admission.waiting == 1, timeout=10)
+    thread, entered = waiting_step(admission)
     for stack in held[:4]:  # 6 -> 2 in flight: still at the limit
         stack.close()
     assert admission.in_flight == 2 and admission.waiting == 1 and not entered.is_set()  # its step is unclaimed
@@ -61,15 +66,7 @@ def test_the_limit_grows_back_while_steps_wait_and_the_loop_keeps_up() -> None:
             held.enter_context(admission.slot())
         lag(admission, 1.0)
         assert admission.limit == 4
-        entered = threading.Event()
-
-        def step() -> None:
-            with admission.slot():
-                entered.set()
-
-        thread = threading.Thread(target=step, daemon=True)
-        thread.start()
-        wait_until(lambda: admission.waiting == 1, timeout=10)
+        thread, entered = waiting_step(admission)
         lag(admission, 0.0, times=20)  # the lag decays below half of max_lag: the limit grows, a slot opens
         wait_until(entered.is_set, timeout=10)
         thread.join(timeout=10)
@@ -117,14 +114,8 @@ def test_the_shared_loop_admits_by_the_worker_settings() -> None:
     assert shared.ceiling == load_settings().worker_concurrency
 
 
-def _metric(port: int, name: str) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
-    return values[0] if values else None
+def _metric(port: int, name: str) -> float:
+    return metric_total(http_get(f"http://127.0.0.1:{port}/metrics")[1], name)
 
 
 @pytest.mark.integration
@@ -149,4 +140,4 @@ def test_a_real_worker_runs_no_more_steps_at_once_than_its_limit_and_every_step_
         running += change
         peak = max(peak, running)
     assert 2 <= peak <= 8  # steps ran side by side, never more than the limit
-    assert waited is not None and waited > 0  # steps waited for a slot, unclaimed
+    assert waited > 0  # steps waited for a slot, unclaimed

@@ -6,14 +6,11 @@ no URL is configured.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,39 +21,16 @@ import redis
 from teamster.config.embedded import free_port, stop_embedded
 from teamster.config.settings import load_settings
 from teamster.orchestrator.client import Client
-from tests.harness import Worker, child_env, wait_settled, wait_until
+from tests.harness import Worker, child_env, http_get, metric_total, wait_settled, wait_until
 
 pytestmark = pytest.mark.integration
 
 MODULES = "tests.workflows,teamster.examples.triage"
 
 
-def _get(url: str, auth: str | None = None, timeout: float = 5.0) -> tuple[int, str]:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - localhost
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return 0, ""
-
-
 @pytest.fixture(scope="module")
 def client() -> Client:
     return Client(load_settings(workflow_modules=MODULES.split(",")))
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_worker_serves_prometheus_metrics(client: Client) -> None:
@@ -68,16 +42,16 @@ def test_worker_serves_prometheus_metrics(client: Client) -> None:
         for run_id in (ok, bad, retried):
             wait_settled(client, run_id)
         status, text = wait_until(lambda: (lambda r: r if r[0] == 200 else None)(
-            _get(f"http://127.0.0.1:{port}/metrics")), timeout=10)
-    assert _metric(text, "teamster_steps_total", workflow="t_linear", step="summarize", outcome="succeeded") >= 2
-    assert _metric(text, "teamster_steps_total", workflow="t_linear", outcome="cannot_complete") >= 1
-    assert _metric(text, "teamster_retries_total", error_type="model_throttled") >= 1
-    assert _metric(text, "teamster_dead_letters_total", error_type="cannot_complete") >= 1
-    assert _metric(text, "teamster_step_duration_seconds_count", workflow="t_linear") >= 6
-    assert _metric(text, "teamster_model_call_duration_seconds_count", agent="t_summarize") >= 3
-    assert _metric(text, "teamster_tokens_total", agent="t_summarize", kind="inputTokens") > 0
-    assert _metric(text, "teamster_dlq_depth") >= 1  # read from Redis at scrape time
-    assert _metric(text, "teamster_runs", status="succeeded") >= 2
+            http_get(f"http://127.0.0.1:{port}/metrics")), timeout=10)
+    assert metric_total(text, "teamster_steps_total", workflow="t_linear", step="summarize", outcome="succeeded") >= 2
+    assert metric_total(text, "teamster_steps_total", workflow="t_linear", outcome="cannot_complete") >= 1
+    assert metric_total(text, "teamster_retries_total", error_type="model_throttled") >= 1
+    assert metric_total(text, "teamster_dead_letters_total", error_type="cannot_complete") >= 1
+    assert metric_total(text, "teamster_step_duration_seconds_count", workflow="t_linear") >= 6
+    assert metric_total(text, "teamster_model_call_duration_seconds_count", agent="t_summarize") >= 3
+    assert metric_total(text, "teamster_tokens_total", agent="t_summarize", kind="inputTokens") > 0
+    assert metric_total(text, "teamster_dlq_depth") >= 1  # read from Redis at scrape time
+    assert metric_total(text, "teamster_runs", status="succeeded") >= 2
     assert "teamster_lease_expiries_total" in text and "teamster_steps_in_flight" in text
 
 
@@ -135,20 +109,20 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
             [sys.executable, "-m", "celery", "-A", "teamster.tasks.app", "flower", f"--port={port}",
              f"--basic-auth={auth}"],
             env=embedded_env, stdout=open(logs / "flower.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: _get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200, timeout=30)
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200, timeout=30)
         # the flower process reused the same embedded server (no second one was recorded)
         assert json.loads((tmp_path / "embedded" / "embedded.json").read_text()) == record
 
         # Flower sees tasks only through live events: submit once its event receiver has heard the worker (its
         # healthcheck answers before that; a run sent earlier would be missed, as it was once in a full run)
-        wait_until(lambda: re.search(r'flower_worker_online\{worker="emb@[^"]*"\} 1', _get(
+        wait_until(lambda: re.search(r'flower_worker_online\{worker="emb@[^"]*"\} 1', http_get(
             f"http://127.0.0.1:{port}/metrics")[1]), timeout=30, interval=0.5)
         settings = load_settings(redis_url=record["url"], key_prefix="flowertest", workflow_modules=MODULES.split(","))
         run_id = Client(settings).submit("t_linear", {"text": "seen by flower"})
         wait_settled(Client(settings), run_id)
 
         def task_listed() -> Any:
-            status, body = _get(f"http://127.0.0.1:{port}/api/tasks?limit=50", auth=auth)
+            status, body = http_get(f"http://127.0.0.1:{port}/api/tasks?limit=50", auth=auth)
             if status != 200:
                 return None
             tasks = json.loads(body)
@@ -156,14 +130,14 @@ def test_worker_and_flower_start_against_the_embedded_redis(embedded_env: dict[s
 
         tasks = wait_until(task_listed, timeout=30, interval=0.5)
         assert any(f"'run_id': '{run_id}'" in str(t.get("kwargs")) for t in tasks)  # readable JSON args
-        assert _get(f"http://127.0.0.1:{port}/api/tasks")[0] == 401  # the API needs the basic auth ...
-        assert _get(f"http://127.0.0.1:{port}/metrics")[0] == 200  # ... but /metrics does not: keep it private
+        assert http_get(f"http://127.0.0.1:{port}/api/tasks")[0] == 401  # the API needs the basic auth ...
+        assert http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200  # ... but /metrics does not: keep it private
         assert {t["name"] for t in tasks} <= {"t_linear.summarize:t_summarize", "t_linear.label:t_label",
                                              "t_linear.report"}  # findable by workflow, step and agent
         os.killpg(worker.pid, 15)  # the worker that started the embedded Redis stops ...
         worker.wait(30)
         assert redis.Redis.from_url(record["url"]).ping()  # ... and Flower's Redis is still there
-        assert _get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200
+        assert http_get(f"http://127.0.0.1:{port}/healthcheck")[0] == 200
     finally:
         for proc in (flower, worker):
             if proc is not None and proc.poll() is None:

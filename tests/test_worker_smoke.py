@@ -10,10 +10,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_real_worker_runs_a_task_end_to_end() -> None:
-    from teamster.tasks.app import app
-
     with Worker(concurrency=2) as worker:
-        result = app.send_task("teamster.ping").get(timeout=30)
+        result = app_ping()
         assert result["pong"] is True
         assert result["pid"] != __import__("os").getpid()
         assert "teamster.ping" in worker.log()

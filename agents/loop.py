@@ -230,7 +230,7 @@ class AgentLoop:
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
-        self._lag_watch = self.loop.create_task(self._watch_lag())
+        self._lag_watch = self.loop.create_task(self._watch_lag())  # held: the loop keeps only weak references
         self.loop.run_forever()
 
     async def _watch_lag(self) -> None:

@@ -44,6 +44,7 @@ from bench._common import (
     add_common_args,
     bench_env,
     console,
+    context_switches,
     counter_delta,
     cpu_count,
     cpu_seconds,
@@ -80,6 +81,7 @@ class Block:
     own: Counter[str]
     worker_cpu: float
     redis_cpu: float
+    switches: int = 0
     latencies: list[float] = field(default_factory=list)
 
 
@@ -252,7 +254,7 @@ def measure_block(env: BenchEnv, side: Side, worker: BenchWorker, n: int, timeou
     """Submit ``n`` runs at once and wait for all of them; counters cover submission and execution."""
     own: Counter[str] = Counter()
     before = redis_counters(env.client)
-    cpu0, rcpu0 = cpu_seconds(worker.pid), _redis_cpu(env)
+    cpu0, rcpu0, switches0 = cpu_seconds(worker.pid), _redis_cpu(env), context_switches(worker.pid)
     t0 = time.monotonic()
     handles = side.submit(n)
     ticker = Ticker(f"{side.name}: runs done", n)
@@ -269,11 +271,12 @@ def measure_block(env: BenchEnv, side: Side, worker: BenchWorker, n: int, timeou
         ticker.update(n - left)
         time.sleep(POLL)
     seconds = time.monotonic() - t0
-    cpu1, rcpu1 = cpu_seconds(worker.pid), _redis_cpu(env)
+    cpu1, rcpu1, switches1 = cpu_seconds(worker.pid), _redis_cpu(env), context_switches(worker.pid)
     after = redis_counters(env.client)
     if isinstance(side, TeamsterSide):
         side.check(handles)
-    block = Block(side.name, n, seconds, counter_delta(before, after), own, cpu1 - cpu0, rcpu1 - rcpu0)
+    block = Block(side.name, n, seconds, counter_delta(before, after), own, cpu1 - cpu0, rcpu1 - rcpu0,
+                  switches1 - switches0)
     block.latencies = side.latencies(handles)
     console.print(f"  {side.name}: {n} runs x {STEPS} steps in {seconds:.2f}s "
                   f"({n * STEPS / seconds:.1f} steps/s)")
@@ -471,6 +474,7 @@ def _side_summary(blocks: list[Block], unloaded: list[float], idle: dict[str, fl
         "steps_per_second": steps / seconds if seconds else None,
         "worker_cpu_ms_per_step": 1000 * sum(b.worker_cpu for b in blocks) / steps,
         "redis_cpu_ms_per_step": 1000 * sum(b.redis_cpu for b in blocks) / steps,
+        "worker_context_switches_per_step": sum(b.switches for b in blocks) / steps,
         "latency_unloaded_ms": {"p50": 1000 * percentile(unloaded, 50), "p90": 1000 * percentile(unloaded, 90),
                                 "p99": 1000 * percentile(unloaded, 99), "n": len(unloaded)},
         "latency_loaded_ms": {"p50": 1000 * percentile(loaded, 50), "p99": 1000 * percentile(loaded, 99),
@@ -544,6 +548,9 @@ def report(results: dict[str, Any]) -> None:
              fmt(ts["latency_loaded_ms"]["p50"], 1), "—"],
             ["worker CPU per step, ms", fmt(raw["worker_cpu_ms_per_step"], 2), fmt(ts["worker_cpu_ms_per_step"], 2),
              fmt(r["worker_cpu_per_step"], 2)],
+            ["worker context switches per step", fmt(raw["worker_context_switches_per_step"], 1),
+             fmt(ts["worker_context_switches_per_step"], 1),
+             fmt(ratio(ts["worker_context_switches_per_step"], raw["worker_context_switches_per_step"]), 2)],
             ["Redis CPU per step, ms", fmt(raw["redis_cpu_ms_per_step"], 3), fmt(ts["redis_cpu_ms_per_step"], 3),
              "—"],
             ["Redis commands per step", fmt(raw["redis_per_step"]["total"], 1),

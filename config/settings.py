@@ -218,6 +218,12 @@ class TeamsterSettings(BaseSettings):
         "(default 50000; Python's own is 700). With hundreds of steps in flight, Python's default re-scans their "
         "live objects over and over and costs a worker a large share of its CPU. At start-up the worker also moves "
         "what it has imported out of the collector's reach (gc.freeze). 0 leaves Python's settings alone.")
+    worker_buffered_uuids: bool = Field(
+        default=True,
+        description="Whether a worker process makes uuid.uuid4() ids from os.urandom read 4 KB at a time (default "
+        "true). The standard one reads 16 bytes per id, and CPython releases the GIL around each read: in a worker's "
+        "many threads, every id then costs two thread switches. Same ids, same source (the kernel's CSPRNG); a "
+        "forked child starts with an empty block. Off: the standard library's uuid4.")
     redis_max_connections: int | None = Field(
         default=None, ge=2,
         description="Redis connections per process (default: worker_concurrency + 16). When all are busy, a "

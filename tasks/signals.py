@@ -20,6 +20,7 @@ from teamster.agents.providers import check_provider
 from teamster.agents.spec import registered_agents
 from teamster.config.settings import get_settings, unknown_variables
 from teamster.errors import ConfigurationError, TeamsterError
+from teamster.orchestrator import ids
 from teamster.orchestrator.client import load_workflow_modules
 from teamster.orchestrator.connection import redis_client
 from teamster.orchestrator.journal import RedactingFilter, Redactor
@@ -72,6 +73,8 @@ def _check_configuration(sender: Any = None, **_: Any) -> None:
         if app is not None:  # build the process's one result backend now, before the pool's threads could race
             app.backend  # noqa: B018 - to build their own (result_backend_thread_safe, config/celeryconfig.py)
         _tune_gc(settings.worker_gc_threshold)
+        if settings.worker_buffered_uuids:
+            ids.install()
     except TeamsterError as exc:
         sys.stderr.write(f"teamster worker cannot start: {exc.code}: {exc.message}\n")
         if exc.hint:
@@ -108,10 +111,12 @@ def _start_agent_loop(sender: Any = None, **_: Any) -> None:
 
 @worker_ready.connect
 def _say_gc(sender: Any = None, **_: Any) -> None:
-    """Say how garbage collection is set (worker_init is too early: logging is not set up yet)."""
+    """Say how garbage collection and ids are set (worker_init is too early: logging is not set up yet)."""
     threshold = gc.get_threshold()[0]
     log.info("teamster: garbage collection every %d allocations (worker_gc_threshold), %d start-up objects frozen",
              threshold, gc.get_freeze_count())
+    log.info("teamster: uuid4 ids from os.urandom %s (worker_buffered_uuids)",
+             f"read {ids.BLOCK} bytes at a time" if ids.installed() else "16 bytes per id (the standard library's)")
 
 
 @worker_ready.connect

@@ -17,16 +17,19 @@ def test_real_worker_runs_a_task_end_to_end() -> None:
         assert "teamster.ping" in worker.log()
 
 
-def test_worker_says_how_it_tuned_garbage_collection() -> None:
+def test_worker_says_how_it_tuned_garbage_collection_and_ids() -> None:
     with Worker(concurrency=2, env={"worker_gc_threshold": 23_456}) as worker:
         assert app_ping()["pong"] is True
         line = next(line for line in worker.log().splitlines() if "garbage collection every" in line)
         assert "every 23456 allocations (worker_gc_threshold)" in line
         assert int(line.split(", ")[-1].split()[0]) > 10_000  # start-up objects frozen (strands, openai, celery...)
-    with Worker(concurrency=2, env={"worker_gc_threshold": 0}) as worker:
+        assert "uuid4 ids from os.urandom read 4096 bytes at a time (worker_buffered_uuids)" in worker.log()
+    with Worker(concurrency=2, env={"worker_gc_threshold": 0, "worker_buffered_uuids": "false"}) as worker:
         assert app_ping()["pong"] is True
+        log = worker.log()
         assert "garbage collection every 700 allocations (worker_gc_threshold), 0 start-up objects frozen" \
-            in worker.log()  # Python's own settings
+            in log  # Python's own settings
+        assert "uuid4 ids from os.urandom 16 bytes per id (the standard library's) (worker_buffered_uuids)" in log
 
 
 def app_ping() -> dict[str, object]:

@@ -207,48 +207,51 @@ def _proc_children() -> dict[int, list[int]]:
     return children
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds used so far by ``pid`` and its live descendants (Linux ``/proc``; 0 elsewhere)."""
+def _sum_over_tree(pid: int, read: Callable[[Path], float]) -> float:
+    """``read(/proc/<pid>)`` summed over ``pid`` and its live descendants (a process gone meanwhile counts nothing, nor
+    do the ones it started; 0 without ``/proc``)."""
     if not Path("/proc").is_dir():
         return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
     tree = _proc_children()
     total = 0.0
     stack = [pid]
     while stack:
         current = stack.pop()
         try:
-            fields = (Path("/proc") / str(current) / "stat").read_text().rsplit(")", 1)[1].split()
+            total += read(Path("/proc") / str(current))
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         stack.extend(tree.get(current, []))
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` and its live descendants (Linux ``/proc``; 0 elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if Path("/proc").is_dir() else 1
+
+    def read(proc: Path) -> float:
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+    return _sum_over_tree(pid, read)
 
 
 def context_switches(pid: int) -> int:
     """Context switches so far (voluntary and not) of every live thread of ``pid`` and of its live descendants
     (Linux ``/proc``; 0 elsewhere). Each time a thread gives up the GIL and waits to get it back costs two."""
-    if not Path("/proc").is_dir():
-        return 0
-    tree = _proc_children()
-    total = 0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            tasks = list((Path("/proc") / str(current) / "task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
+
+    def read(proc: Path) -> float:
+        total = 0
+        for task in list((proc / "task").iterdir()):
             try:
                 status = (task / "status").read_text()
-            except OSError:
+            except OSError:  # the thread ended meanwhile
                 continue
             total += sum(int(line.split()[1]) for line in status.splitlines()
                          if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
-        stack.extend(tree.get(current, []))
-    return total
+        return total
+
+    return int(_sum_over_tree(pid, read))
 
 
 # --------------------------------------------------------------------------- Redis counters

@@ -75,6 +75,8 @@ def rows_for(name: str, r: dict[str, Any]) -> list[list[str]]:
                 ratio_cell = _x(row["vs_floor"])
                 if default is not None:
                     ratio_cell += f" ({_x(row['vs_sdk_default_floor'])} of the httpx floor)"
+                if row.get("vs_celery_strands_floor") is not None:
+                    ratio_cell += f"; {_x(row['vs_celery_strands_floor'])} of the Celery + strands floor"
                 out.append(["provider", f"{scenario['latency_seconds']:g} s model latency, "
                                         f"{scenario['concurrency']} in flight: {row['label']}",
                             f"{fmt(row['steps_per_second'], 1)} steps/s, {fmt(in_flight, 0)} in flight, "

@@ -13,6 +13,10 @@ only, ``acks_late``, prefetch off, the same pool and concurrency, the same steps
 * ``bench.sdk_call``: the provider benchmark's Celery floor -- one bare SDK request (the one strands would send) on
   the worker's agent loop with the shared ``AsyncOpenAI`` client, no result stored (as a step stores none): Celery
   and the SDK, without strands and without teamster's run store.
+* ``bench.agent_call``: the provider benchmark's Celery + strands floor -- one fresh strands ``Agent`` per task
+  (:func:`strands_step`: the prompt, structured output and settings of a step of ``bench_agent``) on the worker's
+  agent loop, with the shared client, no result stored: the two parts a teamster step keeps (Celery as the unit of
+  delivery, a fresh ``Agent`` per step) without teamster's run store, journal, gate or leases.
 
 The raw task is declared with ``shared_task`` so it attaches to whichever Celery app the process uses: in a
 worker that is ``teamster.tasks.app.app`` (the steps queue is its default queue), in the benchmark process the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from celery import shared_task
@@ -43,7 +48,10 @@ __all__ = [
     "SINGLE_STEP",
     "NOOP_TASK",
     "SDK_TASK",
+    "AGENT_TASK",
     "sdk_call",
+    "agent_call",
+    "strands_step",
     "noop",
     "bench_agent",
     "linear5",
@@ -57,6 +65,7 @@ SINGLE_WORKFLOW = "bench_single"
 SINGLE_STEP = "work"
 NOOP_TASK = "bench.noop"
 SDK_TASK = "bench.sdk_call"
+AGENT_TASK = "bench.agent_call"
 
 
 class BenchInput(BaseModel):
@@ -127,3 +136,53 @@ def sdk_call(request: dict[str, Any]) -> None:
             pass
 
     AgentLoop.shared().submit(call()).result()
+
+
+def strands_step(client: Any, model_id: str) -> Callable[[], Awaitable[None]]:
+    """One strands step as teamster builds it, without teamster: a fresh ``Agent`` per call on the shared client and
+    one shared ``OpenAIModel`` (as a worker shares it per loop), the same prompt, envelope and settings (no retry
+    strategy, no conversation manager, no callbacks). Used by the strands floor (its own asyncio process) and by the
+    Celery + strands floor (:func:`agent_call`, on a worker's agent loop)."""
+    from strands import Agent  # noqa: PLC0415 - only the floors need strands' classes here
+    from strands.agent.conversation_manager import NullConversationManager  # noqa: PLC0415
+    from strands.models.openai import OpenAIModel  # noqa: PLC0415
+
+    from teamster.agents.outcomes import outcome_envelope  # noqa: PLC0415
+
+    envelope = outcome_envelope(bench_agent.output_model)
+    prompt = f"Input ({BenchInput.__name__}, JSON):\n{BenchInput(text='bench').model_dump_json()}"
+    model = OpenAIModel(client=client, model_id=model_id, params={"max_tokens": 4096})
+
+    async def call() -> None:
+        agent = Agent(model=model,
+                      system_prompt=bench_agent.instructions, structured_output_model=envelope, callback_handler=None,
+                      conversation_manager=NullConversationManager(), retry_strategy=None)
+        result = await agent.invoke_async(prompt, limits={"turns": bench_agent.budget.max_model_calls})
+        if result.structured_output is None:
+            raise RuntimeError("the strands step finished without a structured output")
+
+    return call
+
+
+_STEPS: dict[tuple[int, str], Callable[[], Awaitable[None]]] = {}
+
+
+@shared_task(name=AGENT_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+def agent_call(model_id: str) -> None:
+    """The Celery + strands floor's task: one fresh strands ``Agent`` (:func:`strands_step`) on the worker's agent
+    loop with its shared ``AsyncOpenAI`` client, the model ``model_id`` of the benchmark's model server. Like
+    :func:`sdk_call` it stores no result; the benchmark counts the calls the server completed."""
+    from teamster.agents.loop import AgentLoop  # noqa: PLC0415 - only workers running the floor need these
+    from teamster.agents.providers import shared_openai_client  # noqa: PLC0415
+    from teamster.config.settings import get_settings  # noqa: PLC0415
+
+    loop = AgentLoop.shared()
+
+    async def call() -> None:
+        client = shared_openai_client(get_settings())  # the loop's own client (built on first use, on the loop)
+        key = (id(client), model_id)
+        if key not in _STEPS:  # only the loop thread touches it: no lock
+            _STEPS[key] = strands_step(client, model_id)
+        await _STEPS[key]()
+
+    loop.submit(call()).result()

@@ -15,6 +15,10 @@ the structured-output tool call strands asks for). For each scenario (``latency:
   raw Celery tasks, each making the floor's request with the worker's shared client on its agent loop and storing no
   result (a step stores none; the calls the server completed in the window are counted): what Celery as the unit of
   delivery costs, with no strands and no run store (the most any design that keeps Celery can do);
+* **Celery + strands floor** -- the Celery floor's workers running a fresh strands ``Agent`` per task (the strands
+  floor's call) instead of the bare request: the most any design that keeps both Celery as the unit of delivery and a
+  fresh ``Agent`` per step can do. The teamster workers' ratio to it (same number of workers) is teamster's own cost:
+  run store, journal, provider gate, leases, validation;
 * **one worker** -- one ``teamster worker`` (threads pool, ``-c concurrency``) on a backlog of one-step runs;
 * **one worker per core** -- ``cpu_count`` workers sharing the same total concurrency.
 
@@ -22,7 +26,8 @@ A backlog outlasts its window, so each row that uses Redis deletes its keys when
 compacts its append-only file before the next row: no row runs beside the previous one's leftovers or an AOF rewrite
 they set off (a fork and a full rewrite, on one of the host's cores).
 
-Reported: steps (or requests) per second in the window and as a ratio of the floor; steps in flight (max and
+Reported: steps (or requests) per second in the window and as a ratio of the floor (and, for the teamster row with
+as many workers, of the Celery + strands floor); steps in flight (max and
 time-average, from the step records) and model calls in flight (max and mean, from the server); worker CPU ms per
 step; the workers' total RSS; p50/p99 of claim -> commit (floor: request -> last byte); Redis connection-pool errors
 in the worker logs; steps left running after the backlog drained.
@@ -38,7 +43,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,15 @@ from bench._common import (
     run_main,
     write_results,
 )
-from bench.bench_workflows import SDK_TASK, SINGLE_STEP, SINGLE_WORKFLOW, BenchInput, bench_agent
+from bench.bench_workflows import (
+    AGENT_TASK,
+    SDK_TASK,
+    SINGLE_STEP,
+    SINGLE_WORKFLOW,
+    BenchInput,
+    bench_agent,
+    strands_step,
+)
 from bench.concurrency import sweep
 from bench.model_server import ModelServerProcess
 from teamster.agents.providers import aiohttp_available, provider_http_client
@@ -123,7 +136,7 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
     client = openai.AsyncOpenAI(api_key="unused", base_url=url, max_retries=0,
                                 http_client=provider_http_client(concurrency, aiohttp=http == "aiohttp"))
     request = floor_requests(model_id)
-    call = _strands_call(client, model_id) if agent else None
+    call = strands_step(client, model_id) if agent else None
     latencies: list[float] = []
     done_at: list[float] = []
     errors = 0
@@ -150,31 +163,6 @@ async def _floor(url: str, model_id: str, concurrency: int, duration: float, htt
     await asyncio.gather(*(one() for _ in range(concurrency)))
     await client.close()
     return {"latencies": latencies, "done_at": [t - started for t in done_at], "errors": errors}
-
-
-def _strands_call(client: Any, model_id: str) -> Callable[[], Awaitable[None]]:
-    """One strands step as teamster builds it, without teamster: a fresh ``Agent`` per call on the shared client and
-    one shared ``OpenAIModel`` (as a worker shares it per loop), the same prompt, envelope and settings (no retry
-    strategy, no conversation manager, no callbacks)."""
-    from strands import Agent  # noqa: PLC0415
-    from strands.agent.conversation_manager import NullConversationManager  # noqa: PLC0415
-    from strands.models.openai import OpenAIModel  # noqa: PLC0415
-
-    from teamster.agents.outcomes import outcome_envelope  # noqa: PLC0415
-
-    envelope = outcome_envelope(bench_agent.output_model)
-    prompt = f"Input ({BenchInput.__name__}, JSON):\n{BenchInput(text='bench').model_dump_json()}"
-    model = OpenAIModel(client=client, model_id=model_id, params={"max_tokens": 4096})
-
-    async def call() -> None:
-        agent = Agent(model=model,
-                      system_prompt=bench_agent.instructions, structured_output_model=envelope, callback_handler=None,
-                      conversation_manager=NullConversationManager(), retry_strategy=None)
-        result = await agent.invoke_async(prompt, limits={"turns": bench_agent.budget.max_model_calls})
-        if result.structured_output is None:
-            raise RuntimeError("the strands floor finished without a structured output")
-
-    return call
 
 
 def _floor_main(argv: list[str]) -> None:
@@ -331,23 +319,30 @@ def measure_workers(env: BenchEnv, server: ModelServerProcess, latency: float, c
             "errors": failed, "left_running": left_running}
 
 
+CELERY_FLOOR_LABELS = {False: "Celery floor ({n}: raw Celery tasks, the bare SDK call)",
+                       True: "Celery + strands floor ({n}: raw Celery tasks, a fresh strands Agent each)"}
+
+
 def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: float, concurrency: int, workers: int,
-                         warmup: float, window: float) -> dict[str, Any]:
+                         warmup: float, window: float, agent: bool = False) -> dict[str, Any]:
     """The ceiling of any design that keeps Celery as the unit of delivery: ``workers`` teamster worker processes
     (teamster's Celery app and configuration, threads pool, sharing ``concurrency``) on a backlog of raw Celery tasks,
     each sending the floor's request with the worker's shared ``AsyncOpenAI`` on its agent loop -- no strands, no run
-    store, no journal (:func:`bench.bench_workflows.sdk_call`)."""
-    prefix = env.prefix(f"l{latency:g}-celery{workers}")
+    store, no journal (:func:`bench.bench_workflows.sdk_call`). With ``agent``, each task runs a fresh strands
+    ``Agent`` instead (:func:`bench.bench_workflows.agent_call`): the ceiling of a design that also keeps a fresh
+    ``Agent`` per step, as #11 asks -- what is left between it and a teamster worker is teamster's own cost."""
+    prefix = env.prefix(f"l{latency:g}-celery{'-strands' if agent else ''}{workers}")
     model = f"openai:latency-{latency:g}"
     settings = load_settings(key_prefix=prefix, model=model, model_base_url=server.url)
     app = producer_app(settings, env.redis_url)
     request = floor_requests(f"latency-{latency:g}")
+    task, args = (AGENT_TASK, [f"latency-{latency:g}"]) if agent else (SDK_TASK, [request])
     backlog = _backlog(latency, concurrency, warmup + window)
-    label = f"Celery floor ({workers} worker{'s' if workers > 1 else ''}: raw Celery tasks, the bare SDK call)"
+    label = CELERY_FLOOR_LABELS[agent].format(n=f"{workers} worker{'s' if workers > 1 else ''}")
     console.print(f"[bold]{label}[/]: sending a backlog of {backlog} tasks ...")
     ticker = Ticker("sent", backlog)
     for i in range(backlog):
-        app.send_task(SDK_TASK, args=[request])
+        app.send_task(task, args=args)
         ticker.update(i + 1)
     per_worker = math.ceil(concurrency / workers)
     server.reset()
@@ -355,12 +350,12 @@ def measure_celery_floor(env: BenchEnv, server: ModelServerProcess, latency: flo
                         env={"model": model, "model_base_url": server.url}) for i in range(workers)]
     measured = _measure_window(env, server, procs, latency, warmup, window)
     # the tasks store no result (a step stores none): the calls the server completed in the window count instead --
-    # each task ends with its call -- and a task that failed is in its worker's log
+    # each task ends with its call (the benchmark agent answers in one) -- and a task that failed is in its worker's log
     done = measured.server_stats["completed"] - measured.server_stats_start["completed"]
-    failed = len(re.findall(rf"Task {re.escape(SDK_TASK)}\[[^\]]*\] raised unexpected", measured.logs))
+    failed = len(re.findall(rf"Task {re.escape(task)}\[[^\]]*\] raised unexpected", measured.logs))
     env.clear(prefix)  # the rest of the backlog: the next row starts on a clean Redis
-    return {"label": label, "workers": workers, "concurrency_per_worker": per_worker,
-            **measured.row(done, window), "in_flight_max": None, "in_flight_mean": None,
+    return {"label": label, "workers": workers, "concurrency_per_worker": per_worker, "celery_floor": True,
+            "strands": agent, **measured.row(done, window), "in_flight_max": None, "in_flight_mean": None,
             "latency_p50_ms": None, "latency_p99_ms": None, "errors": failed,
             "left_running": None}  # raw tasks have no step records
 
@@ -382,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Leave out the strands floor (the floor's process with a fresh strands Agent per call).")
     parser.add_argument("--skip-celery-floor", action="store_true",
                         help="Leave out the Celery floor (raw Celery tasks making the bare SDK call).")
+    parser.add_argument("--skip-celery-strands-floor", action="store_true",
+                        help="Leave out the Celery + strands floor (raw Celery tasks, a fresh strands Agent each).")
     add_common_args(parser)
     return parser
 
@@ -412,15 +409,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows.append(measure_floor(server, latency, concurrency, warmup, window, worker_http, agent=True))
             if not args.skip_celery_floor:
                 rows.append(measure_celery_floor(env, server, latency, concurrency, per_core, warmup, window))
+            if not args.skip_celery_strands_floor:
+                rows.append(measure_celery_floor(env, server, latency, concurrency, per_core, warmup, window,
+                                                 agent=True))
             rows.append(measure_workers(env, server, latency, concurrency, 1, warmup, window, "1 teamster worker"))
             if not args.skip_per_core and cpu_count() > 1:
                 rows.append(measure_workers(env, server, latency, concurrency, cpu_count(), warmup, window,
                                             f"{cpu_count()} teamster workers (one per core)"))
             base = rows[0]["steps_per_second"]
             sdk_default = next(r["steps_per_second"] for r in rows if r.get("http_client") == "httpx")
+            ceiling = next((r for r in rows if r.get("celery_floor") and r.get("strands")), None)
             for row in rows:
                 row["vs_floor"] = ratio(row["steps_per_second"], base)
                 row["vs_sdk_default_floor"] = ratio(row["steps_per_second"], sdk_default)
+                if ceiling is not None and row.get("workers") == ceiling["workers"] and "celery_floor" not in row:
+                    # like for like: as many teamster workers as the ceiling's
+                    row["vs_celery_strands_floor"] = ratio(row["steps_per_second"], ceiling["steps_per_second"])
             results["scenarios"].append({"latency_seconds": latency, "concurrency": concurrency,
                                          "warmup_seconds": warmup, "window_seconds": window, "rows": rows})
             print_table(f"real provider path: {latency:g} s model latency, {concurrency} in flight",
@@ -434,6 +438,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           fmt(r["cpu_ms_per_step"], 2), fmt(r["connections_per_call"], 2), fmt(r["rss_mb"], 0),
                           f"{fmt(r['latency_p50_ms'], 0)} / {fmt(r['latency_p99_ms'], 0)}",
                           fmt(r["pool_errors"]), fmt(r["left_running"]), fmt(r["errors"])] for r in rows])
+            for row in rows:
+                if row.get("vs_celery_strands_floor") is not None:
+                    console.print(f"{row['label']}: {fmt(row['vs_celery_strands_floor'], 2, 'x')} of the "
+                                  f"{ceiling['label'] if ceiling else ''} -- what is left is teamster's own cost "
+                                  f"({fmt(row['cpu_ms_per_step'], 2)} against "
+                                  f"{fmt(ceiling['cpu_ms_per_step'] if ceiling else None, 2)} ms of CPU per step)")
     write_results(NAME, results, args.output)
     return results
 

@@ -217,6 +217,21 @@ def test_http_errors_health_and_reset(server: ModelServer) -> None:
         assert raw.recv(4096).startswith(b"HTTP/1.1 411 ")
 
 
+def test_bench_strands_step_is_one_model_call_with_a_structured_output(server: ModelServer) -> None:
+    """The strands floor and the Celery + strands floor (bench.bench_workflows.strands_step) count model calls
+    the server completed as steps: each call of the step must be exactly one model call, and end structured."""
+    from bench.bench_workflows import strands_step  # noqa: PLC0415 - bench's own module, as the floors use it
+
+    async def run() -> None:
+        async with client(server.url) as api:
+            step = strands_step(api, "latency-0.01")
+            await asyncio.gather(*(step() for _ in range(5)))  # raises if a step ends without its output
+
+    asyncio.run(run())
+    stats = server.stats()
+    assert (stats["requests"], stats["completed"], stats["errors"]) == (5, 5, 0)
+
+
 def test_server_process_serves_and_stops() -> None:
     with ModelServerProcess(latency=0.01) as proc:
         assert proc.url.startswith("http://127.0.0.1:") and proc.url.endswith("/v1")

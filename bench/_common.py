@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from teamster.config.embedded import EmbeddedRedis
+from teamster.orchestrator.cli.demo import Terminated
 from teamster.orchestrator.client import Client
 from teamster.orchestrator.processes import WorkerProcess, WorkerStartError
 from teamster.orchestrator.store import decode_fields
@@ -467,7 +468,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # a subclass, not a bare KeyboardInterrupt: see teamster.orchestrator.cli.demo.Terminated (exit code 130, not a
+    # death by SIGINT, when the signal lands in code run by exec/eval)
+    raise Terminated(f"signal {signum}")
 
 
 @contextlib.contextmanager

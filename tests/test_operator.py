@@ -120,6 +120,35 @@ def test_the_demo_stops_its_worker_on_termination_signals(tmp_path: Path, signum
         stop_embedded(load_settings(redis_url=None, embedded_dir=tmp_path / "embedded"))
 
 
+_EXEC_CHILD = """
+import signal, sys
+from teamster.orchestrator.cli.demo import _interrupt
+signal.signal(signal.SIGTERM, _interrupt)
+signal.signal(signal.SIGHUP, _interrupt)
+print("ready", flush=True)
+try:
+    while True:  # code compiled from a string, the way namedtuple, dataclasses and pydantic build methods
+        exec("x = 0\\nfor i in range(200): x += i")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_termination_signal_landing_in_exec_code_still_exits_130(tmp_path: Path, signum: int) -> None:
+    """The demo's signal handler raises a KeyboardInterrupt subclass: a bare one raised inside code run by ``exec``
+    made CPython end the process by SIGINT (-2) after the demo had caught it and asked for 130."""
+    (tmp_path / "exec_child.py").write_text(_EXEC_CHILD)
+    for _ in range(5):
+        child = subprocess.Popen([sys.executable, "-m", "exec_child"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        assert child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signum)
+        out, _ = child.communicate(timeout=60)
+        assert child.returncode == 130, out
+
+
 # --------------------------------------------------------------------------- doctor and settings
 
 

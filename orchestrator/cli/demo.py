@@ -46,8 +46,19 @@ if TYPE_CHECKING:
 __all__ = ["demo", "demo_samples"]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C (caught wherever a KeyboardInterrupt is).
+
+    Not a bare ``KeyboardInterrupt``: when a signal handler raises one while the main thread runs code compiled from a
+    string (``exec``/``eval``; ``collections.namedtuple``, dataclasses and pydantic build methods that way), CPython
+    3.11 remembers it as unhandled even after it is caught, and ends the process by signalling itself SIGINT: the demo
+    printed that it stopped, then died of signal 2 instead of exiting with 130. CPython checks the exact type, so a
+    subclass is not remembered.
+    """
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")
 
 
 def demo_samples(example: Example, count: int | None) -> list[tuple[str, dict[str, str]]]:

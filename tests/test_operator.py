@@ -125,8 +125,8 @@ import signal, sys
 from teamster.orchestrator.cli.demo import _interrupt
 signal.signal(signal.SIGTERM, _interrupt)
 signal.signal(signal.SIGHUP, _interrupt)
-print("ready", flush=True)
-try:
+try:  # the signal can come as soon as "ready" is out
+    print("ready", flush=True)
     while True:  # code compiled from a string, the way namedtuple, dataclasses and pydantic build methods
         exec("x = 0\\nfor i in range(200): x += i")
 except KeyboardInterrupt:

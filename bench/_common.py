@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import redis
@@ -33,9 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from teamster.config.embedded import EmbeddedRedis
-from teamster.orchestrator.cli.demo import Terminated
 from teamster.orchestrator.client import Client
-from teamster.orchestrator.processes import WorkerProcess, WorkerStartError
+from teamster.orchestrator.processes import WorkerProcess, WorkerStartError, raise_terminated
 from teamster.orchestrator.store import decode_fields
 
 __all__ = [
@@ -467,12 +465,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="Keep the temporary directory (worker logs, Redis log) and print its path.")
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    # a subclass, not a bare KeyboardInterrupt: see teamster.orchestrator.cli.demo.Terminated (exit code 130, not a
-    # death by SIGINT, when the signal lands in code run by exec/eval)
-    raise Terminated(f"signal {signum}")
-
-
 @contextlib.contextmanager
 def bench_env(name: str, args: argparse.Namespace) -> Iterator[BenchEnv]:
     """Set up one benchmark run (private Redis unless ``--redis-url``, unique prefix) and always tear it down.
@@ -480,7 +472,7 @@ def bench_env(name: str, args: argparse.Namespace) -> Iterator[BenchEnv]:
     Also points this process's ``TEAMSTER_*`` environment at the run, so clients built from settings use it.
     SIGTERM is turned into KeyboardInterrupt, so workers and Redis are stopped on Ctrl-C and on ``kill``.
     """
-    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     # Ctrl-C must stop the run cleanly even when SIGINT was inherited as ignored (e.g. a background job).
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     tmp = Path(tempfile.mkdtemp(prefix=f"teamster-bench-{name}-"))

@@ -2,7 +2,8 @@
 
 Used by ``teamster demo`` and ``--wait`` (a temporary local worker), by the benchmarks and by the tests:
 one implementation of "start a worker in its own session with a log file, wait until it consumes, stop it
-warmly or SIGKILL it".
+warmly or SIGKILL it" -- and of the parent's side: :func:`raise_terminated`, the handler that makes SIGTERM or SIGHUP
+stop the parent (and so its workers) the way Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -15,11 +16,28 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 from teamster.errors import ConfigurationError
 
-__all__ = ["WorkerProcess", "WorkerStartError"]
+__all__ = ["Terminated", "WorkerProcess", "WorkerStartError", "raise_terminated"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C (caught wherever a KeyboardInterrupt is); see :func:`raise_terminated`.
+
+    Not a bare ``KeyboardInterrupt``: when a signal handler raises one while the main thread runs code compiled from a
+    string (``exec``/``eval``; ``collections.namedtuple``, dataclasses and pydantic build methods that way), CPython
+    3.11 remembers it as unhandled even after it is caught, and ends the process by signalling itself SIGINT: the demo
+    printed that it stopped, then died of signal 2 instead of exiting with 130. CPython checks the exact type, so a
+    subclass is not remembered.
+    """
+
+
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """A signal handler (``signal.signal(signal.SIGTERM, raise_terminated)``): raise :class:`Terminated`."""
+    raise Terminated(f"signal {signum}")
 
 
 class WorkerStartError(ConfigurationError):

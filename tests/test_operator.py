@@ -122,9 +122,9 @@ def test_the_demo_stops_its_worker_on_termination_signals(tmp_path: Path, signum
 
 _EXEC_CHILD = """
 import signal, sys
-from teamster.orchestrator.cli.demo import _interrupt
-signal.signal(signal.SIGTERM, _interrupt)
-signal.signal(signal.SIGHUP, _interrupt)
+from teamster.orchestrator.processes import raise_terminated  # the demo's handler
+signal.signal(signal.SIGTERM, raise_terminated)
+signal.signal(signal.SIGHUP, raise_terminated)
 try:  # the signal can come as soon as "ready" is out
     print("ready", flush=True)
     while True:  # code compiled from a string, the way namedtuple, dataclasses and pydantic build methods

@@ -13,7 +13,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -38,27 +37,13 @@ from teamster.orchestrator.cli._support import (
     styled_status,
 )
 from teamster.orchestrator.models import RunRecord, RunStatus
+from teamster.orchestrator.processes import raise_terminated
 
 if TYPE_CHECKING:
     from teamster.orchestrator.client import Client
     from teamster.orchestrator.watchdog import WatchdogReport
 
 __all__ = ["demo", "demo_samples"]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C (caught wherever a KeyboardInterrupt is).
-
-    Not a bare ``KeyboardInterrupt``: when a signal handler raises one while the main thread runs code compiled from a
-    string (``exec``/``eval``; ``collections.namedtuple``, dataclasses and pydantic build methods that way), CPython
-    3.11 remembers it as unhandled even after it is caught, and ends the process by signalling itself SIGINT: the demo
-    printed that it stopped, then died of signal 2 instead of exiting with 130. CPython checks the exact type, so a
-    subclass is not remembered.
-    """
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(f"signal {signum}")
 
 
 def demo_samples(example: Example, count: int | None) -> list[tuple[str, dict[str, str]]]:
@@ -305,7 +290,7 @@ def demo(
     stack = LocalStack(settings, url, concurrency=concurrency, workflow_modules=modules, on_report=on_report)
     # SIGTERM (kill, a supervisor) and SIGHUP (the terminal closed) stop the demo like Ctrl-C: its worker and
     # watchdog are stopped, never left behind.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         try:
             with err_console.status("starting a local worker and watchdog…"):
